@@ -1,0 +1,33 @@
+"""Shared test set-up: Hypothesis profiles and float64 references.
+
+Profiles: ``ci`` (few examples, no deadline; chosen when ``CI`` is set) and ``dev``
+(more examples, for local runs). Pick one explicitly with
+``pytest --hypothesis-profile=dev``.
+
+``jax_enable_x64`` is on so that tests can build dense float64 references; tests
+that check float32 or bfloat16 behaviour set their dtypes explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile(
+    "ci",
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
