@@ -1,0 +1,1 @@
+"""Plugin author kit (see somax_plug.testing.plugin for the pytest plugin)."""
