@@ -1,0 +1,282 @@
+"""The step builder: a :class:`~somax_plug.plan.Plan` -> one jitted step.
+
+``Method.step(params, state, batch, key) -> (params, state, info)`` runs, inside a
+single ``jax.jit``:
+
+1. the plan's every-step resources, each traced once into one shared
+   :class:`~somax_plug.resources.Resources` context (planned mode); in unplanned
+   mode each consumer gets a fresh context and recomputes what it reads;
+2. the estimators, each under ``lax.cond`` at its cadence (between ticks the
+   last statistics, kept in its state, are reused);
+3. the preconditioner's update (at its cadence) and the solve of
+   ``(C + lam I) s = g`` with ``lam`` from the damping policy;
+4. the update ``u = tx(s)`` (by default ``-learning_rate * s``), then, if planned,
+   the loss after the step and the predicted decrease ``-(g.u + u.Cu / 2)``;
+5. the damping update, which may reject the step. A rejected or non-finite step
+   returns the parameters and the estimator, preconditioner, solver and
+   optimizer states unchanged (only lambda and the step count move).
+
+The state is a :class:`MethodState` pytree whose shapes never change, so the
+step also runs inside ``lax.scan``. ``info`` has the fixed schema
+:data:`INFO_KEYS`.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from somax_plug import compose
+    >>> method = compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse")
+    >>> params = jnp.zeros(3)
+    >>> state = method.init(params)
+    >>> x, y = jnp.eye(3), jnp.ones(3)
+    >>> params, state, info = method.step(params, state, (x, y), jax.random.key(0))
+    >>> sorted(info)[:3]
+    ['accepted', 'direction_norm', 'finite']
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from somax_plug import tree
+from somax_plug.kinds import SolverInfo, StepStats
+from somax_plug.plan import Plan
+from somax_plug.resources import Resources
+
+INFO_KEYS = (
+    "loss",
+    "loss_after",
+    "grad_norm",
+    "direction_norm",
+    "lam",
+    "solver_iterations",
+    "solver_residual",
+    "solver_converged",
+    "predicted_decrease",
+    "rho",
+    "accepted",
+    "finite",
+)
+"""The fixed schema of ``info`` (NaN where a value was not computed this step)."""
+
+
+class MethodState(NamedTuple):
+    """State of a composed method (a pytree with fixed shapes)."""
+
+    count: jax.Array
+    estimators: tuple
+    preconditioner: Any
+    solver: Any
+    damping: Any
+    tx: Any
+
+
+class Direction(NamedTuple):
+    """What one direction computation produced (internal to the step and the bridge)."""
+
+    s: Any
+    loss: jax.Array
+    grad: Any
+    op: Any
+    stats: dict
+    lam: jax.Array
+    solver_info: SolverInfo
+    state: MethodState
+    res: Resources
+
+
+def _tick(count: jax.Array, every_k: int) -> jax.Array:
+    return (count % every_k) == 0
+
+
+def _cadenced(every_k: int, count: jax.Array, run: Any, skip: Any, operand: Any) -> Any:
+    """``run(operand)`` every ``every_k`` steps, else ``skip(operand)`` (via ``lax.cond``)."""
+    if every_k == 1:
+        return run(operand)
+    return jax.lax.cond(_tick(count, every_k), run, skip, operand)
+
+
+class Method:
+    """A planned composition bound to a model: ``init`` and a jitted ``step``.
+
+    Build it with :func:`somax_plug.compose`. ``trace_counts`` counts, per
+    resource, how many times a provider was traced (one per step per resource in
+    planned mode), which the tests and benchmarks read.
+    """
+
+    def __init__(self, plan: Plan, model: Any, tx: Any = None, mesh: Any = None) -> None:
+        self.plan = plan
+        self.model = model
+        self.tx = tx if tx is not None else optax.scale_by_learning_rate(plan.learning_rate)
+        self.mesh = mesh
+        self.trace_counts: dict[str, int] = {}
+        self._providers = {r.name: r.provider for r in plan.resources if r.producer != "step"}
+        self._operator_readers = {
+            c for r in plan.resources if r.name == "operator" for c in r.consumers
+        }
+        self._step_jit = jax.jit(self._step)
+        self._params_spec: Any = None
+
+    # ------------------------------------------------------------------ state
+    def init(self, params: Any) -> MethodState:
+        """Initial state for ``params`` (shapes never change afterwards)."""
+        self._params_spec = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype), params
+        )
+        plan = self.plan
+        pc = plan.component("preconditioner")
+        return MethodState(
+            count=jnp.zeros((), jnp.int32),
+            estimators=tuple(e.instance.init(params) for e in plan.estimators),
+            preconditioner=pc.instance.init(params) if pc is not None else (),
+            solver=plan.component("solver").instance.init(params),
+            damping=plan.component("damping").instance.init(),
+            tx=self.tx.init(params),
+        )
+
+    # ------------------------------------------------------------- direction
+    def _context(self, params: Any, batch: Any, key: Any) -> Resources:
+        return Resources(
+            self.model,
+            params,
+            batch,
+            key,
+            self._providers,
+            planned=self.plan.resource_names,
+            counts=self.trace_counts,
+        )
+
+    def direction(
+        self, params: Any, state: MethodState, batch: Any, key: Any, rhs: Any = None
+    ) -> Direction:
+        """Compute ``s ~ (C + lam I)^-1 g`` (``g`` = the gradient, or ``rhs``).
+
+        Pure and traceable; runs the estimators and the preconditioner update at
+        their cadences. ``state.count`` is not advanced here.
+        """
+        plan = self.plan
+        unplanned = plan.unplanned
+        res = self._context(params, batch, key)
+        if not unplanned:
+            for node in plan.resources:
+                if node.every_k == 1 and node.producer != "step":
+                    res[node.name]
+        own = (lambda: res.fresh()) if unplanned else (lambda: res)
+        branch = (lambda: res.fresh()) if unplanned else (lambda: res.child())
+
+        step_ctx = own()
+        loss = step_ctx["loss"]
+        grad = step_ctx["grad"]
+        g = grad if rhs is None else rhs
+        count = state.count
+
+        stats: dict[str, Any] = {}
+        est_states = []
+        for comp, est_state in zip(plan.estimators, state.estimators, strict=True):
+            ekey = res.key_for(comp.role)
+
+            def run(es: Any, comp: Any = comp, ekey: Any = ekey) -> Any:
+                return comp.instance.estimate(branch(), ekey, es)
+
+            out, new_es = _cadenced(comp.every_k, count, run, lambda es: (es["stats"], es),
+                                    est_state)
+            stats.update(out)
+            est_states.append(new_es)
+
+        damping = plan.component("damping").instance
+        lam = jnp.asarray(damping.value(state.damping))
+
+        pc = plan.component("preconditioner")
+        pc_state = state.preconditioner
+        precond = None
+        if pc is not None:
+            pkey = res.key_for("preconditioner")
+
+            def update(p: Any) -> Any:
+                return pc.instance.update(branch(), stats, lam, pkey, p)
+
+            pc_state = _cadenced(pc.every_k, count, update, lambda p: p, pc_state)
+            precond = lambda v, _s=pc_state: pc.instance.apply(_s, v, lam)
+
+        solver_c = plan.component("solver")
+        op = None
+        if f"solver:{solver_c.name.rpartition(':')[2]}" in self._operator_readers:
+            op = own()["operator"]
+        s, solver_info, solver_state = solver_c.instance.solve(
+            op, g, lam, precond, stats, state.solver
+        )
+        new_state = state._replace(
+            estimators=tuple(est_states), preconditioner=pc_state, solver=solver_state
+        )
+        return Direction(s, loss, grad, op, stats, lam, solver_info, new_state, res)
+
+    # ------------------------------------------------------------------- step
+    def _step(self, params: Any, state: MethodState, batch: Any, key: Any) -> Any:
+        plan = self.plan
+        d = self.direction(params, state, batch, key)
+        finite = jnp.isfinite(d.loss) & tree.all_finite(d.grad) & tree.all_finite(d.s)
+        s_safe = tree.where(finite, d.s, tree.zeros_like(d.s))
+        updates, tx_state = self.tx.update(s_safe, state.tx, params)
+        candidate = optax.apply_updates(params, updates)
+        nan = jnp.full((), jnp.nan, jnp.result_type(d.loss))
+
+        def loss_after(_: Any) -> Any:
+            return jnp.asarray(self.model.loss_value(candidate, batch), nan.dtype)
+
+        def predicted(_: Any) -> Any:
+            op = d.op if d.op is not None and not plan.unplanned else (
+                d.res.fresh()["operator"]
+            )
+            cu = op.mv(updates)
+            return -(tree.vdot(d.grad, updates) + 0.5 * tree.vdot(updates, cu)).astype(nan.dtype)
+
+        skip = lambda _: nan
+        after_node = plan.resource("loss_after")
+        pred_node = plan.resource("predicted_decrease")
+        la = _cadenced(after_node.every_k, state.count, loss_after, skip, 0) if after_node else nan
+        pd = _cadenced(pred_node.every_k, state.count, predicted, skip, 0) if pred_node else nan
+        rho = (d.loss - la) / pd
+
+        damping_c = plan.component("damping")
+        step_stats = StepStats(d.loss, la, pd, d.solver_info, finite)
+
+        def damp(ds: Any) -> Any:
+            new_ds, ok = damping_c.instance.update(ds, step_stats)
+            return new_ds, jnp.asarray(ok, bool)
+
+        damping_state, accept = _cadenced(
+            damping_c.every_k, state.count, damp, lambda ds: (ds, jnp.asarray(True)), state.damping
+        )
+        accept = accept & finite
+        new_params = tree.where(accept, candidate, params)
+        kept = d.state._replace(tx=tx_state)
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(accept, new, old), kept, state
+        )._replace(count=state.count + 1, damping=damping_state)
+        info = {
+            "loss": d.loss.astype(nan.dtype),
+            "loss_after": la,
+            "grad_norm": tree.norm(d.grad).astype(nan.dtype),
+            "direction_norm": tree.norm(d.s).astype(nan.dtype),
+            "lam": jnp.asarray(d.lam, nan.dtype),
+            "solver_iterations": jnp.asarray(d.solver_info.iterations, jnp.int32),
+            "solver_residual": jnp.asarray(d.solver_info.residual, nan.dtype),
+            "solver_converged": jnp.asarray(d.solver_info.converged, bool),
+            "predicted_decrease": pd,
+            "rho": rho.astype(nan.dtype),
+            "accepted": accept,
+            "finite": finite,
+        }
+        return new_params, new_state, info
+
+    def step(self, params: Any, state: MethodState, batch: Any, key: Any = None) -> Any:
+        """One jitted step: ``(params, state, info)``. ``key`` defaults to one per count."""
+        if key is None:
+            key = jax.random.fold_in(jax.random.key(0), state.count)
+        return self._step_jit(params, state, batch, key)
+
+    def explain(self) -> str:
+        """The plan's explanation."""
+        return self.plan.explain()
