@@ -249,6 +249,8 @@ def make_plan(
     consume("loss", STEP)
     consume("grad", STEP)
     for c in components:
+        if c.kind == Kind.CURVATURE:
+            continue  # its resources are read by the ``operator`` provider (its build)
         label = f"{c.role}:{_short(c)}" if not c.role.startswith("estimator") else (
             f"estimator:{_short(c)}"
         )

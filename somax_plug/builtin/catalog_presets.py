@@ -50,8 +50,14 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {
             "curvature": "hessian",
             "estimators": [{"name": "hutchinson_diag", "every_k": 10}],
-            "preconditioner": {"name": "diag_ema", "beta": 0.99, "power": 1.0, "clip": 1.0,
-                               "abs": True, "eps": 1e-4},
+            "preconditioner": {
+                "name": "diag_ema",
+                "beta": 0.99,
+                "power": 1.0,
+                "clip": 1.0,
+                "abs": True,
+                "eps": 1e-4,
+            },
             "solver": "identity",
             "damping": {"name": "constant", "lam": 0.0},
             "learning_rate": 0.05,
@@ -61,8 +67,13 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "Sophia-G: Gauss-Newton-Bartlett diagonal every 10 steps, clipped diagonal EMA",
         {
             "estimators": [{"name": "gnb_diag", "every_k": 10}],
-            "preconditioner": {"name": "diag_ema", "beta": 0.99, "power": 1.0, "clip": 1.0,
-                               "eps": 1e-4},
+            "preconditioner": {
+                "name": "diag_ema",
+                "beta": 0.99,
+                "power": 1.0,
+                "clip": 1.0,
+                "eps": 1e-4,
+            },
             "solver": "identity",
             "damping": {"name": "constant", "lam": 0.0},
             "learning_rate": 0.05,
@@ -74,8 +85,13 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {
             "curvature": "hessian",
             "estimators": ["hutchinson_diag"],
-            "preconditioner": {"name": "diag_ema", "beta": 0.999, "power": 0.5, "abs": True,
-                               "eps": 1e-8},
+            "preconditioner": {
+                "name": "diag_ema",
+                "beta": 0.999,
+                "power": 0.5,
+                "abs": True,
+                "eps": 1e-8,
+            },
             "solver": "identity",
             "damping": {"name": "constant", "lam": 0.0},
             "learning_rate": 0.05,
@@ -86,7 +102,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {
             "curvature": "fisher",
             "solver": {"name": "cg", "maxiter": 10},
-            "damping": {"name": "constant", "lam": 1e-2},
+            "damping": {"name": "constant", "lam": 1e-1},
         },
     ),
 }
