@@ -147,9 +147,15 @@ def _plugin_registry(**hooks):
 
     @hookimpl
     def somax_plug_register(register):
-        register(ComponentSpec(kind="estimator", name="gnorm2", provides={"gnorm2"},
-                               requires=Requires(resources={"grad_norm_sq"}),
-                               factory=SquaredGradNorm))
+        register(
+            ComponentSpec(
+                kind="estimator",
+                name="gnorm2",
+                provides={"gnorm2"},
+                requires=Requires(resources={"grad_norm_sq"}),
+                factory=SquaredGradNorm,
+            )
+        )
 
     @hookimpl
     def somax_plug_provide_resource(name, registry):
@@ -162,9 +168,11 @@ def _plugin_registry(**hooks):
 
         return ResourceProvider("grad_norm_sq", compute, requires={"grad"})
 
-    plugin = types.SimpleNamespace(somax_plug_register=somax_plug_register,
-                                   somax_plug_provide_resource=somax_plug_provide_resource,
-                                   **hooks)
+    plugin = types.SimpleNamespace(
+        somax_plug_register=somax_plug_register,
+        somax_plug_provide_resource=somax_plug_provide_resource,
+        **hooks,
+    )
     reg = load_registry(env={}, entry_points=[])
     from somax_plug.loader import register_plugin
     from somax_plug.registry import PluginRecord
@@ -178,15 +186,24 @@ def _plugin_registry(**hooks):
 
 def test_plugin_resource_is_honoured_and_computed_once():
     reg, calls = _plugin_registry()
-    method = compose("ggn", "cg", estimators=["gnorm2"], predict_fn=mlp,
-                     loss="softmax_cross_entropy", registry=reg)
+    method = compose(
+        "ggn",
+        "cg",
+        estimators=["gnorm2"],
+        predict_fn=mlp,
+        loss="softmax_cross_entropy",
+        registry=reg,
+    )
     node = method.plan.resource("grad_norm_sq")
     assert node.producer == "extra:grad_norm_sq"
     assert ("provide_resource(grad_norm_sq)", "extra") in method.plan.hooks
     state = method.init(PARAMS)
     _, state, _ = method.step(PARAMS, state, BATCH, jax.random.key(0))
-    g = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        mlp(p, BATCH[0]), BATCH[1])))(PARAMS)
+    g = jax.grad(
+        lambda p: jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(mlp(p, BATCH[0]), BATCH[1])
+        )
+    )(PARAMS)
     expected = sum(float(jnp.sum(x**2)) for x in jax.tree_util.tree_leaves(g))
     assert float(state.estimators[0]["stats"]["gnorm2"]) == pytest.approx(expected, rel=1e-9)
     assert calls["provider"] == 1  # traced once
@@ -195,11 +212,15 @@ def test_plugin_resource_is_honoured_and_computed_once():
 def test_unknown_resource_is_a_composition_error():
     reg = load_registry(env={}, entry_points=[])
     with reg.transaction("x") as register:
-        register(kind="estimator", name="needs_kfac", factory=SquaredGradNorm,
-                 provides={"kfac"}, requires=Requires(resources={"kronecker_factors"}))
+        register(
+            kind="estimator",
+            name="needs_kfac",
+            factory=SquaredGradNorm,
+            provides={"kfac"},
+            requires=Requires(resources={"kronecker_factors"}),
+        )
     with pytest.raises(CompositionError, match="require resource 'kronecker_factors'"):
-        make_plan({"curvature": "ggn", "solver": "cg", "estimators": ["needs_kfac"]},
-                  registry=reg)
+        make_plan({"curvature": "ggn", "solver": "cg", "estimators": ["needs_kfac"]}, registry=reg)
 
 
 def test_validate_hook_can_veto_and_amend_wrapper_annotates():
@@ -214,8 +235,10 @@ def test_validate_hook_can_veto_and_amend_wrapper_annotates():
         inner = yield
         return inner.evolve(annotations=inner.annotations + (("telemetry", "on"),))
 
-    reg, _ = _plugin_registry(somax_plug_validate_plan=somax_plug_validate_plan,
-                              somax_plug_amend_plan=somax_plug_amend_plan)
+    reg, _ = _plugin_registry(
+        somax_plug_validate_plan=somax_plug_validate_plan,
+        somax_plug_amend_plan=somax_plug_amend_plan,
+    )
     with pytest.raises(PlanVetoed, match="plugin 'extra': minres is banned"):
         make_plan({"curvature": "hessian", "solver": "minres"}, registry=reg)
     plan = make_plan({"curvature": "ggn", "solver": "cg"}, registry=reg)
@@ -258,8 +281,12 @@ def test_no_recompilation_and_fixed_info_schema():
 
 
 def test_step_runs_inside_scan_with_stable_state_shapes():
-    method = compose(preset="sophia_h", predict_fn=mlp, loss="softmax_cross_entropy",
-                     estimators=[{"name": "hutchinson_diag", "every_k": 2}])
+    method = compose(
+        preset="sophia_h",
+        predict_fn=mlp,
+        loss="softmax_cross_entropy",
+        estimators=[{"name": "hutchinson_diag", "every_k": 2}],
+    )
     state0 = method.init(PARAMS)
 
     def body(carry, key):
@@ -277,8 +304,15 @@ def test_step_runs_inside_scan_with_stable_state_shapes():
 
 @pytest.mark.parametrize(
     "preset",
-    ["sgn", "newton_cg", "gauss_newton_lm", "sophia_h", "sophia_g", "adahessian",
-     "natural_gradient"],
+    [
+        "sgn",
+        "newton_cg",
+        "gauss_newton_lm",
+        "sophia_h",
+        "sophia_g",
+        "adahessian",
+        "natural_gradient",
+    ],
 )
 def test_every_preset_lowers_the_loss(preset):
     method = compose(preset=preset, predict_fn=mlp, loss="softmax_cross_entropy")
@@ -290,13 +324,15 @@ def test_every_preset_lowers_the_loss(preset):
 
 
 def test_lm_rejection_keeps_parameters_bitwise():
-    method = compose(preset="gauss_newton_lm", predict_fn=mlp, loss="softmax_cross_entropy",
-                     learning_rate=50.0)  # absurd step: must be rejected
+    method = compose(
+        preset="gauss_newton_lm", predict_fn=mlp, loss="softmax_cross_entropy", learning_rate=50.0
+    )  # absurd step: must be rejected
     state = method.init(PARAMS)
     params, new_state, info = method.step(PARAMS, state, BATCH, jax.random.key(0))
     assert not bool(info["accepted"])
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(PARAMS),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(PARAMS), strict=True
+    ):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert float(info["lam"]) < float(
         method.plan.component("damping").instance.value(new_state.damping)
@@ -308,14 +344,20 @@ def test_optax_bridge_chains_and_trains():
     schedule = optax.linear_schedule(1.0, 0.5, 10)
     tx = optax.chain(
         optax.clip_by_global_norm(10.0),
-        as_optax("ggn", "cg", predict_fn=mlp, loss="softmax_cross_entropy",
-                 damping={"name": "constant", "lam": 1e-2}),
+        as_optax(
+            "ggn",
+            "cg",
+            predict_fn=mlp,
+            loss="softmax_cross_entropy",
+            damping={"name": "constant", "lam": 1e-2},
+        ),
         optax.trace(decay=0.5),
         optax.add_decayed_weights(1e-4),
         optax.scale_by_learning_rate(schedule),
     )
-    loss_fn = lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        mlp(p, BATCH[0]), BATCH[1]))
+    loss_fn = lambda p: jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(mlp(p, BATCH[0]), BATCH[1])
+    )
 
     @jax.jit
     def train_step(params, state):
@@ -341,8 +383,11 @@ def test_optax_bridge_under_inject_hyperparams():
 
     tx = optax.inject_hyperparams(make)(learning_rate=0.5)
     state = tx.init(PARAMS)
-    grads = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        mlp(p, BATCH[0]), BATCH[1])))(PARAMS)
+    grads = jax.grad(
+        lambda p: jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(mlp(p, BATCH[0]), BATCH[1])
+        )
+    )(PARAMS)
     updates, state = tx.update(grads, state, PARAMS, batch=BATCH)
     assert float(state.hyperparams["learning_rate"]) == 0.5
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
@@ -387,8 +432,9 @@ def test_random_compositions_plan_or_fail_clearly(data):
     comp = {
         "curvature": data.draw(st.sampled_from(_names(Kind.CURVATURE))),
         "solver": data.draw(st.sampled_from(_names(Kind.SOLVER))),
-        "estimators": data.draw(st.lists(st.sampled_from(_names(Kind.ESTIMATOR)), max_size=2,
-                                         unique=True)),
+        "estimators": data.draw(
+            st.lists(st.sampled_from(_names(Kind.ESTIMATOR)), max_size=2, unique=True)
+        ),
         "damping": data.draw(st.sampled_from(_names(Kind.DAMPING))),
     }
     if data.draw(st.booleans()):
