@@ -229,6 +229,7 @@ def compose(
     unplanned: bool = False,
     registry: Any = None,
     mesh: Any = None,
+    param_sharding: Any = None,
 ) -> Any:
     """Plan a composition and return a :class:`~somax_plug.step.Method`.
 
@@ -252,8 +253,15 @@ def compose(
         unplanned: build the ablation in which every component recomputes its own
             resources (same numbers, more work).
         registry: a registry to resolve names in (default: the process-wide one).
-        mesh: a ``jax.sharding.Mesh`` for data parallelism (batch sharded over its
-            first axis, parameters replicated).
+        mesh: a ``jax.sharding.Mesh`` for data parallelism (see
+            :mod:`somax_plug.sharding`): every batch leaf is sharded along its
+            leading axis over the mesh's ``"data"`` axis (its first axis if it has
+            no ``"data"`` axis), parameters and state are replicated, and the step
+            is jitted with those in/out shardings. Build one with
+            :func:`somax_plug.sharding.data_parallel_mesh`.
+        param_sharding: with ``mesh``, a rule ``(path, leaf) -> PartitionSpec | None``
+            that shards parameter and state leaves along another mesh axis, e.g.
+            :func:`somax_plug.sharding.shard_large_2d` (None: replicate all).
 
     Example:
         >>> import jax.numpy as jnp
@@ -287,4 +295,4 @@ def compose(
     composition = Composition.from_dict(data, registry=registry)
     plan = make_plan(composition, registry=registry, unplanned=unplanned)
     model = make_model(predict_fn, loss, reduction=reduction)
-    return Method(plan=plan, model=model, tx=tx, mesh=mesh)
+    return Method(plan=plan, model=model, tx=tx, mesh=mesh, param_sharding=param_sharding)

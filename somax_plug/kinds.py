@@ -131,7 +131,12 @@ class Estimator(ABC):
 
     @abstractmethod
     def init(self, params: PyTree) -> PyTree:
-        """State, including the last statistics (used between cadence ticks)."""
+        """Initial state: a dict whose ``"stats"`` entry holds zero statistics.
+
+        ``state["stats"]`` has exactly the structure, shapes and dtypes that
+        :meth:`estimate` returns, so the step builder can reuse the last
+        statistics between cadence ticks (``lax.cond`` needs equal branches).
+        """
 
     @abstractmethod
     def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:

@@ -82,10 +82,15 @@ class OutputHessian(NamedTuple):
 
 
 class HVP(NamedTuple):
-    """``jax.linearize(jax.grad(loss))``: the gradient and v -> H v, forward-over-reverse."""
+    """``jax.linearize(jax.grad(loss))``: the gradient and v -> H v, forward-over-reverse.
+
+    ``loss`` is the reduced loss at the same point when the provider computed it on
+    the way (the built-in one does), else None.
+    """
 
     grad: PyTree
     mv: Callable[[PyTree], PyTree]
+    loss: Any = None
 
 
 @attrs.frozen
@@ -98,6 +103,9 @@ class ResourceProvider:
         requires: the resources ``compute`` reads (the edges of the plan's graph).
         plugin: the plugin that provided it (filled in by the planner).
         summary: one line for ``plan.explain()``.
+        reuses: resources ``compute`` reads *only when* ``res.planned(name)`` (it
+            shares them instead of recomputing); they add no requirement, but a
+            planner may show them as sharing edges in ``explain()``.
     """
 
     name: str
@@ -105,6 +113,7 @@ class ResourceProvider:
     requires: frozenset[str] = attrs.field(factory=frozenset, converter=_frozenset)
     plugin: str = ""
     summary: str = ""
+    reuses: frozenset[str] = attrs.field(factory=frozenset, converter=_frozenset)
 
 
 class Resources:

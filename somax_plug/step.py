@@ -44,6 +44,7 @@ from somax_plug import tree
 from somax_plug.kinds import SolverInfo, StepStats
 from somax_plug.plan import Plan
 from somax_plug.resources import Resources
+from somax_plug.validation import InputValidator
 
 INFO_KEYS = (
     "loss",
@@ -106,25 +107,50 @@ class Method:
     planned mode), which the tests and benchmarks read.
     """
 
-    def __init__(self, plan: Plan, model: Any, tx: Any = None, mesh: Any = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        model: Any,
+        tx: Any = None,
+        mesh: Any = None,
+        param_sharding: Any = None,
+    ) -> None:
         self.plan = plan
         self.model = model
         self.tx = tx if tx is not None else optax.scale_by_learning_rate(plan.learning_rate)
         self.mesh = mesh
+        self.data_parallel = None
+        if mesh is not None:
+            from somax_plug.sharding import DataParallel
+
+            self.data_parallel = DataParallel(mesh, param_sharding=param_sharding)
+        elif param_sharding is not None:
+            from somax_plug.errors import InputError
+
+            raise InputError("param_sharding needs a mesh: pass mesh= as well")
         self.trace_counts: dict[str, int] = {}
         self._providers = {r.name: r.provider for r in plan.resources if r.producer != "step"}
         self._operator_readers = {
             c for r in plan.resources if r.name == "operator" for c in r.consumers
         }
+        self._validator = InputValidator(model, self.data_parallel)
         self._step_jit = jax.jit(self._step)
-        self._params_spec: Any = None
 
     # ------------------------------------------------------------------ state
     def init(self, params: Any) -> MethodState:
-        """Initial state for ``params`` (shapes never change afterwards)."""
-        self._params_spec = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype), params
-        )
+        """Initial state for ``params`` (shapes never change afterwards).
+
+        Records the parameters' and the state's shapes and dtypes, which
+        :meth:`step` checks its arguments against; with a mesh, the state comes
+        back laid out over it.
+        """
+        state = self._init_state(params)
+        self._bind(params, state)
+        if self.data_parallel is not None:
+            state = jax.device_put(state, self.data_parallel.state_shardings)
+        return state
+
+    def _init_state(self, params: Any) -> MethodState:
         plan = self.plan
         pc = plan.component("preconditioner")
         return MethodState(
@@ -135,6 +161,17 @@ class Method:
             damping=plan.component("damping").instance.init(),
             tx=self.tx.init(params),
         )
+
+    def state_spec(self, params: Any) -> Any:
+        """The ``jax.ShapeDtypeStruct`` tree of ``init(params)`` (no FLOPs, no side effect)."""
+        return jax.eval_shape(self._init_state, params)
+
+    def _bind(self, params: Any, state: Any) -> None:
+        """Fix the shapes and dtypes (and, with a mesh, the layouts) the step expects."""
+        self._validator.bind(params, state)
+        if self.data_parallel is not None:
+            self.data_parallel.bind(params, state)
+            self._step_jit = self.data_parallel.jit(self._step)
 
     # ------------------------------------------------------------- direction
     def _context(self, params: Any, batch: Any, key: Any) -> Resources:
@@ -219,6 +256,7 @@ class Method:
         finite = jnp.isfinite(d.loss) & tree.all_finite(d.grad) & tree.all_finite(d.s)
         s_safe = tree.where(finite, d.s, tree.zeros_like(d.s))
         updates, tx_state = self.tx.update(s_safe, state.tx, params)
+        finite = finite & tree.all_finite(updates)  # a tx (schedule, chain) may overflow
         candidate = optax.apply_updates(params, updates)
         nan = jnp.full((), jnp.nan, jnp.result_type(d.loss))
 
@@ -272,10 +310,32 @@ class Method:
         return new_params, new_state, info
 
     def step(self, params: Any, state: MethodState, batch: Any, key: Any = None) -> Any:
-        """One jitted step: ``(params, state, info)``. ``key`` defaults to one per count."""
+        """One jitted step: ``(params, state, info)``. ``key`` defaults to one per count.
+
+        Before tracing, the arguments are checked against what :meth:`init` saw
+        (:class:`~somax_plug.errors.InputError` on a mismatch; see
+        :mod:`somax_plug.validation`), once per input signature. With a mesh, the
+        arguments are placed on it (the batch sharded over the data axis).
+        """
         if key is None:
             key = jax.random.fold_in(jax.random.key(0), state.count)
+        if not self._validator.bound:  # a state restored or built elsewhere
+            self._bind(params, self._checked_state_spec(params))
+        self._validator.check(params, state, batch, key)
+        if self.data_parallel is not None:
+            params, state, batch, key = self.data_parallel.place(params, state, batch, key)
         return self._step_jit(params, state, batch, key)
+
+    def _checked_state_spec(self, params: Any) -> Any:
+        from somax_plug.errors import InputError
+
+        try:
+            return self.state_spec(params)
+        except Exception as exc:
+            raise InputError(
+                f"cannot build this method's state for the given parameters: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def explain(self) -> str:
         """The plan's explanation."""

@@ -18,7 +18,7 @@ from somax_plug.errors import PluginError, UnknownComponentError
 from somax_plug.loader import iter_entry_points, load_registry
 from somax_plug.testing.distributions import install_fake_distribution
 
-GOOD = '''
+GOOD = """
 from somax_plug import hookimpl
 from somax_plug.spec import ComponentSpec, Requires
 SOMAX_PLUG_API_VERSION = 1
@@ -28,9 +28,9 @@ def somax_plug_register(register):
     register(ComponentSpec(kind="solver", name="good_solver", summary="a good one",
                            requires=Requires(tags={"psd"}), factory="collections:OrderedDict"))
     register.preset("good_preset", {"curvature": "ggn", "solver": "good_solver"})
-'''
+"""
 
-HALF = '''
+HALF = """
 from somax_plug import hookimpl
 from somax_plug.spec import ComponentSpec
 
@@ -42,24 +42,24 @@ def somax_plug_register(register):
 @hookimpl
 def somax_plug_validate_plan(plan):
     return "must never run: this plugin was rolled back"
-'''
+"""
 
 IMPORT_ERROR = "import definitely_not_a_module_somax\n"
 
-OLD_API = '''
+OLD_API = """
 from somax_plug import hookimpl
 SOMAX_PLUG_API_VERSION = 99
 @hookimpl
 def somax_plug_register(register):
     raise AssertionError("never called")
-'''
+"""
 
-INVALID = '''
+INVALID = """
 from somax_plug import hookimpl
 @hookimpl
 def somax_plug_register(register):
     register(kind="solver", name="bad:name", factory=dict)
-'''
+"""
 
 
 def _fake_builtin():
@@ -76,8 +76,9 @@ def dists(tmp_path):
 
     def make(name, source, plugin):
         module = name.replace("-", "_")
-        d = install_fake_distribution(tmp_path / name, name, {module: source}, {plugin: module},
-                                      version="1.2.3")
+        d = install_fake_distribution(
+            tmp_path / name, name, {module: source}, {plugin: module}, version="1.2.3"
+        )
         made.append(d)
         return d
 
@@ -167,8 +168,9 @@ def test_disable_is_applied_before_import(dists, tmp_path):
 
 
 def test_name_clash_with_builtin_is_explicit(dists):
-    clash = GOOD.replace('name="good_solver"', 'name="ggn"').replace('kind="solver"',
-                                                                     'kind="curvature"')
+    clash = GOOD.replace('name="good_solver"', 'name="ggn"').replace(
+        'kind="solver"', 'kind="curvature"'
+    )
     dists("somax-plug-clash", clash, "clash")
     reg, warned = _load({"somax-plug-clash"})
     assert any("registered by several plugins (builtin:ggn, clash:ggn)" in w for w in warned)

@@ -1,0 +1,338 @@
+"""Built-in curvature components: matrix-free operators over the parameter pytree.
+
+Notation: ``f`` the model, ``z = f(params, x)`` the outputs (B examples, K numbers
+each), ``J = dz/d params``, ``L = c sum_b l_b`` the reduced loss (``c = 1/B`` for
+"mean", 1 for "sum"), ``H_out = d^2 L/dz^2 = blockdiag(H_b)``.
+
+====================  ===============================================  ======================
+name                  C                                                tags
+====================  ===============================================  ======================
+``hessian``           ``d^2 L / d params^2`` (forward-over-reverse)    symmetric
+``ggn``               ``J^T H_out J``                                  symmetric, psd,
+                                                                       row_space
+``fisher``            ``J^T blockdiag_b(F_b) J``, MC estimate          symmetric, psd,
+                                                                       row_space
+``empirical_fisher``  ``c sum_b g_b g_b^T``, ``g_b = d l_b/d params``  symmetric, psd,
+                                                                       row_space, diag
+====================  ===============================================  ======================
+
+Scaling convention: every operator is a curvature of the *reduced* loss, so for the
+mean reduction they all carry the factor ``1/B`` (``empirical_fisher`` equals
+``(1/B) sum_b g_b g_b^T``) and for the sum reduction they are additive over batches.
+
+Monte-Carlo Fisher: with S target draws ``y_s ~ p(y | z)`` (``Loss.sample_targets``)
+and ``G_s = dL/dz (z, y_s)`` (so ``G_s[b] = c dl_b/dz_b``), the per-example output
+Fisher is estimated by ``F_b = (1/(c S)) sum_s G_s[b] G_s[b]^T``, whose expectation is
+``c E[dl_b dl_b^T] = H_b`` for the built-in losses (canonical links: the Fisher equals
+the GGN in expectation). Only per-example outer products are used (no cross-example
+terms), which makes the estimate psd with ``S * B`` row factors.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from somax_plug.builtin.resources import PROVIDERS
+    >>> from somax_plug.model import make_model
+    >>> from somax_plug.resources import Resources
+    >>> model = make_model(lambda p, x: x @ p, "mse", reduction="sum")
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> res = Resources(model, jnp.zeros((2, 1)), (x, jnp.zeros((2, 1))), None, PROVIDERS)
+    >>> GGN().build(res).mv(jnp.ones((2, 1))).ravel()  # x^T x v
+    Array([1., 4.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import attrs
+import jax
+import jax.numpy as jnp
+
+from somax_plug import tree
+from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, Curvature, LinearOperator, RowFactors
+from somax_plug.losses import (
+    batch_size_of,
+    compute_dtype,
+    flatten_per_example,
+    unflatten_per_example,
+)
+from somax_plug.resources import Linearization, OutputHessian, Resources
+from somax_plug.spec import Requires
+
+PyTree = Any
+Array = jax.Array
+
+
+def _stat_dtype(x: Array) -> jnp.dtype:
+    return compute_dtype(jnp.result_type(x))
+
+
+def _diag_from_rows(rows: RowFactors, primal: PyTree) -> PyTree:
+    """``diag(U^T U) = sum_r (U^T e_r)**2``: one ``rmatvec`` per row, in a ``fori_loop``."""
+    acc0 = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), _stat_dtype(x)), primal)
+    eye_dtype = compute_dtype(tree.accum_dtype(primal))
+
+    def body(r: Array, acc: PyTree) -> PyTree:
+        e = jax.nn.one_hot(r, rows.num_rows, dtype=eye_dtype)
+        col = rows.rmatvec(e)
+        return jax.tree_util.tree_map(lambda a, u: a + jnp.square(u.astype(a.dtype)), acc, col)
+
+    acc = jax.lax.fori_loop(0, rows.num_rows, body, acc0)
+    return tree.cast_like(acc, primal)
+
+
+class _RowSpaceOperator(LinearOperator):
+    """Shared ``diag`` for operators that expose row factors (R rmatvecs)."""
+
+    def diag(self) -> PyTree:
+        rows = self.row_factors()
+        assert rows is not None
+        return _diag_from_rows(rows, self.primal)
+
+
+# --------------------------------------------------------------------------- operators
+
+
+class HessianOperator(LinearOperator):
+    """``v -> H v`` from the shared HVP linearization (one jvp of the gradient)."""
+
+    tags = frozenset({SYMMETRIC})
+
+    def __init__(self, primal: PyTree, hvp_mv: Any) -> None:
+        self.primal = primal
+        self._mv = hvp_mv
+
+    def mv(self, v: PyTree) -> PyTree:
+        return self._mv(v)
+
+
+class GGNOperator(_RowSpaceOperator):
+    """``v -> J^T H_out J v``: one jvp, the closed-form output Hessian, one vjp.
+
+    Row factors ``U = blockdiag(L_b^T) J`` (``R = B K`` rows) with ``H_b = L_b L_b^T``.
+    When the loss does not promise a psd output Hessian, ``mv`` uses the psd part
+    ``L L^T`` too, so the operator is psd and equals ``U^T U`` in every case.
+    """
+
+    tags = frozenset({SYMMETRIC, PSD, ROW_SPACE})
+
+    def __init__(
+        self, primal: PyTree, lin: Linearization, out_hess: OutputHessian, exact_mv: bool
+    ) -> None:
+        self.primal = primal
+        self._lin = lin
+        self._out_hess = out_hess
+        self._exact_mv = exact_mv
+
+    def _sqrt(self) -> Array:
+        if self._out_hess.sqrt is None:
+            raise NotImplementedError("this output Hessian has no square root")
+        return self._out_hess.sqrt
+
+    def mv(self, v: PyTree) -> PyTree:
+        u = self._lin.jvp(v)
+        if self._exact_mv:
+            w = self._out_hess.mv(u)
+        else:
+            sq = self._sqrt()
+            uf = flatten_per_example(u, sq.dtype)
+            wf = jnp.einsum("bkr,bjr,bj->bk", sq, sq, uf)
+            w = unflatten_per_example(wf, self._lin.outputs)
+        return self._lin.vjp(w)
+
+    def row_factors(self) -> RowFactors:
+        sq = self._sqrt()
+        b, k = sq.shape[0], sq.shape[1]
+        outputs = self._lin.outputs
+
+        def matvec(v: PyTree) -> Array:
+            uf = flatten_per_example(self._lin.jvp(v), sq.dtype)
+            return jnp.einsum("bkr,bk->br", sq, uf).reshape(b * k)
+
+        def rmatvec(r: Array) -> PyTree:
+            wf = jnp.einsum("bkr,br->bk", sq, r.reshape(b, k).astype(sq.dtype))
+            return self._lin.vjp(unflatten_per_example(wf, outputs))
+
+        return RowFactors(matvec=matvec, rmatvec=rmatvec, num_rows=b * k)
+
+
+class FisherOperator(_RowSpaceOperator):
+    """Monte-Carlo Fisher ``J^T blockdiag_b((1/(c S)) sum_s G_s[b] G_s[b]^T) J``.
+
+    ``G`` holds the sampled output gradients flattened per example, ``[S, B, K]``.
+    Row factors: ``U v [s, b] = G_s[b] . (J v)_b / sqrt(c S)`` (``R = S B`` rows).
+    """
+
+    tags = frozenset({SYMMETRIC, PSD, ROW_SPACE})
+
+    def __init__(self, primal: PyTree, lin: Linearization, grads: Array, c: float) -> None:
+        self.primal = primal
+        self._lin = lin
+        self._g = grads
+        self._w = 1.0 / math.sqrt(c * grads.shape[0])
+
+    def _rows(self, v: PyTree) -> Array:
+        uf = flatten_per_example(self._lin.jvp(v), self._g.dtype)
+        return self._w * jnp.einsum("sbk,bk->sb", self._g, uf)
+
+    def _rmat(self, r: Array) -> PyTree:
+        wf = self._w * jnp.einsum("sb,sbk->bk", r.astype(self._g.dtype), self._g)
+        return self._lin.vjp(unflatten_per_example(wf, self._lin.outputs))
+
+    def mv(self, v: PyTree) -> PyTree:
+        return self._rmat(self._rows(v))
+
+    def row_factors(self) -> RowFactors:
+        s, b = self._g.shape[0], self._g.shape[1]
+        return RowFactors(
+            matvec=lambda v: self._rows(v).reshape(s * b),
+            rmatvec=lambda r: self._rmat(r.reshape(s, b)),
+            num_rows=s * b,
+        )
+
+
+class EmpiricalFisherOperator(LinearOperator):
+    """``v -> (1/c) sum_b p_b (p_b . v)`` from per-example gradients ``p_b = c g_b``.
+
+    With ``p_b`` summing to the gradient this is ``c sum_b g_b g_b^T``: ``(1/B) sum g g^T``
+    for the mean reduction and ``sum g g^T`` for the sum. Row factors are the B rows
+    ``p_b / sqrt(c)``; the exact diagonal ``(1/c) sum_b p_b**2`` is cheap.
+    """
+
+    tags = frozenset({SYMMETRIC, PSD, ROW_SPACE, DIAG})
+
+    def __init__(self, primal: PyTree, per_example_grads: PyTree, c: float) -> None:
+        self.primal = primal
+        self._p = per_example_grads
+        self._c = c
+        self._w = 1.0 / math.sqrt(c)
+        self._b = batch_size_of(per_example_grads)
+        self._dtype = tree.accum_dtype(primal)
+
+    def _rows(self, v: PyTree) -> Array:
+        parts = jax.tree_util.tree_map(
+            lambda p, x: jnp.einsum(
+                "bi,i->b", p.reshape(self._b, -1).astype(self._dtype), x.ravel().astype(self._dtype)
+            ),
+            self._p,
+            v,
+        )
+        return self._w * sum(jax.tree_util.tree_leaves(parts), jnp.zeros((self._b,), self._dtype))
+
+    def _rmat(self, r: Array) -> PyTree:
+        r = self._w * r.astype(self._dtype)
+        return jax.tree_util.tree_map(
+            lambda p, x: jnp.tensordot(r, p.astype(self._dtype), axes=1).astype(x.dtype),
+            self._p,
+            self.primal,
+        )
+
+    def mv(self, v: PyTree) -> PyTree:
+        return self._rmat(self._rows(v))
+
+    def row_factors(self) -> RowFactors:
+        return RowFactors(matvec=self._rows, rmatvec=self._rmat, num_rows=self._b)
+
+    def diag(self) -> PyTree:
+        return jax.tree_util.tree_map(
+            lambda p, x: (jnp.sum(jnp.square(p.astype(self._dtype)), axis=0) / self._c).astype(
+                x.dtype
+            ),
+            self._p,
+            self.primal,
+        )
+
+
+# --------------------------------------------------------------------------- components
+
+
+@attrs.frozen
+class Hessian(Curvature):
+    """The loss Hessian ``d^2 L / d params^2`` through the shared ``hvp`` resource.
+
+    Symmetric, not psd in general (use ``minres`` or a negative-curvature-guarded CG).
+
+    Example:
+        >>> Hessian().requires.resources
+        frozenset({'hvp'})
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC})
+    requires: ClassVar[Requires] = Requires(resources={"hvp"})
+
+    def build(self, res: Resources) -> HessianOperator:
+        return HessianOperator(res.params, res["hvp"].mv)
+
+
+@attrs.frozen
+class GGN(Curvature):
+    """Generalised Gauss-Newton ``J^T H_out J`` from the shared linearization.
+
+    One ``jax.linearize`` of the model serves every product (jvp, closed-form output
+    Hessian, transpose). For a :class:`~somax_plug.losses.CallableLoss` without
+    ``convex=True`` the psd part of ``H_out`` is used (see :mod:`somax_plug.losses`).
+
+    Example:
+        >>> sorted(GGN().provides)
+        ['psd', 'row_space', 'symmetric']
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC, PSD, ROW_SPACE})
+    requires: ClassVar[Requires] = Requires(resources={"linearization", "output_hessian"})
+
+    def build(self, res: Resources) -> GGNOperator:
+        exact = res.model.loss.output_hessian_psd
+        return GGNOperator(res.params, res["linearization"], res["output_hessian"], exact)
+
+
+@attrs.frozen
+class Fisher(Curvature):
+    """Monte-Carlo Fisher with ``num_samples`` target draws per example.
+
+    The draws use ``res.key_for("fisher")``; the loss must define
+    ``sample_targets`` (every built-in loss does).
+
+    Attributes:
+        num_samples: S, target draws per example (cost: S output gradients, no extra
+            passes through the model).
+
+    Example:
+        >>> Fisher(num_samples=4).num_samples
+        4
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC, PSD, ROW_SPACE})
+    requires: ClassVar[Requires] = Requires(resources={"linearization"})
+
+    num_samples: int = attrs.field(default=1, validator=attrs.validators.gt(0))
+
+    def build(self, res: Resources) -> FisherOperator:
+        lin = res["linearization"]
+        loss = res.model.loss
+        outputs = lin.outputs
+        c = loss.scale(batch_size_of(outputs))
+        targets = loss.sample_targets(res.key_for("fisher"), outputs, self.num_samples)
+        grads = jax.vmap(lambda t: loss.output_grad(outputs, t))(targets)
+        flat = jax.vmap(flatten_per_example)(grads)
+        flat = flat.astype(compute_dtype(flat.dtype))
+        return FisherOperator(res.params, lin, flat, c)
+
+
+@attrs.frozen
+class EmpiricalFisher(Curvature):
+    """Empirical Fisher ``c sum_b g_b g_b^T`` from the shared per-example gradients.
+
+    Equals ``(1/B) sum_b g_b g_b^T`` for the mean reduction (``g_b`` the gradient of the
+    b-th example's loss) and ``sum_b g_b g_b^T`` for the sum reduction.
+
+    Example:
+        >>> sorted(EmpiricalFisher().provides)
+        ['diag', 'psd', 'row_space', 'symmetric']
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC, PSD, ROW_SPACE, DIAG})
+    requires: ClassVar[Requires] = Requires(resources={"per_example_grads"})
+
+    def build(self, res: Resources) -> EmpiricalFisherOperator:
+        c = res.model.scale(res.batch)
+        return EmpiricalFisherOperator(res.params, res["per_example_grads"], c)

@@ -1,0 +1,471 @@
+"""Built-in estimators: statistics of a curvature operator C from a few matvecs.
+
+================  =====================  ==========================================  ==============
+name              statistic              estimate                                    resources
+================  =====================  ==========================================  ==============
+hutchinson_diag   ``diag``               ``(1/N) sum_j z_j * C z_j``                 operator
+hutchinson_trace  ``trace``              ``(1/N) sum_j z_j . C z_j``                 operator
+hutchpp_trace     ``trace``              Hutch++: ``tr(Q^T C Q)`` + Hutchinson on     operator
+                                         ``(I - QQ^T) C (I - QQ^T)``
+gnb_diag          ``diag``               Gauss-Newton-Bartlett (Sophia-G)            linearization
+exact_diag        ``diag``               ``op.diag()`` or the dense matrix           operator
+lanczos           ``eigenvalues``,       Lanczos with full reorthogonalisation,      operator
+                  ``eigenvectors``,      Gaussian-smoothed Ritz values (stochastic
+                  ``spectral_density``   Lanczos quadrature)
+================  =====================  ==========================================  ==============
+
+All of them are unbiased where they are random (Rademacher or Gaussian probes
+``z`` with ``E[z z^T] = I``), take their randomness from the ``key`` passed to
+``estimate`` and run under ``jax.jit`` and inside ``lax.scan`` (fixed shapes,
+``lax.fori_loop`` / ``vmap``, no Python branching on traced values).
+
+Stats layout (every ``init(params)["stats"]`` holds zeros of exactly this layout):
+
+* ``diag``: a pytree like the parameters;
+* ``trace``: a scalar;
+* ``eigenvalues``: ``[k]``, leading Ritz values first (see :class:`Lanczos`);
+* ``eigenvectors``: a pytree like the parameters with a leading axis ``k`` (row i is
+  the unit Ritz vector of ``eigenvalues[i]``);
+* ``spectral_density``: ``{"grid": [G], "density": [G]}``, a density on the grid
+  that integrates to about 1 (see :class:`Lanczos`).
+
+Dtypes: statistics are in ``promote_types(param dtype, float32)`` (float32 for bfloat16
+and float32 parameters, float64 for float64), and so are the accumulations.
+
+Example:
+    >>> est = HutchinsonDiag(num_probes=4)
+    >>> est.provides
+    frozenset({'diag'})
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import attrs
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from somax_plug import tree
+from somax_plug.errors import CompositionError
+from somax_plug.kinds import DIAG, Estimator, LinearOperator, Stats
+from somax_plug.losses import SoftmaxCrossEntropy, compute_dtype
+from somax_plug.resources import Resources
+from somax_plug.spec import Requires
+
+PyTree = Any
+Array = jax.Array
+
+PROBES = ("rademacher", "normal")
+
+
+def _check_probe(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in PROBES:
+        raise CompositionError(
+            f"{type(instance).__name__}: unknown probe {value!r}; use one of {', '.join(PROBES)}"
+        )
+
+
+def _stat_zeros(params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda x: jnp.zeros(jnp.shape(x), compute_dtype(jnp.result_type(x))), params
+    )
+
+
+def _scalar_dtype(params: PyTree) -> jnp.dtype:
+    return tree.accum_dtype(params)
+
+
+class _Flat:
+    """A pytree operator seen as ``[n] -> [n]`` in a float dtype of at least 32 bits."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        primal = op.primal
+        flat, self._unravel = ravel_pytree(primal)
+        self.n = int(flat.shape[0])
+        self.dtype = _scalar_dtype(primal)
+        self._flat_dtype = flat.dtype
+        self._primal = primal
+        self._op = op
+
+    def unravel(self, x: Array) -> PyTree:
+        return tree.cast_like(self._unravel(x.astype(self._flat_dtype)), self._primal)
+
+    def ravel(self, v: PyTree) -> Array:
+        leaves = jax.tree_util.tree_leaves(v)
+        return jnp.concatenate([jnp.ravel(x).astype(self.dtype) for x in leaves])
+
+    def mv(self, x: Array) -> Array:
+        return self.ravel(self._op.mv(self.unravel(x)))
+
+    def probes(self, key: Array, shape: tuple[int, ...], kind: str) -> Array:
+        if kind == "rademacher":
+            return jax.random.rademacher(key, shape, dtype=jnp.int8).astype(self.dtype)
+        return jax.random.normal(key, shape, self.dtype)
+
+
+def _stats_state(stats: Stats) -> dict[str, Stats]:
+    return {"stats": stats}
+
+
+# --------------------------------------------------------------------------- Hutchinson
+
+
+@attrs.frozen
+class HutchinsonDiag(Estimator):
+    """Hutchinson's diagonal estimator ``diag(C) ~ (1/N) sum_j z_j * C z_j``.
+
+    Unbiased for ``E[z z^T] = I``; with Rademacher probes the variance of entry i is
+    ``sum_{j != i} C_ij^2 / N`` (Bekas, Kokiopoulou & Saad, 2007).
+
+    Attributes:
+        num_probes: N, matvecs per estimate.
+        probe: ``"rademacher"`` or ``"normal"``.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"diag"})
+    requires: ClassVar[Requires] = Requires(resources={"operator"})
+
+    num_probes: int = attrs.field(default=10, validator=attrs.validators.gt(0))
+    probe: str = attrs.field(default="rademacher", validator=_check_probe)
+
+    def init(self, params: PyTree) -> dict[str, Stats]:
+        return _stats_state({"diag": _stat_zeros(params)})
+
+    def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:
+        op = res["operator"]
+        primal = op.primal
+        keys = jax.random.split(key, self.num_probes)
+
+        def body(i: Array, acc: PyTree) -> PyTree:
+            z = tree.random_like(keys[i], primal, self.probe)
+            cz = op.mv(z)
+            return jax.tree_util.tree_map(
+                lambda a, zi, ci: a + zi.astype(a.dtype) * ci.astype(a.dtype), acc, z, cz
+            )
+
+        acc = jax.lax.fori_loop(0, self.num_probes, body, _stat_zeros(primal))
+        stats = {"diag": tree.scale(1.0 / self.num_probes, acc)}
+        return stats, _stats_state(stats)
+
+
+@attrs.frozen
+class HutchinsonTrace(Estimator):
+    """Hutchinson's trace estimator ``tr(C) ~ (1/N) sum_j z_j . C z_j``.
+
+    Variance per probe: ``2 sum_{i != j} C_ij^2`` (Rademacher), ``2 ||C||_F^2`` (normal),
+    for symmetric C (Hutchinson, 1989).
+
+    Attributes:
+        num_probes: N, matvecs per estimate.
+        probe: ``"rademacher"`` or ``"normal"``.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"trace"})
+    requires: ClassVar[Requires] = Requires(resources={"operator"})
+
+    num_probes: int = attrs.field(default=10, validator=attrs.validators.gt(0))
+    probe: str = attrs.field(default="rademacher", validator=_check_probe)
+
+    def init(self, params: PyTree) -> dict[str, Stats]:
+        return _stats_state({"trace": jnp.zeros((), _scalar_dtype(params))})
+
+    def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:
+        op = res["operator"]
+        primal = op.primal
+        dtype = _scalar_dtype(primal)
+        keys = jax.random.split(key, self.num_probes)
+
+        def body(i: Array, acc: Array) -> Array:
+            z = tree.random_like(keys[i], primal, self.probe)
+            return acc + tree.vdot(z, op.mv(z)).astype(dtype)
+
+        total = jax.lax.fori_loop(0, self.num_probes, body, jnp.zeros((), dtype))
+        stats = {"trace": total / self.num_probes}
+        return stats, _stats_state(stats)
+
+
+@attrs.frozen
+class HutchppTrace(Estimator):
+    """Hutch++ trace estimator (Meyer, Musco, Musco & Woodruff, 2021).
+
+    With ``m = num_probes // 3``: a sketch ``Q = orth(C S)`` (m matvecs, S random
+    ``[n, m]``), the exact part ``tr(Q^T C Q)`` (m matvecs) and Hutchinson on the
+    deflated operator with ``g = num_probes - 2m`` probes ``G``::
+
+        tr(C) ~ tr(Q^T C Q) + (1/g) tr(G^T (I - QQ^T) C (I - QQ^T) G).
+
+    Unbiased (``tr(C) = tr(Q^T C Q) + tr(P C P)`` with ``P = I - QQ^T`` for any Q with
+    orthonormal columns, and G is independent of Q); its error falls like 1/N instead
+    of Hutchinson's 1/sqrt(N) when the spectrum decays.
+
+    Attributes:
+        num_probes: total matvecs, at least 3.
+        probe: ``"rademacher"`` or ``"normal"``.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"trace"})
+    requires: ClassVar[Requires] = Requires(resources={"operator"})
+
+    num_probes: int = attrs.field(default=30, validator=attrs.validators.ge(3))
+    probe: str = attrs.field(default="rademacher", validator=_check_probe)
+
+    def init(self, params: PyTree) -> dict[str, Stats]:
+        return _stats_state({"trace": jnp.zeros((), _scalar_dtype(params))})
+
+    def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:
+        flat = _Flat(res["operator"])
+        m = min(self.num_probes // 3, flat.n)
+        g = self.num_probes - 2 * m
+        k_sketch, k_resid = jax.random.split(key)
+        mvs = jax.vmap(flat.mv, in_axes=1, out_axes=1)
+        sketch = flat.probes(k_sketch, (flat.n, m), self.probe)
+        q, _ = jnp.linalg.qr(mvs(sketch))
+        exact = jnp.trace(q.T @ mvs(q))
+        gs = flat.probes(k_resid, (flat.n, g), self.probe)
+        gs = gs - q @ (q.T @ gs)
+        resid = jnp.sum(gs * mvs(gs)) / g
+        stats = {"trace": (exact + resid).astype(flat.dtype)}
+        return stats, _stats_state(stats)
+
+
+# --------------------------------------------------------------------------- GNB
+
+
+@attrs.frozen
+class GNBDiag(Estimator):
+    """Gauss-Newton-Bartlett diagonal estimator, as in Sophia-G (Liu et al., 2023).
+
+    Draw labels from the model, ``y_hat_b ~ Categorical(softmax(z_b))``, take the
+    gradient of the reduced loss at them, ``g_hat = J^T dL/dz(z, y_hat)`` (one vjp of
+    the shared linearization), and return ``(1/c) g_hat * g_hat`` averaged over
+    ``num_samples`` draws (``1/c = B`` for the mean reduction, as in Sophia). Because
+    ``E[(p - e_y)(p - e_y)^T] = diag p - p p^T``, this is unbiased for the diagonal of
+    the GGN of the softmax cross-entropy; it needs that loss.
+
+    Attributes:
+        num_samples: label draws (vjps) per estimate.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"diag"})
+    requires: ClassVar[Requires] = Requires(resources={"linearization"})
+
+    num_samples: int = attrs.field(default=1, validator=attrs.validators.gt(0))
+
+    def init(self, params: PyTree) -> dict[str, Stats]:
+        return _stats_state({"diag": _stat_zeros(params)})
+
+    def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:
+        loss = res.model.loss
+        if not isinstance(loss, SoftmaxCrossEntropy):
+            raise CompositionError(
+                f"estimator 'gnb_diag' (Gauss-Newton-Bartlett) needs loss "
+                f"'softmax_cross_entropy'; the model's loss is {loss.name!r}. Use "
+                "'hutchinson_diag' on curvature 'ggn' or 'fisher' instead."
+            )
+        lin = res["linearization"]
+        outputs, primal = lin.outputs, res.params
+        c = loss.scale(outputs.shape[0])
+        labels = loss.sample_targets(key, outputs, self.num_samples)
+
+        def body(i: Array, acc: PyTree) -> PyTree:
+            g = lin.vjp(loss.output_grad(outputs, labels[i]))
+            return jax.tree_util.tree_map(lambda a, x: a + jnp.square(x.astype(a.dtype)), acc, g)
+
+        acc = jax.lax.fori_loop(0, self.num_samples, body, _stat_zeros(primal))
+        stats = {"diag": tree.scale(1.0 / (c * self.num_samples), acc)}
+        return stats, _stats_state(stats)
+
+
+# --------------------------------------------------------------------------- exact
+
+
+@attrs.frozen
+class ExactDiag(Estimator):
+    """The exact diagonal: ``op.diag()`` when the operator has one, else the dense matrix.
+
+    The dense path costs n matvecs and ``n^2`` memory, so it refuses models with more
+    than ``max_size`` parameters (small models and tests only).
+
+    Attributes:
+        max_size: largest parameter count accepted.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"diag"})
+    requires: ClassVar[Requires] = Requires(resources={"operator"})
+
+    max_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
+
+    def _check(self, params: PyTree) -> None:
+        n = tree.size(params)
+        if n > self.max_size:
+            raise CompositionError(
+                f"estimator 'exact_diag' builds the dense curvature and is for small models: "
+                f"{n} parameters > max_size={self.max_size}. Use 'hutchinson_diag' (or "
+                "'gnb_diag'), or raise max_size if you really want the dense diagonal."
+            )
+
+    def init(self, params: PyTree) -> dict[str, Stats]:
+        self._check(params)
+        return _stats_state({"diag": _stat_zeros(params)})
+
+    def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:
+        op = res["operator"]
+        primal = op.primal
+        diag = _operator_diag(op)
+        if diag is None:
+            self._check(primal)
+            flat = _Flat(op)
+            eye = jnp.eye(flat.n, dtype=flat.dtype)
+            diag = flat.unravel(jnp.diagonal(jax.vmap(flat.mv)(eye)))
+        diag = jax.tree_util.tree_map(lambda d, z: d.astype(z.dtype), diag, _stat_zeros(primal))
+        stats = {"diag": diag}
+        return stats, _stats_state(stats)
+
+
+def _operator_diag(op: LinearOperator) -> PyTree | None:
+    """``op.diag()`` when the operator is tagged ``diag`` or overrides ``diag``, else None."""
+    if DIAG in op.tags:
+        return op.diag()
+    if type(op).diag is LinearOperator.diag:
+        return None
+    try:
+        return op.diag()
+    except NotImplementedError:
+        return None
+
+
+# --------------------------------------------------------------------------- Lanczos
+
+
+@attrs.frozen
+class Lanczos(Estimator):
+    """Leading eigenpairs and a spectral density by Lanczos with full reorthogonalisation.
+
+    ``m = min(num_iters, n)`` Lanczos steps from a Gaussian start vector build
+    ``C V = V T + residual`` with orthonormal ``V`` (every new vector is
+    Gram-Schmidt-orthogonalised twice against all previous ones; an invariant subspace
+    is left by restarting from a fresh random vector, so repeated eigenvalues are found
+    too). Ritz pairs ``(theta_i, V y_i)`` come from ``eigh(T)``.
+
+    Statistics:
+        ``eigenvalues`` ``[k]``: the ``num_eigs`` Ritz values with the largest value
+        (``which="largest"``) or modulus (``which="magnitude"``), in decreasing order.
+        ``eigenvectors``: a parameter-like pytree with leading axis k, unit vectors.
+        ``spectral_density``: ``{"grid": [G], "density": [G]}``, stochastic Lanczos
+        quadrature (Ghorbani, Krishnan & Xiao, 2019): ``sum_i w_i N(x; theta_i, s^2)``
+        with weights ``w_i = (y_i[0])^2`` (summing to 1), ``s = smoothing * (theta_max -
+        theta_min)`` (or a small floor), on a uniform grid from ``theta_min - 3s`` to
+        ``theta_max + 3s``; ``sum(density) * (grid[1] - grid[0])`` is about 1.
+
+    Attributes:
+        num_iters: Lanczos steps (matvecs), capped at the parameter count.
+        num_eigs: k, eigenpairs returned (at most the number of steps).
+        which: ``"largest"`` (algebraic) or ``"magnitude"``.
+        grid_size: G, points of the density grid.
+        smoothing: Gaussian width relative to the Ritz range.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset(
+        {"eigenvalues", "eigenvectors", "spectral_density"}
+    )
+    requires: ClassVar[Requires] = Requires(resources={"operator"})
+
+    num_iters: int = attrs.field(default=30, validator=attrs.validators.gt(0))
+    num_eigs: int = attrs.field(default=5, validator=attrs.validators.gt(0))
+    which: str = attrs.field(
+        default="largest", validator=attrs.validators.in_(("largest", "magnitude"))
+    )
+    grid_size: int = attrs.field(default=128, validator=attrs.validators.gt(1))
+    smoothing: float = attrs.field(default=0.02, validator=attrs.validators.gt(0.0))
+
+    def _sizes(self, params: PyTree) -> tuple[int, int]:
+        m = min(self.num_iters, tree.size(params))
+        return m, min(self.num_eigs, m)
+
+    def init(self, params: PyTree) -> dict[str, Stats]:
+        _, k = self._sizes(params)
+        dtype = _scalar_dtype(params)
+        vecs = jax.tree_util.tree_map(
+            lambda z: jnp.zeros((k, *z.shape), z.dtype), _stat_zeros(params)
+        )
+        return _stats_state(
+            {
+                "eigenvalues": jnp.zeros((k,), dtype),
+                "eigenvectors": vecs,
+                "spectral_density": {
+                    "grid": jnp.zeros((self.grid_size,), dtype),
+                    "density": jnp.zeros((self.grid_size,), dtype),
+                },
+            }
+        )
+
+    def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:
+        flat = _Flat(res["operator"])
+        m, k = self._sizes(res["operator"].primal)
+        theta, y, basis = _lanczos(flat, m, key)
+        order = jnp.argsort(-(theta if self.which == "largest" else jnp.abs(theta)))[:k]
+        vecs = (basis.T @ y[:, order]).T  # [k, n]
+        primal = res["operator"].primal
+        vec_tree = jax.vmap(flat.unravel)(vecs)
+        vec_tree = jax.tree_util.tree_map(
+            lambda v, z: v.astype(z.dtype), vec_tree, _stat_zeros(primal)
+        )
+        stats = {
+            "eigenvalues": theta[order],
+            "eigenvectors": vec_tree,
+            "spectral_density": _density(theta, jnp.square(y[0]), self.grid_size, self.smoothing),
+        }
+        return stats, _stats_state(stats)
+
+
+def _lanczos(flat: _Flat, m: int, key: Array) -> tuple[Array, Array, Array]:
+    """Ritz values ``[m]`` (ascending), eigenvectors of T ``[m, m]`` and the basis ``[m, n]``."""
+    n, dtype = flat.n, flat.dtype
+    k0, k1 = jax.random.split(key)
+    eps = jnp.finfo(dtype).eps
+    tiny = jnp.finfo(dtype).tiny
+
+    def orthogonalise(basis: Array, w: Array) -> Array:
+        w = w - basis.T @ (basis @ w)
+        return w - basis.T @ (basis @ w)
+
+    def unit(w: Array) -> Array:
+        return w / jnp.maximum(jnp.linalg.norm(w), tiny)
+
+    restarts = jax.random.normal(k1, (m, n), dtype)
+    basis0 = jnp.zeros((m + 1, n), dtype).at[0].set(unit(jax.random.normal(k0, (n,), dtype)))
+    carry0 = (basis0, jnp.zeros((m,), dtype), jnp.zeros((m,), dtype), jnp.zeros((), dtype))
+
+    def body(j: Array, carry: tuple[Array, Array, Array, Array]) -> tuple[Array, ...]:
+        basis, alphas, betas, scale = carry
+        v = basis[j]
+        w = flat.mv(v)
+        alpha = jnp.dot(v, w)
+        w = orthogonalise(basis, w)
+        beta = jnp.linalg.norm(w)
+        scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
+        broke = beta <= jnp.sqrt(eps) * scale
+        fresh = unit(orthogonalise(basis, restarts[j]))
+        nxt = jnp.where(broke, fresh, w / jnp.maximum(beta, tiny))
+        beta = jnp.where(broke, jnp.zeros_like(beta), beta)
+        basis = basis.at[j + 1].set(nxt)
+        return basis, alphas.at[j].set(alpha), betas.at[j].set(beta), scale
+
+    basis, alphas, betas, _ = jax.lax.fori_loop(0, m, body, carry0)
+    off = betas[: m - 1]
+    tri = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    theta, y = jnp.linalg.eigh(tri)
+    return theta, y, basis[:m]
+
+
+def _density(theta: Array, weights: Array, grid_size: int, smoothing: float) -> dict[str, Array]:
+    lo, hi = jnp.min(theta), jnp.max(theta)
+    floor = 1e-6 * (1.0 + jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+    sigma = jnp.maximum(smoothing * (hi - lo), floor)
+    grid = jnp.linspace(lo - 3 * sigma, hi + 3 * sigma, grid_size, dtype=theta.dtype)
+    z = (grid[:, None] - theta[None, :]) / sigma
+    gauss = jnp.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
+    return {"grid": grid, "density": gauss @ weights}

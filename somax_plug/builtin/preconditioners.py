@@ -1,0 +1,294 @@
+"""Built-in preconditioners: a state and an application of ``M^-1``.
+
+``update(res, stats, lam, key, state)`` refreshes the state at the component's
+cadence (the planner wraps it in ``lax.cond``); ``apply(state, v, lam)`` runs at
+every solve and is handed to the solver as ``precond(v)``. States are dicts of
+fixed-shape arrays, so they run inside ``lax.scan``.
+
+===============  ===================================================  ======================
+preconditioner   ``M^-1 v``                                           requires
+===============  ===================================================  ======================
+``identity``     ``v``                                                nothing
+``jacobi``       ``v / max(d + lam, eps)``, ``d = diag`` (or |diag|)  statistic ``diag``
+``diag_ema``     ``clip(v / max(h_hat^power + lam, eps))``, ``h`` an   statistic ``diag``
+                 EMA of the diagonal with bias correction
+``nystrom``      ``U (L + lam)^-1 U^T v + (v - U U^T v)/(l_min + lam)``  ``psd``, resource
+                 from a rank-r randomized Nystrom sketch of C          ``operator``
+===============  ===================================================  ======================
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from somax_plug.builtin.preconditioners import Jacobi
+    >>> pre = Jacobi()
+    >>> state = pre.update(None, {"diag": jnp.array([1.0, 3.0])}, 1.0, None, pre.init(jnp.zeros(2)))
+    >>> pre.apply(state, jnp.array([2.0, 2.0]), 1.0).tolist()
+    [1.0, 0.5]
+
+References: Yao et al. (2021), AdaHessian; Liu et al. (2023), Sophia; Frangella,
+Tropp & Udell (2023), "Randomized Nystrom preconditioning", SIAM J. Matrix Anal. Appl.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from somax_plug import tree
+from somax_plug.errors import CompositionError
+from somax_plug.kinds import PSD, Preconditioner, Stats
+from somax_plug.spec import Requires
+
+PyTree = Any
+Array = Any
+
+__all__ = ["DiagEMA", "Identity", "Jacobi", "Nystrom"]
+
+
+def _diag_stat(name: str, stats: Stats) -> PyTree:
+    if stats is None or "diag" not in stats:
+        got = sorted(stats) if stats else []
+        raise CompositionError(
+            f"preconditioner {name!r} needs the statistic 'diag' from an estimator "
+            f"(got statistics {got}); add an estimator that provides 'diag'."
+        )
+    return stats["diag"]
+
+
+def _state_dtype(x: Array) -> Any:
+    """Statistics are kept in float32 at least (a bf16 EMA would lose ``1 - beta``)."""
+    return jnp.result_type(x.dtype, jnp.float32)
+
+
+def _check(name: str, cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"preconditioner {name!r}: {message}")
+
+
+@attrs.frozen
+class Identity(Preconditioner):
+    """``M = I``: ``apply`` returns ``v``. State: ``()``."""
+
+    @property
+    def requires(self) -> Requires:
+        return Requires()
+
+    def init(self, params: PyTree) -> PyTree:
+        return ()
+
+    def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
+        return v
+
+
+@attrs.frozen
+class Jacobi(Preconditioner):
+    """Jacobi (diagonal) preconditioner ``M = diag(d) + lam I``.
+
+    ``M^-1 v = v / max(d + lam, eps)`` with ``d = |stats["diag"]|`` (``abs=True``,
+    default, so that M is SPD even when a Hessian diagonal estimate has negative
+    entries) or ``d = stats["diag"]``. The floor keeps M SPD, as CG needs. State:
+    ``{"diag": pytree}`` (float32 at least), initialised to ones.
+
+    Options: ``eps`` (default 1e-8), ``abs`` (default True).
+    """
+
+    eps: float = 1e-8
+    abs: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        _check("jacobi", self.eps > 0, f"eps must be > 0, got {self.eps!r}")
+
+    @property
+    def requires(self) -> Requires:
+        return Requires(statistics={"diag"})
+
+    def init(self, params: PyTree) -> PyTree:
+        return {
+            "diag": jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, _state_dtype(x)), params)
+        }
+
+    def update(self, res: Any, stats: Stats, lam: Array, key: Array, state: PyTree) -> PyTree:
+        diag = _diag_stat("jacobi", stats)
+        return {"diag": tree.cast_like(diag, state["diag"])}
+
+    def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
+        def leaf(d: Array, x: Array) -> Array:
+            d = jnp.abs(d) if self.abs else d
+            m = jnp.maximum(d + jnp.asarray(lam).astype(d.dtype), jnp.asarray(self.eps, d.dtype))
+            return (x / m).astype(x.dtype)
+
+        return jax.tree_util.tree_map(leaf, state["diag"], v)
+
+
+@attrs.frozen
+class DiagEMA(Preconditioner):
+    """Exponential moving average of a diagonal statistic, as in AdaHessian and Sophia.
+
+    At each update, with ``d = stats["diag"]``, ``u = d^2`` (``square=True``), ``|d|``
+    (``abs=True``) or ``d``::
+
+        h_t = beta h_{t-1} + (1 - beta) u_t,   h_hat = h_t / (1 - beta^t)
+
+    and at each solve ``M^-1 v = clip(v / max(sign(h_hat)|h_hat|^power + lam, eps))``,
+    the clip elementwise to ``[-clip, clip]`` (``clip=None``: off).
+
+    * AdaHessian: ``square=True, power=0.5`` (RMS of the Hutchinson diagonal); its
+      additive epsilon is the damping ``lam``.
+    * Sophia: ``power=1, clip=1`` with a Gauss-Newton-Bartlett or Hutchinson diagonal
+      and ``eps`` as its floor; the solver ``identity`` applies it to the (momentum)
+      gradient.
+
+    Before the first update the state is zero and ``M^-1 v = v / max(lam, eps)``. State:
+    ``{"ema": pytree (float32 at least), "count": int32}``.
+
+    Options: ``beta`` (0.99), ``power`` (1.0), ``eps`` (1e-12), ``clip`` (None),
+    ``abs`` (True), ``square`` (False).
+    """
+
+    beta: float = 0.99
+    power: float = 1.0
+    eps: float = 1e-12
+    clip: float | None = None
+    abs: bool = True
+    square: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        _check("diag_ema", 0 <= self.beta < 1, f"beta must be in [0, 1), got {self.beta!r}")
+        _check("diag_ema", self.power > 0, f"power must be > 0, got {self.power!r}")
+        _check("diag_ema", self.eps > 0, f"eps must be > 0, got {self.eps!r}")
+        _check(
+            "diag_ema",
+            self.clip is None or self.clip > 0,
+            f"clip must be None or > 0, got {self.clip!r}",
+        )
+
+    @property
+    def requires(self) -> Requires:
+        return Requires(statistics={"diag"})
+
+    def init(self, params: PyTree) -> PyTree:
+        ema = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, _state_dtype(x)), params)
+        return {"ema": ema, "count": jnp.zeros((), jnp.int32)}
+
+    def update(self, res: Any, stats: Stats, lam: Array, key: Array, state: PyTree) -> PyTree:
+        diag = tree.cast_like(_diag_stat("diag_ema", stats), state["ema"])
+
+        def stat(d: Array) -> Array:
+            if self.square:
+                return d * d
+            return jnp.abs(d) if self.abs else d
+
+        ema = jax.tree_util.tree_map(
+            lambda h, d: self.beta * h + (1 - self.beta) * stat(d), state["ema"], diag
+        )
+        return {"ema": ema, "count": state["count"] + 1}
+
+    def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
+        count = state["count"]
+
+        def leaf(h: Array, x: Array) -> Array:
+            corr = 1 - jnp.asarray(self.beta, h.dtype) ** count.astype(h.dtype)
+            h_hat = h / jnp.where(count > 0, corr, 1)
+            if self.power != 1:
+                h_hat = jnp.sign(h_hat) * jnp.abs(h_hat) ** self.power
+            m = jnp.maximum(
+                h_hat + jnp.asarray(lam).astype(h.dtype), jnp.asarray(self.eps, h.dtype)
+            )
+            out = x.astype(h.dtype) / m
+            if self.clip is not None:
+                out = jnp.clip(out, -self.clip, self.clip)
+            return out.astype(x.dtype)
+
+        return jax.tree_util.tree_map(leaf, state["ema"], v)
+
+
+@attrs.frozen
+class Nystrom(Preconditioner):
+    """Randomized Nystrom preconditioner of rank ``r`` for ``C + lam I`` (C psd).
+
+    Sketch (Frangella, Tropp & Udell 2023, Algorithm 2.1), with ``n`` the number of
+    parameters and ``Omega`` an orthonormalised Gaussian ``[n, r]`` test matrix::
+
+        Y = C Omega (r matvecs, vmapped);  nu = sqrt(n) eps(||Y||);  Y_nu = Y + nu Omega
+        L L^T = Omega^T Y_nu;  B = Y_nu L^-T;  U S V^T = svd(B);  lhat = max(S^2 - nu, 0)
+
+    so that ``C ~ U diag(lhat) U^T``, and::
+
+        M^-1 v = U (diag(lhat) + lam)^-1 U^T v + (v - U U^T v) / (lhat_min + lam)
+
+    (FTU's preconditioner divided by ``lhat_min + lam``, which CG does not notice).
+    The sketch reads ``res["operator"]`` (the undamped C) and the update's key. If the
+    sketch is not finite (C not psd, so the Cholesky fails), the previous state is
+    kept. Before the first update ``U = 0`` and ``M^-1 v = v / max(lam, eps)``.
+
+    State: ``{"U": [n, r] (ravel_pytree order), "eigs": [r]}``, float32 at least.
+
+    Options: ``rank`` (r, default 10), ``eps`` (floor of the denominators, 1e-12).
+    """
+
+    rank: int = 10
+    eps: float = 1e-12
+
+    def __attrs_post_init__(self) -> None:
+        _check(
+            "nystrom",
+            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
+            f"rank must be an int >= 1, got {self.rank!r}",
+        )
+        _check("nystrom", self.eps > 0, f"eps must be > 0, got {self.eps!r}")
+
+    @property
+    def requires(self) -> Requires:
+        return Requires(tags={PSD}, resources={"operator"})
+
+    def init(self, params: PyTree) -> PyTree:
+        flat, _ = ravel_pytree(params)
+        n = flat.shape[0]
+        _check("nystrom", self.rank <= n, f"rank {self.rank} exceeds the {n} parameters")
+        dt = _state_dtype(flat)
+        return {"U": jnp.zeros((n, self.rank), dt), "eigs": jnp.zeros((self.rank,), dt)}
+
+    def sketch(self, op: Any, key: Array, primal: PyTree, dtype: Any) -> tuple[Array, Array]:
+        """``(U, lhat)`` of the rank-r Nystrom approximation of ``op`` (no fallback)."""
+        flat, unravel = ravel_pytree(primal)
+        n = flat.shape[0]
+        omega = jax.random.normal(key, (n, self.rank), dtype)
+        omega, _ = jnp.linalg.qr(omega)
+
+        def column(w: Array) -> Array:
+            return ravel_pytree(op.mv(unravel(w.astype(flat.dtype))))[0].astype(dtype)
+
+        y = jax.vmap(column, in_axes=1, out_axes=1)(omega)
+        nu = jnp.sqrt(jnp.asarray(n, dtype)) * jnp.finfo(dtype).eps * jnp.linalg.norm(y, 2)
+        y_nu = y + nu * omega
+        core = omega.T @ y_nu
+        chol = jnp.linalg.cholesky((core + core.T) / 2)
+        b = jax.scipy.linalg.solve_triangular(chol, y_nu.T, lower=True).T
+        u, s, _ = jnp.linalg.svd(b, full_matrices=False)
+        lhat = jnp.maximum(s**2 - nu, 0)
+        return u, lhat
+
+    def update(self, res: Any, stats: Stats, lam: Array, key: Array, state: PyTree) -> PyTree:
+        op = res["operator"]
+        dt = state["U"].dtype
+        u, lhat = self.sketch(op, key, op.primal, dt)
+        ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(lhat))
+        return {
+            "U": jnp.where(ok, u, state["U"]),
+            "eigs": jnp.where(ok, lhat, state["eigs"]),
+        }
+
+    def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
+        flat, unravel = ravel_pytree(v)
+        u, eigs = state["U"], state["eigs"]
+        dt = u.dtype
+        x = flat.astype(dt)
+        lam_ = jnp.asarray(lam).astype(dt)
+        eps = jnp.asarray(self.eps, dt)
+        utx = u.T @ x
+        low = u @ (utx / jnp.maximum(eigs + lam_, eps))
+        rest = (x - u @ utx) / jnp.maximum(jnp.min(eigs) + lam_, eps)
+        return unravel((low + rest).astype(flat.dtype))
