@@ -43,8 +43,8 @@ Example:
     >>> B = ops.damp(ops.scale(2.0, A), 0.5)
     >>> sorted(B.tags)
     ['diag', 'psd', 'symmetric']
-    >>> B.mv({"w": jnp.ones(2), "b": jnp.ones(())})["w"]  # ravel order: "b", then "w"
-    Array([4.5, 6.5], dtype=float32)
+    >>> B.mv({"w": jnp.ones(2), "b": jnp.ones(())})["w"].tolist()  # ravel order: "b", "w"
+    [4.5, 6.5]
 
 Reference: the operator interface follows curvlinops (Dangel et al., 2025) and the
 tag vocabulary follows lineax (Rader, Lyons & Kidger, 2023).
@@ -73,6 +73,7 @@ __all__ = [
     "damp",
     "damped_mv",
     "normalize_tags",
+    "ravel",
     "scale",
     "to_lineax",
 ]
@@ -89,6 +90,22 @@ def normalize_tags(tags: Iterable[str] | str | None) -> frozenset[str]:
     if PSD in out:
         out = out | {SYMMETRIC}
     return out
+
+
+def ravel(tree: PyTree) -> tuple[Array, Any]:
+    """``ravel_pytree`` whose ``unravel`` first casts its input to the flat dtype.
+
+    ``jax.flatten_util.ravel_pytree``'s ``unravel`` keeps a wider dtype for
+    single-dtype trees (float64 in, float64 leaves out) and raises for mixed-dtype
+    trees; this one always returns the original leaf dtypes.
+    """
+    flat, unravel = ravel_pytree(tree)
+    dtype = flat.dtype
+
+    def unravel_cast(x: Array) -> PyTree:
+        return unravel(jnp.asarray(x).astype(dtype))
+
+    return flat, unravel_cast
 
 
 def _is_nonnegative(value: Any) -> bool | None:
@@ -192,11 +209,11 @@ class MatrixOperator(_PytreeOperator):
         return cls(rows.T @ rows, primal, normalize_tags(tags) | {PSD}, rows=rows)
 
     def mv(self, v: PyTree) -> PyTree:
-        flat, unravel = ravel_pytree(v)
+        flat, unravel = ravel(v)
         return unravel(self.matrix @ flat.astype(self.matrix.dtype))
 
     def diag(self) -> PyTree:
-        _, unravel = ravel_pytree(self.primal)
+        _, unravel = ravel(self.primal)
         return unravel(jnp.diagonal(self.matrix))
 
     def to_dense(self) -> Array:
@@ -206,7 +223,7 @@ class MatrixOperator(_PytreeOperator):
         if self.rows is None:
             return None
         rows = self.rows
-        _, unravel = ravel_pytree(self.primal)
+        _, unravel = ravel(self.primal)
 
         def matvec(v: PyTree) -> Array:
             flat, _ = ravel_pytree(v)

@@ -128,8 +128,10 @@ def shard_large_2d(model_axis: str = "model", min_size: int = 1 << 16) -> Shardi
     """A ``param_sharding`` rule: split big 2-D floating leaves along their last axis.
 
     A leaf is split over ``model_axis`` when it is 2-D, floating, has at least
-    ``min_size`` elements and a last dimension divisible by the axis size (checked
-    when the rule is applied); every other leaf is replicated.
+    ``min_size`` elements and a last dimension divisible by the axis size; every
+    other leaf is replicated. (A hand-written rule whose spec does not divide a
+    leaf's shape is an error; this one carries ``replicate_indivisible = True``,
+    which makes :class:`DataParallel` replicate such leaves instead.)
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -147,7 +149,7 @@ def shard_large_2d(model_axis: str = "model", min_size: int = 1 << 16) -> Shardi
             return None
         return PartitionSpec(None, model_axis)
 
-    rule.model_axis = model_axis  # type: ignore[attr-defined]
+    rule.replicate_indivisible = True  # type: ignore[attr-defined]
     return rule
 
 
@@ -243,6 +245,8 @@ class DataParallel:
                         )
                     count *= sizes[name]
                 if dim % count:
+                    if getattr(self.param_sharding, "replicate_indivisible", False):
+                        return self.replicated
                     raise InputError(
                         f"param_sharding: {what}{jax.tree_util.keystr(path)} has shape "
                         f"{leaf.shape}; dimension {dim} does not split over {count} devices "

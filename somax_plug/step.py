@@ -166,10 +166,26 @@ class Method:
         """The ``jax.ShapeDtypeStruct`` tree of ``init(params)`` (no FLOPs, no side effect)."""
         return jax.eval_shape(self._init_state, params)
 
+    def resume(self, params: Any, state: Any) -> tuple[Any, Any]:
+        """Adopt ``params`` and a ``state`` made elsewhere (e.g. restored from a checkpoint).
+
+        Records their shapes and dtypes as :meth:`init` does (so :meth:`step` checks
+        against them) and, with a mesh, lays them out over it. Returns them.
+        """
+        self._bind(params, state)
+        if self.data_parallel is not None:
+            params = jax.device_put(params, self.data_parallel.params_shardings)
+            state = jax.device_put(state, self.data_parallel.state_shardings)
+        return params, state
+
     def _bind(self, params: Any, state: Any) -> None:
         """Fix the shapes and dtypes (and, with a mesh, the layouts) the step expects."""
+        before = (self._validator.params_spec, self._validator.state_spec)
         self._validator.bind(params, state)
-        if self.data_parallel is not None:
+        after = (self._validator.params_spec, self._validator.state_spec)
+        if self.data_parallel is not None and (
+            self.data_parallel.params_shardings is None or before != after
+        ):
             self.data_parallel.bind(params, state)
             self._step_jit = self.data_parallel.jit(self._step)
 
@@ -317,6 +333,13 @@ class Method:
         :mod:`somax_plug.validation`), once per input signature. With a mesh, the
         arguments are placed on it (the batch sharded over the data axis).
         """
+        if not isinstance(state, MethodState):
+            from somax_plug.errors import InputError
+
+            raise InputError(
+                f"state must be the MethodState from method.init or a previous step, got "
+                f"{type(state).__name__}; the arguments are step(params, state, batch, key)"
+            )
         if key is None:
             key = jax.random.fold_in(jax.random.key(0), state.count)
         if not self._validator.bound:  # a state restored or built elsewhere

@@ -109,7 +109,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _compare(given: PyTree, expected: PyTree, name: str, remedy: str) -> None:
+def _compare(given: PyTree, expected: PyTree, name: str, expected_by: str, remedy: str) -> None:
     """Structure, shapes and dtypes of ``given`` against the specs ``expected``."""
     g_leaves, g_def = jax.tree_util.tree_flatten_with_path(given)
     e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
@@ -125,7 +125,9 @@ def _compare(given: PyTree, expected: PyTree, name: str, remedy: str) -> None:
         if not detail:
             detail.append(f"structure {g_def} instead of {e_def}")
         raise InputError(
-            f"{name} does not have the pytree structure {remedy}: " + "; ".join(detail)
+            f"{name} does not have the pytree structure {expected_by}: "
+            + "; ".join(detail)
+            + f"; {remedy}"
         )
     for (path, x), (_, spec) in zip(g_leaves, e_leaves, strict=True):
         shape, dtype = _leaf_sig(x)
@@ -133,11 +135,11 @@ def _compare(given: PyTree, expected: PyTree, name: str, remedy: str) -> None:
         where = f"{name}{jax.tree_util.keystr(path)}"
         if shape != want_shape:
             raise InputError(
-                f"{where} has shape {shape}, but {remedy} it has shape {want_shape}"
+                f"{where} has shape {shape}, but {expected_by} shape {want_shape}; {remedy}"
             )
         if dtype != want_dtype:
             raise InputError(
-                f"{where} has dtype {dtype}, but {remedy} it has dtype {want_dtype}"
+                f"{where} has dtype {dtype}, but {expected_by} dtype {want_dtype}; {remedy}"
             )
 
 
@@ -178,9 +180,14 @@ class InputValidator:
             sig = None
         self._check_batch(batch)
         self._check_params(params)
-        _compare(state, self.state_spec, "state",
-                 "that init returns for these parameters (pass the state from method.init "
-                 "or from the previous step of this method)")
+        _compare(
+            state,
+            self.state_spec,
+            "state",
+            "init gives for these parameters",
+            "pass the state from method.init or from this method's previous step, "
+            "made for parameters of these dtypes and shapes",
+        )
         self._check_key(key)
         self._check_model(params, batch)
         if sig is not None:
@@ -236,9 +243,13 @@ class InputValidator:
 
     # ---------------------------------------------------------------- params
     def _check_params(self, params: PyTree) -> None:
-        _compare(params, self.params_spec, "params",
-                 "init saw (call method.init on these parameters, or pass the "
-                 "parameters the state was made for)")
+        _compare(
+            params,
+            self.params_spec,
+            "params",
+            "init saw",
+            "pass the parameters the state was made for, or call method.init on these parameters",
+        )
         for path, spec in jax.tree_util.tree_leaves_with_path(self.params_spec):
             if not jnp.issubdtype(spec.dtype, jnp.floating):
                 raise InputError(
@@ -301,10 +312,14 @@ class InputValidator:
             o_leaves = jax.tree_util.tree_leaves(outputs)
             t_leaves = jax.tree_util.tree_leaves(targets)
             if len(o_leaves) != 1 or len(t_leaves) != 1:
-                if same_shape and jax.tree_util.tree_structure(outputs) == (
-                    jax.tree_util.tree_structure(targets)
-                ) and all(o.shape == _leaf_sig(t)[0] for o, t in zip(o_leaves, t_leaves,
-                                                                       strict=True)):
+                if (
+                    same_shape
+                    and jax.tree_util.tree_structure(outputs)
+                    == (jax.tree_util.tree_structure(targets))
+                    and all(
+                        o.shape == _leaf_sig(t)[0] for o, t in zip(o_leaves, t_leaves, strict=True)
+                    )
+                ):
                     return
                 raise InputError(
                     f"the loss {loss.name!r} needs targets shaped like the outputs; "

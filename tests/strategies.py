@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 PyTree = Any
@@ -235,3 +236,74 @@ def make_resources(
     if key is None:
         key = jax.random.key(0)
     return Resources(model, params, batch, key, providers, planned=planned)
+
+
+@pytest.fixture(scope="module")
+def cheap_compiles():
+    """Turn off most XLA optimisation for one test module, then restore it.
+
+    Property tests compile many tiny programs (new shapes every example) and run each
+    once or twice, so XLA's optimisation passes cost more than they save (about half
+    the CPU time of these suites). Import it into a module and mark it ``autouse``::
+
+        pytestmark = pytest.mark.usefixtures("cheap_compiles")
+    """
+    import jax
+
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+class MatrixCase(NamedTuple):
+    """A dense symmetric ``[n, n]`` float64 matrix acting on a pytree layout."""
+
+    matrix: np.ndarray
+    primal: PyTree
+    kind: str
+
+    @property
+    def n(self) -> int:
+        return int(self.matrix.shape[0])
+
+
+MATRIX_KINDS = ("psd_low_rank", "indefinite", "repeated")
+LEAF_SHAPES = ((), (1,), (2,), (3,), (2, 2), (1, 3), (2, 3))
+
+
+@st.composite
+def pytree_layouts(draw: st.DrawFn, dtype: Any = jnp.float64, min_size: int = 2) -> PyTree:
+    """A pytree of zeros: 1-3 leaves of small shapes in a dict, list, tuple or nesting."""
+    shapes = draw(st.lists(st.sampled_from(LEAF_SHAPES), min_size=1, max_size=3))
+    if sum(math.prod(s) for s in shapes) < min_size:
+        shapes.append((min_size,))
+    leaves = [jnp.zeros(s, dtype) for s in shapes]
+    layout = draw(st.sampled_from(LAYOUTS))
+    if layout == "dict":
+        return {f"leaf_{i}": x for i, x in enumerate(leaves)}
+    if layout == "list":
+        return list(leaves)
+    if layout == "tuple":
+        return tuple(leaves)
+    return {"a": list(leaves[:-1]), "b": (leaves[-1],)}
+
+
+@st.composite
+def symmetric_matrices(draw: st.DrawFn, kinds: Sequence[str] = MATRIX_KINDS) -> MatrixCase:
+    """A symmetric matrix with a chosen spectrum on a random pytree layout.
+
+    ``psd_low_rank``: ``U^T U`` with ``U`` of rank 1..n; ``indefinite``: Gaussian
+    eigenvalues; ``repeated``: eigenvalues from {0, 1, 3} with multiplicities (Krylov
+    methods must restart to find them all).
+    """
+    primal = draw(pytree_layouts())
+    n = sum(int(np.size(x)) for x in _leaves(primal))
+    kind = draw(st.sampled_from(list(kinds)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    if kind == "psd_low_rank":
+        u = rng.normal(size=(draw(st.integers(1, n)), n))
+        return MatrixCase(u.T @ u, primal, kind)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = rng.normal(size=n) * 2 if kind == "indefinite" else rng.choice([0.0, 1.0, 3.0], n)
+    return MatrixCase((q * lam) @ q.T, primal, kind)

@@ -25,7 +25,9 @@ from somax_plug.losses import (
     unflatten_per_example,
 )
 from somax_plug.model import Model, make_model
-from tests.strategies import make_batch, mlp_cases
+from tests.strategies import cheap_compiles, make_batch, mlp_cases  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
 
 def _outputs_and_targets(case, seed):

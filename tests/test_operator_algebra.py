@@ -18,24 +18,21 @@ from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, LinearOperator
 from somax_plug.tree import dense_from_mv
 
 
-@st.composite
-def layouts(draw: st.DrawFn):
-    """A random pytree of zeros with 2..10 scalars: dict / tuple / nested, mixed shapes."""
-    n_leaves = draw(st.integers(1, 3))
-    shapes = draw(
-        st.lists(
-            st.sampled_from([(), (1,), (2,), (3,), (2, 2), (1, 3)]),
-            min_size=n_leaves,
-            max_size=n_leaves,
-        )
-    )
-    leaves = [jnp.zeros(s, jnp.float64) for s in shapes]
-    kind = draw(st.sampled_from(["dict", "tuple", "nested"]))
-    if kind == "dict":
-        return {f"k{i}": x for i, x in enumerate(leaves)}
-    if kind == "tuple":
-        return tuple(leaves)
-    return {"a": list(leaves[:-1]), "b": (leaves[-1],)}
+def _zeros(*shapes):
+    return [jnp.zeros(s, jnp.float64) for s in shapes]
+
+
+LAYOUTS = (
+    {"k0": _zeros(())[0], "k1": _zeros((2, 2))[0]},
+    tuple(_zeros((3,), (1, 2))),
+    {"a": _zeros((2,), ()), "b": tuple(_zeros((2, 1)))},
+)
+"""Pytree layouts (dict with a scalar leaf, tuple, nested lists/tuples); the matrices,
+vectors and scalars are drawn per example. A small pool keeps compilation cached."""
+
+
+def layouts():
+    return st.sampled_from(LAYOUTS)
 
 
 def size(tree) -> int:
@@ -77,6 +74,19 @@ def operator_cases(draw: st.DrawFn):
     return primal, a, b, op_a, op_b, vec
 
 
+@jax.jit
+def _evaluate(op_a, op_b, c, lam, vec):
+    built = {
+        "sum": ops.add(op_a, op_b),
+        "scaled": ops.scale(c, op_a),
+        "damped": ops.damp(op_a, lam),
+        "nested": ops.damp(ops.scale(c, ops.add(op_a, op_b)), lam),
+    }
+    return {
+        name: (LinearOperator.to_dense(op), op.mv(vec), op.diag()) for name, op in built.items()
+    }
+
+
 @given(operator_cases(), st.floats(-3, 3), st.floats(0, 3))
 def test_algebra_matches_dense_matrices(case, c, lam):
     primal, a, b, op_a, op_b, vec = case
@@ -87,19 +97,14 @@ def test_algebra_matches_dense_matrices(case, c, lam):
         "damped": a + lam * np.eye(n),
         "nested": c * (a + b) + lam * np.eye(n),
     }
-    built = {
-        "sum": ops.add(op_a, op_b),
-        "scaled": ops.scale(c, op_a),
-        "damped": ops.damp(op_a, lam),
-        "nested": ops.damp(ops.scale(c, ops.add(op_a, op_b)), lam),
-    }
-    for name, op in built.items():
-        assert isinstance(op, LinearOperator)
-        np.testing.assert_allclose(op.to_dense(), expected[name], rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(flat(op.mv(vec)), expected[name] @ flat(vec), rtol=1e-10)
-        np.testing.assert_allclose(flat(op.diag()), np.diag(expected[name]), atol=1e-12)
-        out = op.mv(vec)
-        assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(primal)
+    plain_a = ops.MatrixOperator(op_a.matrix, primal)  # tags do not change the maths
+    plain_b = ops.MatrixOperator(op_b.matrix, primal)
+    for name, (dense, mv, diag) in _evaluate(plain_a, plain_b, c, lam, vec).items():
+        np.testing.assert_allclose(dense, expected[name], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(flat(mv), expected[name] @ flat(vec), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(flat(diag), np.diag(expected[name]), atol=1e-12)
+        assert jax.tree_util.tree_structure(mv) == jax.tree_util.tree_structure(primal)
+        assert jax.tree_util.tree_structure(diag) == jax.tree_util.tree_structure(primal)
 
 
 @given(operator_cases(), st.floats(-3, 3), st.floats(-1, 3))
@@ -134,8 +139,24 @@ def test_traced_scalars_drop_psd_unless_asserted():
     assert PSD not in seen["scaled"]
 
 
-@given(layouts(), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**31 - 1))
-def test_row_factors_of_sums_and_scalings(primal, ra, rb, seed):
+@jax.jit
+def _row_products(op_a, op_b, c, vec, rows):
+    total = ops.add(op_a, op_b)
+    factors = total.row_factors()
+    scaled = ops.scale(c, total, nonnegative=True).row_factors()
+    u_scaled = jax.vmap(lambda e: ravel_pytree(scaled.rmatvec(e))[0])(jnp.eye(scaled.num_rows))
+    return (
+        factors.matvec(vec),
+        factors.rmatvec(rows),
+        LinearOperator.to_dense(total),
+        u_scaled,
+        scaled.matvec(vec),
+    )
+
+
+@given(layouts(), st.sampled_from([(1, 2), (3, 1)]), st.integers(0, 2**31 - 1))
+def test_row_factors_of_sums_and_scalings(primal, row_counts, seed):
+    ra, rb = row_counts
     n = size(primal)
     rng = np.random.default_rng(seed)
     ua, ub = rng.normal(size=(ra, n)), rng.normal(size=(rb, n))
@@ -143,19 +164,17 @@ def test_row_factors_of_sums_and_scalings(primal, ra, rb, seed):
     op_b = ops.MatrixOperator.from_rows(jnp.asarray(ub), primal)
     assert {PSD, SYMMETRIC, ROW_SPACE, DIAG} <= op_a.tags
     total = ops.add(op_a, op_b)
-    factors = total.row_factors()
-    assert ROW_SPACE in total.tags and factors.num_rows == ra + rb
+    assert ROW_SPACE in total.tags and total.row_factors().num_rows == ra + rb
     u = np.vstack([ua, ub])
     vec = unflat(primal, rng.normal(size=n))
     rows = rng.normal(size=ra + rb)
-    np.testing.assert_allclose(factors.matvec(vec), u @ flat(vec), rtol=1e-10)
-    np.testing.assert_allclose(flat(factors.rmatvec(jnp.asarray(rows))), u.T @ rows, rtol=1e-10)
-    np.testing.assert_allclose(total.to_dense(), u.T @ u, rtol=1e-10, atol=1e-10)
-    scaled = ops.scale(2.5, total)
-    f = scaled.row_factors()
-    u_scaled = jax.vmap(lambda e: ravel_pytree(f.rmatvec(e))[0])(jnp.eye(f.num_rows))
-    np.testing.assert_allclose(u_scaled.T @ u_scaled, 2.5 * u.T @ u, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(f.matvec(vec), u_scaled @ flat(vec), rtol=1e-10)
+    c = float(rng.uniform(0.1, 3.0))
+    umv, urmv, dense, u_scaled, scaled_mv = _row_products(op_a, op_b, c, vec, jnp.asarray(rows))
+    np.testing.assert_allclose(umv, u @ flat(vec), rtol=1e-10)
+    np.testing.assert_allclose(flat(urmv), u.T @ rows, rtol=1e-10)
+    np.testing.assert_allclose(dense, u.T @ u, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(u_scaled.T @ u_scaled, c * u.T @ u, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(scaled_mv, u_scaled @ flat(vec), rtol=1e-10)
     assert ops.scale(-1.0, total).row_factors() is None
     assert ops.damp(total, 1.0).row_factors() is None
     plain = ops.MatrixOperator(jnp.eye(n), primal, tags={PSD})
@@ -190,6 +209,14 @@ def test_operators_are_pytrees_and_jit_arguments():
     np.testing.assert_allclose(out["w"], [3.0, 6.0])
 
 
+def test_float64_matrices_keep_the_leaf_dtypes_of_the_vector():
+    op = ops.MatrixOperator(2 * jnp.eye(3, dtype=jnp.float64), {"w": jnp.zeros(3, jnp.float32)})
+    v = {"w": jnp.ones(3, jnp.float32)}
+    assert op.mv(v)["w"].dtype == jnp.float32 and op.diag()["w"].dtype == jnp.float32
+    flat_v, unravel = ops.ravel(v)
+    assert unravel(flat_v.astype(jnp.float64))["w"].dtype == jnp.float32
+
+
 def test_damping_keeps_leaf_dtypes():
     primal = (jnp.zeros(2, jnp.float32), jnp.zeros(1, jnp.bfloat16))
     op = ops.MatrixOperator(jnp.eye(3, dtype=jnp.float32), primal, tags={PSD})
@@ -198,20 +225,27 @@ def test_damping_keeps_leaf_dtypes():
     np.testing.assert_allclose(np.asarray(out[0]), [1.5, 1.5])
 
 
-@given(operator_cases(), st.floats(0.5, 3))
-def test_to_lineax_solves_and_carries_tags(case, lam):
-    lx = pytest.importorskip("lineax")
-    primal, a, _, op_a, _, vec = case
-    psd_op = ops.damp(ops.MatrixOperator(jnp.asarray(a @ a.T), primal, tags={PSD}), lam)
-    lop = ops.to_lineax(psd_op)
-    assert lx.is_symmetric(lop) and lx.is_positive_semidefinite(lop)
-    assert not lx.is_diagonal(lop)  # our "diag" tag means "has an exact diagonal"
-    np.testing.assert_allclose(flat(lop.mv(vec)), flat(psd_op.mv(vec)), rtol=1e-12)
-    sol = lx.linear_solve(lop, vec, lx.CG(rtol=1e-10, atol=1e-12, max_steps=500)).value
-    ref = np.linalg.solve(a @ a.T + lam * np.eye(a.shape[0]), flat(vec))
-    np.testing.assert_allclose(flat(sol), ref, rtol=1e-6, atol=1e-8)
-    general = ops.to_lineax(op_a)
-    assert lx.is_symmetric(general) == (SYMMETRIC in op_a.tags)
+@pytest.mark.parametrize("kind", ["general", "symmetric", "psd"])
+def test_to_lineax_solves_and_carries_tags(kind):
+    lx = pytest.importorskip("lineax")  # the optional extra somax-plug[lineax]
+    primal = LAYOUTS[2]
+    n = size(primal)
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(n, n))
+    a = {"general": m, "symmetric": m + m.T, "psd": m @ m.T}[kind]
+    tags = {"general": set(), "symmetric": {SYMMETRIC}, "psd": {PSD}}[kind]
+    op = ops.MatrixOperator(jnp.asarray(a), primal, tags=tags)
+    lop = ops.to_lineax(op)
+    assert lx.is_symmetric(lop) == (kind != "general")
+    assert lx.is_positive_semidefinite(lop) == (kind == "psd")
+    assert lx.diagonal_tag not in lop.tags  # our "diag" tag means "has an exact diagonal"
+    vec = unflat(primal, rng.normal(size=n))
+    np.testing.assert_allclose(flat(lop.mv(vec)), flat(op.mv(vec)), rtol=1e-12)
+    if kind == "psd":
+        damped = ops.to_lineax(ops.damp(op, 0.5))
+        sol = lx.linear_solve(damped, vec, lx.CG(rtol=1e-10, atol=1e-12, max_steps=500)).value
+        ref = np.linalg.solve(a + 0.5 * np.eye(n), flat(vec))
+        np.testing.assert_allclose(flat(sol), ref, rtol=1e-6, atol=1e-8)
 
 
 def test_to_lineax_without_lineax_names_the_extra(monkeypatch):

@@ -101,9 +101,24 @@ class _Flat:
         return self.ravel(self._op.mv(self.unravel(x)))
 
     def probes(self, key: Array, shape: tuple[int, ...], kind: str) -> Array:
-        if kind == "rademacher":
-            return jax.random.rademacher(key, shape, dtype=jnp.int8).astype(self.dtype)
-        return jax.random.normal(key, shape, self.dtype)
+        return _probes(key, shape, kind, self.dtype)
+
+
+def _probes(key: Array, shape: tuple[int, ...], kind: str, dtype: Any) -> Array:
+    """Rademacher (+-1) or standard normal probes; ``E[z z^T] = I`` either way."""
+    if kind == "rademacher":
+        return jax.random.rademacher(key, shape, dtype=jnp.int8).astype(dtype)
+    return jax.random.normal(key, shape, dtype)
+
+
+def _probe_like(key: Array, primal: PyTree, kind: str) -> PyTree:
+    """One probe with the structure of ``primal``, drawn as a single flat vector.
+
+    One random draw for the whole pytree (not one per leaf) keeps the traced step small.
+    """
+    flat, unravel = ravel_pytree(primal)
+    z = _probes(key, flat.shape, kind, compute_dtype(flat.dtype))
+    return tree.cast_like(unravel(z.astype(flat.dtype)), primal)
 
 
 def _stats_state(stats: Stats) -> dict[str, Stats]:
@@ -140,7 +155,7 @@ class HutchinsonDiag(Estimator):
         keys = jax.random.split(key, self.num_probes)
 
         def body(i: Array, acc: PyTree) -> PyTree:
-            z = tree.random_like(keys[i], primal, self.probe)
+            z = _probe_like(keys[i], primal, self.probe)
             cz = op.mv(z)
             return jax.tree_util.tree_map(
                 lambda a, zi, ci: a + zi.astype(a.dtype) * ci.astype(a.dtype), acc, z, cz
@@ -179,7 +194,7 @@ class HutchinsonTrace(Estimator):
         keys = jax.random.split(key, self.num_probes)
 
         def body(i: Array, acc: Array) -> Array:
-            z = tree.random_like(keys[i], primal, self.probe)
+            z = _probe_like(keys[i], primal, self.probe)
             return acc + tree.vdot(z, op.mv(z)).astype(dtype)
 
         total = jax.lax.fori_loop(0, self.num_probes, body, jnp.zeros((), dtype))
@@ -223,10 +238,12 @@ class HutchppTrace(Estimator):
         mvs = jax.vmap(flat.mv, in_axes=1, out_axes=1)
         sketch = flat.probes(k_sketch, (flat.n, m), self.probe)
         q, _ = jnp.linalg.qr(mvs(sketch))
-        exact = jnp.trace(q.T @ mvs(q))
         gs = flat.probes(k_resid, (flat.n, g), self.probe)
         gs = gs - q @ (q.T @ gs)
-        resid = jnp.sum(gs * mvs(gs)) / g
+        both = jnp.concatenate([q, gs], axis=1)
+        c_both = mvs(both)  # C Q and C (I - QQ^T) G in one batched product
+        exact = jnp.sum(q * c_both[:, :m])
+        resid = jnp.sum(gs * c_both[:, m:]) / g
         stats = {"trace": (exact + resid).astype(flat.dtype)}
         return stats, _stats_state(stats)
 

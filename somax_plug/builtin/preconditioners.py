@@ -40,6 +40,7 @@ from jax.flatten_util import ravel_pytree
 from somax_plug import tree
 from somax_plug.errors import CompositionError
 from somax_plug.kinds import PSD, Preconditioner, Stats
+from somax_plug.operators import ravel
 from somax_plug.spec import Requires
 
 PyTree = Any
@@ -253,13 +254,13 @@ class Nystrom(Preconditioner):
 
     def sketch(self, op: Any, key: Array, primal: PyTree, dtype: Any) -> tuple[Array, Array]:
         """``(U, lhat)`` of the rank-r Nystrom approximation of ``op`` (no fallback)."""
-        flat, unravel = ravel_pytree(primal)
+        flat, unravel = ravel(primal)
         n = flat.shape[0]
         omega = jax.random.normal(key, (n, self.rank), dtype)
         omega, _ = jnp.linalg.qr(omega)
 
         def column(w: Array) -> Array:
-            return ravel_pytree(op.mv(unravel(w.astype(flat.dtype))))[0].astype(dtype)
+            return ravel_pytree(op.mv(unravel(w)))[0].astype(dtype)
 
         y = jax.vmap(column, in_axes=1, out_axes=1)(omega)
         nu = jnp.sqrt(jnp.asarray(n, dtype)) * jnp.finfo(dtype).eps * jnp.linalg.norm(y, 2)
@@ -282,7 +283,7 @@ class Nystrom(Preconditioner):
         }
 
     def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
-        flat, unravel = ravel_pytree(v)
+        flat, unravel = ravel(v)
         u, eigs = state["U"], state["eigs"]
         dt = u.dtype
         x = flat.astype(dt)
@@ -291,4 +292,4 @@ class Nystrom(Preconditioner):
         utx = u.T @ x
         low = u @ (utx / jnp.maximum(eigs + lam_, eps))
         rest = (x - u @ utx) / jnp.maximum(jnp.min(eigs) + lam_, eps)
-        return unravel((low + rest).astype(flat.dtype))
+        return unravel(low + rest)

@@ -43,7 +43,7 @@ Example:
     >>> from somax_plug.builtin.solvers import CG
     >>> op = MatrixOperator(jnp.diag(jnp.array([1.0, 4.0])), jnp.zeros(2), tags={"psd"})
     >>> s, info, _ = CG(tol=1e-6).solve(op, jnp.array([1.0, 1.0]), 1.0, None, {}, ())
-    >>> s.round(3).tolist(), int(info.iterations), bool(info.converged)
+    >>> [round(float(x), 3) for x in s], int(info.iterations), bool(info.converged)
     ([0.5, 0.2], 2, True)
 
 References:
@@ -61,12 +61,11 @@ import attrs
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.flatten_util import ravel_pytree
 
 from somax_plug import tree
 from somax_plug.errors import CompositionError, InputError
 from somax_plug.kinds import PSD, ROW_SPACE, SYMMETRIC, LinearOperator, Solver, SolverInfo, Stats
-from somax_plug.operators import damped_mv
+from somax_plug.operators import damped_mv, ravel
 from somax_plug.spec import Requires
 
 PyTree = Any
@@ -369,7 +368,8 @@ class MINRES(Solver):
             i, beta, oldb = c["i"], c["beta"], c["oldb"]
             v = _comb((1 / beta, c["y"]))
             av = matvec(v)
-            y = tree.where(i > 0, _comb((1, av), (-_safe_div(beta, oldb), c["r1"])), av)
+            # r1 starts at zero and oldb at 0 (safe division -> 0): no term on step 1
+            y = _comb((1, av), (-_safe_div(beta, oldb), c["r1"]))
             alfa = tree.vdot(v, y)
             y = _comb((1, y), (-alfa / beta, c["r2"]))
             r1, r2 = c["r2"], y
@@ -420,7 +420,7 @@ class MINRES(Solver):
             "r": b,
             "rr": bb,
             "y": y,
-            "r1": b,
+            "r1": zeros,
             "r2": b,
             "beta": beta1,
             "oldb": zero,
@@ -489,7 +489,7 @@ class Direct(Solver):
         stats: Stats,
         state: PyTree,
     ) -> tuple[PyTree, SolverInfo, PyTree]:
-        b, unravel = ravel_pytree(rhs)
+        b, unravel = ravel(rhs)
         n = b.shape[0]
         self.check_size(n)
         c = op.to_dense()
@@ -515,7 +515,8 @@ class Direct(Solver):
             s = eig_solve()
         r = b - a @ s
         bb = jnp.vdot(b, b)
-        info = _info(1, _relative(jnp.vdot(r, r), bb), jnp.all(jnp.isfinite(s)), dt)
+        rel = _relative(jnp.vdot(r, r), bb)
+        info = _info(1, rel, jnp.all(jnp.isfinite(s)), tree.accum_dtype(rhs))
         return unravel(s), info, state
 
 

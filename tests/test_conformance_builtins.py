@@ -1,0 +1,144 @@
+"""Every built-in component through the same conformance kit that plugin authors use.
+
+The components are named by registry name, so what is checked is exactly what the
+built-in plugin registered (spec and instance must agree on what they declare).
+The options given here are the ones a check needs to be decisive: iterative solvers
+get a tolerance and an iteration budget that let them converge, Lanczos enough
+iterations to be exact on the small models, Steihaug a trust region that does not
+bind.
+
+Runtime: every Hypothesis example compiles JAX code, and the built-ins are already
+property-tested in depth by ``test_operators.py``, ``test_solvers.py`` and the
+estimator tests; here each component runs :data:`EXAMPLES` examples (fewer than the
+profile's) plus its composed-step check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from somax_plug.testing.conformance import (
+    check_curvature,
+    check_damping,
+    check_estimator,
+    check_preconditioner,
+    check_solver,
+    density_property,
+    eigenpair_property,
+)
+from somax_plug.testing.plugin import somax_registry  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("somax_registry")  # built-ins only, process-wide
+
+EXAMPLES = 2
+
+CURVATURES = {
+    "hessian": {"reference": "hessian"},
+    "ggn": {"reference": "ggn"},
+    "fisher": {"reference": "fisher", "stochastic": True, "num_draws": 96},
+    "empirical_fisher": {"reference": "empirical_fisher"},
+}
+
+ESTIMATORS = {
+    "hutchinson_diag": {},
+    "hutchinson_trace": {},
+    "hutchpp_trace": {},
+    "gnb_diag": {"losses": ("softmax_cross_entropy",)},
+    "exact_diag": {"exact": True, "num_draws": 2},
+    "lanczos": {
+        "options": {"num_iters": 64},
+        "exact": True,
+        "num_draws": 2,
+        "properties": {"eigenvectors": eigenpair_property, "spectral_density": density_property},
+    },
+}
+
+
+def _identity_reference(a, b, lam, minv):
+    return b if minv is None else minv * b
+
+
+KRYLOV = {"tol": 1e-10, "maxiter": 200}
+SOLVERS = {
+    "cg": {"options": KRYLOV, "indefinite": "finite"},
+    "minres": {"options": KRYLOV},
+    "direct": {},
+    "row_cholesky": {},
+    "row_cg": {"options": {"tol": 1e-12, "maxiter": 200}},
+    "diagonal": {},
+    "identity": {"reference": _identity_reference, "reports_residual": False},
+    "neumann": {
+        "options": {"alpha": 0.4, "maxiter": 1000, "tol": 1e-10},
+        "spectrum": (0.5, 1.5),
+        "lams": (0.0, 0.5),
+    },
+    "steihaug": {"options": {"radius": 1e6, **KRYLOV}, "indefinite": "finite"},
+}
+
+
+def _jacobi_reference(dense, stats, lam, eps=1e-8):
+    return np.diag(1.0 / np.maximum(np.abs(np.diag(dense)) + lam, eps))
+
+
+PRECONDITIONERS = {
+    "identity": {"reference": lambda dense, stats, lam: np.eye(dense.shape[0])},
+    "jacobi": {"reference": _jacobi_reference},
+    # one update from the zero state: the bias-corrected EMA is |diag|
+    "diag_ema": {"reference": lambda d, s, lam: _jacobi_reference(d, s, lam, eps=1e-12)},
+    "nystrom": {"options": {"rank": 2}},
+}
+
+DAMPING = {
+    "constant": {},
+    "levenberg_marquardt": {},
+    "schedule": {
+        "options": {
+            "schedule": {
+                "name": "exponential_decay",
+                "init_value": 1.0,
+                "transition_steps": 1,
+                "decay_rate": 0.5,
+            }
+        }
+    },
+}
+
+
+def test_every_builtin_is_covered():
+    from somax_plug.builtin import catalog_curvature, catalog_solvers
+
+    tables = {
+        "curvature": CURVATURES,
+        "estimator": ESTIMATORS,
+        "solver": SOLVERS,
+        "preconditioner": PRECONDITIONERS,
+        "damping": DAMPING,
+    }
+    for spec in (*catalog_curvature.SPECS, *catalog_solvers.SPECS):
+        assert spec.name in tables[spec.kind.value], f"{spec.kind.value} {spec.name} untested"
+
+
+@pytest.mark.parametrize("name", sorted(CURVATURES))
+def test_curvature_conforms(name):
+    check_curvature(name, max_examples=EXAMPLES, **CURVATURES[name])
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_conforms(name):
+    check_estimator(name, max_examples=EXAMPLES, **ESTIMATORS[name])
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_conforms(name):
+    check_solver(name, max_examples=EXAMPLES, **SOLVERS[name])
+
+
+@pytest.mark.parametrize("name", sorted(PRECONDITIONERS))
+def test_preconditioner_conforms(name):
+    check_preconditioner(name, max_examples=EXAMPLES, **PRECONDITIONERS[name])
+
+
+@pytest.mark.parametrize("name", sorted(DAMPING))
+def test_damping_conforms(name):
+    check_damping(name, max_examples=EXAMPLES, **DAMPING[name])
