@@ -63,7 +63,7 @@ def load_matvec(path: Path = MATVEC_PATH) -> Any:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: the matvec benchmark ships with the repository, not the "
-            "wheel; run `somax-plug bench` from a clone (pip install -e '.[bench]')"
+            "wheel; run from a clone"
         )
     spec = importlib.util.spec_from_file_location("somax_plug_bench_matvec", path)
     assert spec is not None and spec.loader is not None
@@ -173,6 +173,7 @@ def print_table(report: dict[str, Any]) -> None:
              f"({machine['backend']})")
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:  # pragma: no cover
         print(title)
@@ -183,7 +184,7 @@ def print_table(report: dict[str, Any]) -> None:
     for h in ("ratio", "value", "target", "met", "note"):
         table.add_column(h)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(c) for c in row))
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)

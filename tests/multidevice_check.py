@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
@@ -27,7 +28,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from somax_plug import compose  # noqa: E402
+from somax_plug import checkpoint, compose  # noqa: E402
 from somax_plug.errors import InputError  # noqa: E402
 from somax_plug.sharding import data_parallel_mesh, shard_large_2d  # noqa: E402
 
@@ -140,6 +141,37 @@ def case(name, preset, mesh, param_sharding=None, compiled_check=False):
     }
 
 
+def checkpoint_round_trip(mesh) -> dict:
+    rule = shard_large_2d("model", 1)
+    kw = dict(
+        preset="sgn",
+        predict_fn=make_predict([]),
+        loss="softmax_cross_entropy",
+        mesh=mesh,
+        param_sharding=rule,
+    )
+    method = compose(**kw)
+    params = init_params(jax.random.key(0))
+    state = method.init(params)
+    params, _ = method.resume(params, state)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint.save(Path(tmp) / "c.npz", params, state, method)
+        p, s = checkpoint.restore(path, compose(**kw))
+    same = all(
+        np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        for a, b in zip(
+            jax.tree_util.tree_leaves((p, s)),
+            jax.tree_util.tree_leaves((params, state)),
+            strict=True,
+        )
+    )
+    return {
+        "bitwise": same,
+        "param_specs": {k: spec_str(v.sharding) for k, v in p.items()},
+        "devices": sorted({len(v.sharding.device_set) for v in p.values()}),
+    }
+
+
 def main() -> int:
     devices = jax.device_count()
     if devices != 4:
@@ -153,6 +185,8 @@ def main() -> int:
     results["cases"].append(
         case("sgn_model_sharded", "sgn", mesh2, param_sharding=shard_large_2d("model", 1))
     )
+    # a checkpoint of the model-sharded run comes back bitwise, laid out over the mesh
+    results["checkpoint"] = checkpoint_round_trip(mesh2)
     # a batch that does not split over the 4 devices is refused before tracing
     method = compose(
         preset="sgn", predict_fn=make_predict([]), loss="softmax_cross_entropy", mesh=mesh

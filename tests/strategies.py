@@ -278,8 +278,10 @@ def pytree_layouts(draw: st.DrawFn, dtype: Any = jnp.float64, min_size: int = 2)
     shapes = draw(st.lists(st.sampled_from(LEAF_SHAPES), min_size=1, max_size=3))
     if sum(math.prod(s) for s in shapes) < min_size:
         shapes.append((min_size,))
-    leaves = [jnp.zeros(s, dtype) for s in shapes]
-    layout = draw(st.sampled_from(LAYOUTS))
+    return _layout_of([jnp.zeros(s, dtype) for s in shapes], draw(st.sampled_from(LAYOUTS)))
+
+
+def _layout_of(leaves: list[Any], layout: str) -> PyTree:
     if layout == "dict":
         return {f"leaf_{i}": x for i, x in enumerate(leaves)}
     if layout == "list":
@@ -289,15 +291,36 @@ def pytree_layouts(draw: st.DrawFn, dtype: Any = jnp.float64, min_size: int = 2)
     return {"a": list(leaves[:-1]), "b": (leaves[-1],)}
 
 
+LAYOUT_POOL = (
+    ("tuple", ((2,),)),
+    ("dict", ((), (2, 2))),
+    ("list", ((3,), (1, 3))),
+    ("nested", ((2,), (), (2, 3))),
+)
+"""A few fixed layouts (2, 5, 6 and 9 scalars) for tests that compile per layout."""
+
+
+def pooled_layouts(dtype: Any = jnp.float64) -> st.SearchStrategy[PyTree]:
+    """One of :data:`LAYOUT_POOL` (compiled code is reused when a layout repeats)."""
+    return st.sampled_from(LAYOUT_POOL).map(
+        lambda item: _layout_of([jnp.zeros(s, dtype) for s in item[1]], item[0])
+    )
+
+
 @st.composite
-def symmetric_matrices(draw: st.DrawFn, kinds: Sequence[str] = MATRIX_KINDS) -> MatrixCase:
-    """A symmetric matrix with a chosen spectrum on a random pytree layout.
+def symmetric_matrices(
+    draw: st.DrawFn, kinds: Sequence[str] = MATRIX_KINDS, layouts: Any = None
+) -> MatrixCase:
+    """A symmetric matrix with a chosen spectrum on a pytree layout.
+
+    ``layouts`` is a strategy of primal pytrees (default :func:`pytree_layouts`; pass
+    :func:`pooled_layouts` to reuse compiled code across examples).
 
     ``psd_low_rank``: ``U^T U`` with ``U`` of rank 1..n; ``indefinite``: Gaussian
     eigenvalues; ``repeated``: eigenvalues from {0, 1, 3} with multiplicities (Krylov
     methods must restart to find them all).
     """
-    primal = draw(pytree_layouts())
+    primal = draw(pytree_layouts() if layouts is None else layouts)
     n = sum(int(np.size(x)) for x in _leaves(primal))
     kind = draw(st.sampled_from(list(kinds)))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))

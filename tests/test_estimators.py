@@ -10,7 +10,8 @@ compared with the dense operator. Budgets:
   a factor 2 of ``variance / N`` (this is the "error shrinks like 1/N" check).
 * Hutch++ and GNB: variances are estimated from the K draws; the mean must lie within
   5 empirical standard errors (per entry) and the squared error summed over entries
-  within 4x its expectation.
+  within 25x its expectation (the 5-sigma point of a chi-square with one degree of
+  freedom, the worst case when the entries' errors are fully correlated).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from tests.strategies import (  # noqa: F401 (cheap_compiles is a fixture)
     make_resources,
     mlp_cases,
     mlp_predict_fn,
+    pooled_layouts,
     symmetric_matrices,
 )
 
@@ -133,7 +135,7 @@ def _exact_variance(dense, statistic, probe):
 
 
 @given(
-    case=symmetric_matrices(),
+    case=symmetric_matrices(layouts=pooled_layouts()),
     statistic=st.sampled_from(["diag", "trace"]),
     probe=st.sampled_from(["rademacher", "normal"]),
 )
@@ -166,7 +168,10 @@ def test_hutchinson_is_unbiased_with_variance_shrinking_like_one_over_n(case, st
 # --------------------------------------------------------------------------- Hutch++
 
 
-@given(case=symmetric_matrices(), probe=st.sampled_from(["rademacher", "normal"]))
+@given(
+    case=symmetric_matrices(layouts=pooled_layouts()),
+    probe=st.sampled_from(["rademacher", "normal"]),
+)
 def test_hutchpp_is_unbiased_and_exact_with_a_full_sketch(case, probe):
     small, full = HutchppTrace(num_probes=3, probe=probe), HutchppTrace(num_probes=3 * case.n)
     keys = jax.random.split(jax.random.key(3), NUM_KEYS)
@@ -184,34 +189,37 @@ def test_hutchpp_is_unbiased_and_exact_with_a_full_sketch(case, probe):
 # --------------------------------------------------------------------------- exact / Lanczos
 
 
-@given(case=symmetric_matrices(), which=st.sampled_from(["largest", "magnitude"]))
-def test_lanczos_matches_eigh_and_exact_diag_matches_the_diagonal(case, which):
+@given(case=symmetric_matrices(layouts=pooled_layouts()))
+def test_lanczos_matches_eigh_and_exact_diag_matches_the_diagonal(case):
     n, k = case.n, min(3, case.n)
-    full = Lanczos(num_iters=n, num_eigs=k, which=which, grid_size=64)
+    largest = Lanczos(num_iters=n, num_eigs=k, which="largest", grid_size=64)
+    magnitude = Lanczos(num_iters=n, num_eigs=k, which="magnitude", grid_size=64)
     partial = Lanczos(num_iters=max(1, n // 2), num_eigs=1, grid_size=16)
-    ests = (full, partial, ExactDiag())
+    ests = (largest, magnitude, partial, ExactDiag())
     keys = jax.random.split(jax.random.key(2), 1)
-    lz, lz_part, diag = (_first(d) for d in _matrix_draws(ests, case, keys, mv_only=True))
-    for est, stats in zip(ests, (lz, lz_part, diag), strict=True):
-        _same_layout(stats, est.init(case.primal)["stats"])
+    stats = [_first(d) for d in _matrix_draws(ests, case, keys, mv_only=True)]
+    for est, st_ in zip(ests, stats, strict=True):
+        _same_layout(st_, est.init(case.primal)["stats"])
     dense = case.matrix
     scale = max(np.abs(dense).max(), 1e-6)
     tol = 1e-8 * scale
-    np.testing.assert_allclose(_flat(diag["diag"]), np.diag(dense), atol=tol)
+    np.testing.assert_allclose(_flat(stats[3]["diag"]), np.diag(dense), atol=tol)
 
     lam = np.linalg.eigvalsh(dense)
-    order = np.argsort(-(lam if which == "largest" else np.abs(lam)), kind="stable")
-    np.testing.assert_allclose(np.asarray(lz["eigenvalues"]), lam[order][:k], atol=10 * tol)
-    vecs = _rows(lz["eigenvectors"])
-    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-6)
-    residual = vecs @ dense - np.asarray(lz["eigenvalues"])[:, None] * vecs
-    assert np.abs(residual).max() <= 1e-6 * scale
-    grid = np.asarray(lz["spectral_density"]["grid"])
-    density = np.asarray(lz["spectral_density"]["density"])
-    assert np.all(density >= 0) and np.all(np.diff(grid) > 0)
-    assert abs(density.sum() * (grid[1] - grid[0]) - 1.0) < 0.02
+    for lz, key_fn in ((stats[0], lambda x: -x), (stats[1], lambda x: -np.abs(x))):
+        vals = np.asarray(lz["eigenvalues"])
+        np.testing.assert_allclose(np.sort(key_fn(vals)), np.sort(key_fn(lam))[:k], atol=10 * tol)
+        assert np.all(np.diff(key_fn(vals)) >= -10 * tol)  # leading first
+        vecs = _rows(lz["eigenvectors"])
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-6)
+        residual = vecs @ dense - vals[:, None] * vecs
+        assert np.abs(residual).max() <= 1e-6 * scale
+        grid = np.asarray(lz["spectral_density"]["grid"])
+        density = np.asarray(lz["spectral_density"]["density"])
+        assert np.all(density >= 0) and np.all(np.diff(grid) > 0)
+        assert abs(density.sum() * (grid[1] - grid[0]) - 1.0) < 0.02
     # truncated Lanczos: Ritz values lie inside the spectrum (Cauchy interlacing)
-    assert lam[0] - 10 * tol <= float(lz_part["eigenvalues"][0]) <= lam[-1] + 10 * tol
+    assert lam[0] - 10 * tol <= float(stats[2]["eigenvalues"][0]) <= lam[-1] + 10 * tol
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -270,7 +278,7 @@ def test_gnb_diag_is_unbiased_for_the_ggn_diagonal(case, reduction, num_samples)
     err = e.mean(0) - truth
     floor = 1e-10 * max(np.abs(truth).max(), 1e-6)
     assert np.all(np.abs(err) <= 5 * np.sqrt(var / NUM_KEYS) + floor)
-    assert np.sum(err**2) <= 4 * np.sum(var) / NUM_KEYS + floor**2
+    assert np.sum(err**2) <= 25 * np.sum(var) / NUM_KEYS + floor**2
 
 
 def test_gnb_diag_refuses_other_losses():

@@ -25,14 +25,16 @@ from somax_plug.losses import (
     unflatten_per_example,
 )
 from somax_plug.model import Model, make_model
-from tests.strategies import cheap_compiles, make_batch, mlp_cases  # noqa: F401
+from tests.strategies import cheap_compiles, make_targets, mlp_cases  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
 
 def _outputs_and_targets(case, seed):
-    inputs, targets = make_batch(case, seed)
-    return case.predict_fn(case.params, inputs), targets
+    """Random outputs of the case's shape (no forward pass needed) and matching targets."""
+    rng = np.random.default_rng(seed)
+    outputs = 2.0 * rng.normal(size=(case.batch_size, *case.out_shape))
+    return jnp.asarray(outputs, case.dtype), make_targets(rng, case, case.batch_size)
 
 
 def _dense_output_hessian(loss, outputs, targets):
@@ -95,23 +97,32 @@ def test_builtin_loss_derivatives_match_autodiff(case, reduction):
     )
 
 
+@jax.jit
+def _optax_values(z, labels, y):
+    ce, bce = SoftmaxCrossEntropy(), SigmoidBinaryCrossEntropy(reduction="sum")
+    one_hot = jax.nn.one_hot(labels, 3, dtype=jnp.float64)
+    return {
+        "ce": ce.per_example(z, labels),
+        "ce_ref": optax.losses.softmax_cross_entropy_with_integer_labels(z, labels),
+        "ce_one_hot": ce.per_example(z, one_hot),
+        "sqrt": ce.output_hessian_sqrt(z, labels),
+        "sqrt_one_hot": ce.output_hessian_sqrt(z, one_hot),
+        "bce": bce(z, y),
+        "bce_ref": optax.losses.sigmoid_binary_cross_entropy(z, y).sum(),
+        "mse": MSE()(z, y),
+    }
+
+
 def test_values_match_optax():
     z = jnp.array([[0.3, -1.0, 2.0], [1.5, 0.2, -0.7]], jnp.float64)
     labels = jnp.array([2, 0])
-    ce = SoftmaxCrossEntropy()
-    ref = optax.losses.softmax_cross_entropy_with_integer_labels(z, labels)
-    np.testing.assert_allclose(ce.per_example(z, labels), ref, rtol=1e-12)
-    one_hot = jax.nn.one_hot(labels, 3, dtype=jnp.float64)
-    np.testing.assert_allclose(ce.per_example(z, one_hot), ref, rtol=1e-12)
-    np.testing.assert_allclose(
-        ce.output_hessian_sqrt(z, labels), ce.output_hessian_sqrt(z, one_hot), rtol=1e-12
-    )
     y = jnp.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]], jnp.float64)
-    bce = SigmoidBinaryCrossEntropy(reduction="sum")
-    ref = optax.losses.sigmoid_binary_cross_entropy(z, y).sum()
-    np.testing.assert_allclose(bce(z, y), ref, rtol=1e-12)
-    mse = MSE()
-    np.testing.assert_allclose(mse(z, y), 0.5 * jnp.sum((z - y) ** 2) / 2, rtol=1e-12)
+    v = _optax_values(z, labels, y)
+    np.testing.assert_allclose(v["ce"], v["ce_ref"], rtol=1e-12)
+    np.testing.assert_allclose(v["ce_one_hot"], v["ce_ref"], rtol=1e-12)
+    np.testing.assert_allclose(v["sqrt"], v["sqrt_one_hot"], rtol=1e-12)
+    np.testing.assert_allclose(v["bce"], v["bce_ref"], rtol=1e-12)
+    np.testing.assert_allclose(v["mse"], 0.5 * np.sum((z - y) ** 2) / 2, rtol=1e-12)
 
 
 def _wavy(outputs, targets):
@@ -165,25 +176,33 @@ def test_callable_loss_with_pytree_outputs():
     )
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _sample_all(key, z, n):
+    return {
+        "labels": SoftmaxCrossEntropy().sample_targets(key, z, n),
+        "bits": SigmoidBinaryCrossEntropy().sample_targets(key, z, n),
+        "gauss": MSE().sample_targets(key, z, n),
+    }
+
+
 def test_sample_targets_follow_the_predictive_distribution():
-    key = jax.random.key(3)
     n = 20000
     z = jnp.array([[0.5, -1.0, 1.0], [2.0, 0.0, -2.0]], jnp.float64)
-    labels = SoftmaxCrossEntropy().sample_targets(key, z, n)
-    assert labels.shape == (n, 2) and jnp.issubdtype(labels.dtype, jnp.integer)
-    freq = jax.nn.one_hot(labels, 3).mean(0)
-    p = jax.nn.softmax(z)
-    # binomial standard error sqrt(p(1-p)/n) <= 0.0036; budget 5 standard errors
-    assert float(jnp.max(jnp.abs(freq - p))) < 5 * 0.5 / math.sqrt(n)
-
-    bits = SigmoidBinaryCrossEntropy().sample_targets(key, z, n)
+    d = {k: np.asarray(v) for k, v in _sample_all(jax.random.key(3), z, n).items()}
+    z = np.asarray(z)
+    # budget: 5 standard errors; Bernoulli frequencies have standard error <= 0.5/sqrt(n)
+    labels = d["labels"]
+    assert labels.shape == (n, 2) and np.issubdtype(labels.dtype, np.integer)
+    freq = (labels[..., None] == np.arange(3)).mean(0)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    assert np.max(np.abs(freq - p)) < 5 * 0.5 / math.sqrt(n)
+    bits = d["bits"]
     assert bits.shape == (n, 2, 3) and bits.dtype == z.dtype
-    assert float(jnp.max(jnp.abs(bits.mean(0) - jax.nn.sigmoid(z)))) < 5 * 0.5 / math.sqrt(n)
-
-    draws = MSE().sample_targets(key, z, n)
+    assert np.max(np.abs(bits.mean(0) - 1 / (1 + np.exp(-z)))) < 5 * 0.5 / math.sqrt(n)
+    draws = d["gauss"]
     assert draws.shape == (n, 2, 3)
-    assert float(jnp.max(jnp.abs(draws.mean(0) - z))) < 5 / math.sqrt(n)
-    assert float(jnp.max(jnp.abs(draws.var(0) - 1.0))) < 5 * math.sqrt(2 / n)
+    assert np.max(np.abs(draws.mean(0) - z)) < 5 / math.sqrt(n)
+    assert np.max(np.abs(draws.var(0) - 1.0)) < 5 * math.sqrt(2 / n)
 
 
 def test_callable_loss_without_sampler_says_what_to_do():
@@ -245,12 +264,9 @@ def test_model_compares_predict_fn_by_identity_and_accumulates_bf16_in_float32()
 
     params = jnp.full((4, 2), 0.1, jnp.bfloat16)
     batch = (jnp.ones((8, 4), jnp.bfloat16), jnp.zeros((8, 2), jnp.bfloat16))
-    value = m1.loss_value(params, batch)
-    assert value.dtype == jnp.float32
+    value, grad = jax.jit(jax.value_and_grad(m1.loss_value))(params, batch)
+    assert value.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
     np.testing.assert_allclose(float(value), 0.5 * 2 * 0.4**2, rtol=2e-2)
-    assert jax.grad(m1.loss_value)(params, batch).dtype == jnp.bfloat16
-    params64 = params.astype(jnp.float64)
-    assert m1.loss_value(params64, jax.tree.map(lambda a: a.astype(jnp.float64), batch)).dtype == (
-        jnp.float64
-    )
+    batch64 = jax.tree.map(lambda a: a.astype(jnp.float64), batch)
+    assert m1.loss_value(params.astype(jnp.float64), batch64).dtype == jnp.float64
     assert m1.scale(batch) == 1 / 8 and m1.batch_size(batch) == 8

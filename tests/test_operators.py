@@ -300,9 +300,10 @@ def _fisher_draws_and_exact(fisher, model, params, batch, keys):
 def test_fisher_expectation_matches_exact_fisher(case, reduction):
     """Mean of K independent MC Fishers (S samples each) is within budget of the exact one.
 
-    Budget: the squared Frobenius error of the mean is at most 4x its expectation
-    ``sum_ij var_ij / K`` (estimated from the K draws), and every entry is within 8
-    standard errors.
+    Budget: the squared Frobenius error of the mean is at most 25x its expectation
+    ``sum_ij var_ij / K`` (estimated from the K draws; 25 is the 5-sigma point of a
+    one-degree-of-freedom chi-square, the worst case for correlated entries), and every
+    entry is within 8 standard errors.
     """
     model = _model(case, reduction)
     batch = make_batch(case, seed=1)
@@ -313,7 +314,7 @@ def test_fisher_expectation_matches_exact_fisher(case, reduction):
     mean, var = draws.mean(0), draws.var(0, ddof=1)
     err = mean - exact
     floor = 1e-12 * max(np.abs(exact).max(), 1e-6)
-    assert np.sum(err**2) <= 4 * np.sum(var) / num_keys + floor**2
+    assert np.sum(err**2) <= 25 * np.sum(var) / num_keys + floor**2
     assert np.all(np.abs(err) <= 8 * np.sqrt(var / num_keys) + floor)
 
 

@@ -83,6 +83,12 @@ def test_parameters_can_be_sharded_along_a_model_axis(multidevice):
     assert case["param_diff"] <= TOL
 
 
+def test_checkpoint_of_a_sharded_run_restores_onto_the_mesh(multidevice):
+    ckpt = multidevice["checkpoint"]
+    assert ckpt["bitwise"] is True
+    assert ckpt["param_specs"]["w1"] == "P(None, 'model')" and ckpt["devices"] == [4]
+
+
 def test_indivisible_batch_is_a_clear_input_error(multidevice):
     msg = multidevice["indivisible"]
     assert msg.startswith("InputError:")

@@ -10,9 +10,9 @@ unplanned time.
 
 Besides time, each case records the provider traces per step (``trace_counts``: what
 the planner saves at trace time) and the compiled FLOPs of one step in both modes
-(XLA's cost analysis; a while loop's body is counted once), which show how much of
-the duplicated work XLA's common-subexpression elimination removes by itself when
-everything lives in one ``jit``.
+(XLA's cost analysis, a while loop's body counted once; not with ``quick``), which
+show how much of the duplicated work XLA's common-subexpression elimination removes
+by itself when everything lives in one ``jit``.
 
 ``planned_over_unplanned`` is the geometric mean over the cases.
 """
@@ -55,7 +55,8 @@ def _flops(method: Any, params: Any, state: Any, batch: Any, key: Any) -> float 
 
 
 def run_case(name: str, preset: str, overrides: dict[str, Any], sizes: tuple[int, ...],
-             batch_size: int, repeats: int, cycle: int = 10) -> dict[str, Any]:
+             batch_size: int, repeats: int, cycle: int = 10,
+             with_flops: bool = True) -> dict[str, Any]:
     """Time one composition planned and unplanned; see the module docstring."""
     from somax_plug.compose import compose
 
@@ -79,7 +80,7 @@ def run_case(name: str, preset: str, overrides: dict[str, Any], sizes: tuple[int
     diff = max(float(abs(a - b).max()) for a, b in
                zip(jax.tree_util.tree_leaves(p_out), jax.tree_util.tree_leaves(u_out),
                    strict=True))
-    flops = {mode: _flops(m, params, states[mode], batch, keys[0])
+    flops = {mode: _flops(m, params, states[mode], batch, keys[0]) if with_flops else None
              for mode, m in methods.items()}
     traces = {}
     for mode in methods:  # one fresh trace of one step: how often each provider ran
@@ -108,13 +109,13 @@ def run_case(name: str, preset: str, overrides: dict[str, Any], sizes: tuple[int
 
 def run(quick: bool = False, smoke: bool = False) -> dict[str, Any]:
     """Both cases; ``planned_over_unplanned`` is their geometric mean."""
-    repeats = 2 if smoke else (5 if quick else 15)
+    repeats = 2 if smoke else (4 if quick else 15)
     cases = []
     for name, preset, overrides, sizes, batch in CASES:
         if smoke:
             sizes, batch = (8, 8, 3), 4
         cases.append(run_case(name, preset, overrides, sizes, batch, repeats,
-                              cycle=2 if smoke else 10))
+                              cycle=2 if smoke else 10, with_flops=not quick))
     return {
         "planned_over_unplanned": geomean([c["ratio"] for c in cases]),
         "target": TARGET,

@@ -234,11 +234,10 @@ class HutchppTrace(Estimator):
         flat = _Flat(res["operator"])
         m = min(self.num_probes // 3, flat.n)
         g = self.num_probes - 2 * m
-        k_sketch, k_resid = jax.random.split(key)
         mvs = jax.vmap(flat.mv, in_axes=1, out_axes=1)
-        sketch = flat.probes(k_sketch, (flat.n, m), self.probe)
-        q, _ = jnp.linalg.qr(mvs(sketch))
-        gs = flat.probes(k_resid, (flat.n, g), self.probe)
+        probes = flat.probes(key, (flat.n, m + g), self.probe)  # one draw: S and G
+        q, _ = jnp.linalg.qr(mvs(probes[:, :m]))
+        gs = probes[:, m:]
         gs = gs - q @ (q.T @ gs)
         both = jnp.concatenate([q, gs], axis=1)
         c_both = mvs(both)  # C Q and C (I - QQ^T) G in one batched product
@@ -441,7 +440,6 @@ class Lanczos(Estimator):
 def _lanczos(flat: _Flat, m: int, key: Array) -> tuple[Array, Array, Array]:
     """Ritz values ``[m]`` (ascending), eigenvectors of T ``[m, m]`` and the basis ``[m, n]``."""
     n, dtype = flat.n, flat.dtype
-    k0, k1 = jax.random.split(key)
     eps = jnp.finfo(dtype).eps
     tiny = jnp.finfo(dtype).tiny
 
@@ -452,8 +450,9 @@ def _lanczos(flat: _Flat, m: int, key: Array) -> tuple[Array, Array, Array]:
     def unit(w: Array) -> Array:
         return w / jnp.maximum(jnp.linalg.norm(w), tiny)
 
-    restarts = jax.random.normal(k1, (m, n), dtype)
-    basis0 = jnp.zeros((m + 1, n), dtype).at[0].set(unit(jax.random.normal(k0, (n,), dtype)))
+    draws = jax.random.normal(key, (m + 1, n), dtype)  # the start vector, then restarts
+    restarts = draws[1:]
+    basis0 = jnp.zeros((m + 1, n), dtype).at[0].set(unit(draws[0]))
     carry0 = (basis0, jnp.zeros((m,), dtype), jnp.zeros((m,), dtype), jnp.zeros((), dtype))
 
     def body(j: Array, carry: tuple[Array, Array, Array, Array]) -> tuple[Array, ...]:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from somax_plug import tree
-from somax_plug.errors import CompositionError
+from somax_plug.errors import CompositionError, InputError
 from somax_plug.kinds import PSD, Preconditioner, Stats
 from somax_plug.operators import ravel
 from somax_plug.spec import Requires
@@ -248,7 +248,11 @@ class Nystrom(Preconditioner):
     def init(self, params: PyTree) -> PyTree:
         flat, _ = ravel_pytree(params)
         n = flat.shape[0]
-        _check("nystrom", self.rank <= n, f"rank {self.rank} exceeds the {n} parameters")
+        if self.rank > n:
+            raise InputError(
+                f"preconditioner 'nystrom': rank {self.rank} exceeds the {n} parameters; "
+                f"use rank <= {n}"
+            )
         dt = _state_dtype(flat)
         return {"U": jnp.zeros((n, self.rank), dt), "eigs": jnp.zeros((self.rank,), dt)}
 

@@ -87,7 +87,7 @@ def _check_example(subj: H.Subject, plan: Any, cfg: PreconditionerConfig, proble
     traces = []
     pre = subj.instance
 
-    def run(params: Any, batch: Any, key: Any, lam: Any, uvw: Any) -> Any:
+    def run(params: Any, batch: Any, key: Any, lam: Any, uw: Any, ab: Any) -> Any:
         traces.append(1)
         res = H.strict_resources(subj, plan, model, params, batch, key)
         dense = res.system("operator").to_dense()
@@ -100,8 +100,8 @@ def _check_example(subj: H.Subject, plan: Any, cfg: PreconditionerConfig, proble
             return ravel_pytree(pre.apply(state1, unravel(x), lam))[0]
 
         m = dense_from_mv(lambda v: pre.apply(state1, v, lam), params)
-        combo = apply_flat(uvw[2] * uvw[0] + uvw[3] * uvw[1])
-        parts = uvw[2] * apply_flat(uvw[0]) + uvw[3] * apply_flat(uvw[1])
+        combo = apply_flat(ab[0] * uw[0] + ab[1] * uw[1])
+        parts = ab[0] * apply_flat(uw[0]) + ab[1] * apply_flat(uw[1])
         return dense, stats, state0, state1, m, combo, parts
 
     fn = H.jit(run)
@@ -110,8 +110,8 @@ def _check_example(subj: H.Subject, plan: Any, cfg: PreconditionerConfig, proble
     where = f"on {problem.description}"
     keys = H.keys(problem.seed, 2)
     for i, lam in enumerate(cfg.lams):
-        uvw = jnp.asarray(np.concatenate([rng.normal(size=(2, n)), rng.normal(size=(2, n))]))
-        out = fn(params, batch, keys[i], jnp.asarray(lam), uvw)
+        uw, ab = jnp.asarray(rng.normal(size=(2, n))), jnp.asarray(rng.normal(size=2))
+        out = fn(params, batch, keys[i], jnp.asarray(lam), uw, ab)
         dense, stats, state0, state1, m, combo, parts = jax.tree_util.tree_map(np.asarray, out)
         _check_one(subj, cfg, dense, stats, state0, state1, m, combo, parts, lam,
                    f"{where}, lam={lam:g}")
