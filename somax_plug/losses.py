@@ -266,7 +266,8 @@ class SoftmaxCrossEntropy(Loss):
     Example:
         >>> import jax.numpy as jnp
         >>> ce = SoftmaxCrossEntropy(reduction="sum")
-        >>> ce.output_hessian_mv(jnp.zeros((1, 2)), jnp.array([1]), jnp.array([[1.0, 0.0]]))
+        >>> z, u = jnp.zeros((1, 2), jnp.float32), jnp.array([[1.0, 0.0]], jnp.float32)
+        >>> ce.output_hessian_mv(z, jnp.array([1]), u)
         Array([[ 0.25, -0.25]], dtype=float32)
     """
 

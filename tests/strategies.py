@@ -124,6 +124,16 @@ def init_mlp(
     return _pack(layers, layout)
 
 
+Architecture = tuple[str, str, int, tuple[int, ...], tuple[int, ...], int]
+"""``(layout, activation, in_dim, hidden widths, per-example output shape, batch size)``."""
+
+SMALL_ARCHITECTURES: tuple[Architecture, ...] = (
+    ("dict", "tanh", 2, (3,), (3,), 3),
+    ("nested", "softplus", 3, (4,), (2, 2), 2),
+)
+"""Two fixed architectures for expensive statistical tests (compiled code is reused)."""
+
+
 @st.composite
 def mlp_cases(
     draw: st.DrawFn,
@@ -133,20 +143,33 @@ def mlp_cases(
     min_batch: int = 1,
     multi_axis_outputs: bool = True,
     max_hidden_layers: int = 2,
+    architectures: Sequence[Architecture] | None = None,
 ) -> MLPCase:
-    """A tiny MLP with a random layout, widths, output shape, loss, dtype and batch size."""
+    """A tiny MLP with a random layout, widths, output shape, loss, dtype and batch size.
+
+    With ``architectures`` the layout, activation, sizes and batch size come from that
+    list (only the values, the loss, the targets and the dtype are drawn), so jitted
+    code is reused whenever an architecture repeats.
+    """
     loss_name = draw(st.sampled_from(list(losses)))
-    layout = draw(st.sampled_from(LAYOUTS))
     dtype = draw(st.sampled_from(list(dtypes)))
-    in_dim = draw(st.integers(1, 4))
-    hidden = tuple(draw(st.lists(st.integers(2, 6), min_size=0, max_size=max_hidden_layers)))
-    if layout == "nested" and not hidden:
-        hidden = (draw(st.integers(2, 5)),)
     min_out = 2 if loss_name == "softmax_cross_entropy" else 1
-    out_last = draw(st.integers(min_out, 4))
-    two_axes = multi_axis_outputs and draw(st.booleans()) and draw(st.booleans())
-    out_shape = (2, out_last) if two_axes else (out_last,)
-    activation = draw(st.sampled_from(("tanh", "softplus")))
+    if architectures is not None:
+        arch = draw(st.sampled_from(list(architectures)))
+        layout, activation, in_dim, hidden, out_shape, batch_size = arch
+        if out_shape[-1] < min_out:
+            out_shape = (*out_shape[:-1], min_out)
+    else:
+        layout = draw(st.sampled_from(LAYOUTS))
+        in_dim = draw(st.integers(1, 4))
+        hidden = tuple(draw(st.lists(st.integers(2, 6), min_size=0, max_size=max_hidden_layers)))
+        if layout == "nested" and not hidden:
+            hidden = (draw(st.integers(2, 5)),)
+        out_last = draw(st.integers(min_out, 4))
+        two_axes = multi_axis_outputs and draw(st.booleans()) and draw(st.booleans())
+        out_shape = (2, out_last) if two_axes else (out_last,)
+        activation = draw(st.sampled_from(("tanh", "softplus")))
+        batch_size = draw(st.integers(min_batch, max_batch))
     seed = draw(st.integers(0, 2**31 - 1))
     params = init_mlp(seed, in_dim, hidden, math.prod(out_shape), layout, dtype)
     return MLPCase(
@@ -157,7 +180,7 @@ def mlp_cases(
         in_dim=in_dim,
         out_shape=out_shape,
         dtype=dtype,
-        batch_size=draw(st.integers(min_batch, max_batch)),
+        batch_size=batch_size,
         layout=layout,
     )
 

@@ -26,6 +26,7 @@ from somax_plug.testing.conformance import (
     check_solver,
     density_property,
     eigenpair_property,
+    make_conformance_tests,
 )
 from somax_plug.testing.plugin import somax_registry  # noqa: F401 (fixture)
 
@@ -142,3 +143,9 @@ def test_preconditioner_conforms(name):
 @pytest.mark.parametrize("name", sorted(DAMPING))
 def test_damping_conforms(name):
     check_damping(name, max_examples=EXAMPLES, **DAMPING[name])
+
+
+# the ready-made test class, as a plugin author would use it
+TestJacobiConformance = make_conformance_tests(
+    "preconditioner", "jacobi", max_examples=1, **PRECONDITIONERS["jacobi"]
+)

@@ -493,15 +493,13 @@ def test_cg_warm_start_costs_a_matvec_only_when_the_start_is_nonzero():
 
 
 VMAPPED = {"CG", "MINRES", "Direct", "RowCG", "Steihaug"}
+"""Solvers whose vmap batches a while loop or a cond (the others are elementwise)."""
 
 
 def test_solvers_jit_vmap_and_scan_with_stable_state():
     rng = np.random.default_rng(3)
     u = rng.normal(size=(3, 7))  # a float64 operator on float32 parameters: cast, not promote
     params = {"w": jnp.zeros((2, 3), jnp.float32), "b": jnp.zeros(1, jnp.float32)}
-    op = MatrixOperator.from_rows(jnp.asarray(u), params)
-    stats = {"diag": op.diag()}
-    rhs_batch = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
     _, unravel = ravel_pytree(params)
     solvers = [
         S.CG(tol=1e-6, maxiter=20, warm_start=True),
@@ -514,19 +512,30 @@ def test_solvers_jit_vmap_and_scan_with_stable_state():
         S.Neumann(alpha=0.02),
         S.Steihaug(radius=10.0),
     ]
-    for solver in solvers:
-        name = type(solver).__name__
-        state0 = solver.init(params)
 
-        def step(state, b, solver=solver):
-            s, info, state = solver.solve(op, unravel(b), jnp.float32(1.0), None, stats, state)
-            return state, (s, info)
+    @jax.jit
+    def run_all(rows, rhs_batch):  # one compilation for every solver
+        op = MatrixOperator.from_rows(rows, params)
+        stats = {"diag": op.diag()}
+        out = {}
+        for solver in solvers:
 
-        @jax.jit
-        def run(state0, rhs_batch, step=step):
-            return jax.lax.scan(step, state0, rhs_batch)
+            def step(state, b, solver=solver):
+                s, info, state = solver.solve(op, unravel(b), jnp.float32(1.0), None, stats, state)
+                return state, (s, info)
 
-        state, (s, info) = run(state0, rhs_batch)
+            state0 = solver.init(params)
+            scanned = jax.lax.scan(step, state0, rhs_batch)
+            mapped = None
+            if type(solver).__name__ in VMAPPED:
+                mapped = jax.vmap(lambda b, step=step, s0=state0: step(s0, b)[1])(rhs_batch)
+            out[type(solver).__name__] = (state0, scanned, mapped)
+        return out
+
+    rhs_batch = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+    results = run_all(jnp.asarray(u), rhs_batch)
+    assert set(results) == {type(solver).__name__ for solver in solvers}
+    for name, (state0, (state, (s, info)), mapped) in results.items():
         assert info.residual.dtype == jnp.float32, name
         assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(state0)
         for x, y in zip(
@@ -535,11 +544,16 @@ def test_solvers_jit_vmap_and_scan_with_stable_state():
             assert x.shape == y.shape and x.dtype == y.dtype, name
         assert s["w"].shape == (4, 2, 3) and s["w"].dtype == jnp.float32, name
         assert info.iterations.shape == (4,) and info.iterations.dtype == jnp.int32, name
-        if name in VMAPPED:  # batched while loops and conds
-            vs, vinfo = jax.jit(jax.vmap(lambda b, step=step, s0=state0: step(s0, b)[1]))(rhs_batch)
+        assert np.all(np.isfinite(np.asarray(s["w"]))), name
+        if mapped is not None:
+            vs, vinfo = mapped
             assert vinfo.converged.shape == (4,), name
             np.testing.assert_allclose(vs["w"][0], s["w"][0], rtol=1e-5, atol=1e-6, err_msg=name)
             np.testing.assert_allclose(vs["w"], s["w"], rtol=1e-2, atol=1e-3, err_msg=name)
+    # the warm-started CG really carried its solution from step to step
+    np.testing.assert_allclose(
+        results["CG"][1][0]["x"]["w"], results["CG"][1][1][0]["w"][-1], rtol=1e-6
+    )
 
 
 def test_row_solvers_need_row_factors():

@@ -1,10 +1,11 @@
 """Shared pieces of the benchmarks: timing, the 784-256-10 model, random data.
 
 Timing protocol (:func:`alternate`): every contender is a zero-argument callable
-that does one unit of work and returns arrays; each is called ``warmup`` times
-(compilation included) and then ``repeats`` rounds, the contenders alternating
-(the order rotates every round so none always runs first), each call timed to
-``jax.block_until_ready``. Results are medians.
+that does one unit of work and returns arrays; each is warmed up (compilation
+included; at least ``warmup`` calls and ``warmup_s`` seconds) and then timed over
+``repeats`` rounds, the contenders alternating (the order rotates every round so none
+always runs first), each call timed to ``jax.block_until_ready``. Results are
+medians.
 
 Example:
     >>> from somax_plug.benchmarks.common import alternate
@@ -34,20 +35,40 @@ PyTree = Any
 
 
 def alternate(
-    contenders: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1
+    contenders: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    cpu: dict[str, list[float]] | None = None,
+    warmup_s: float = 2.0,
+    max_warmup: int = 30,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each contender, alternating, after ``warmup`` calls each."""
+    """Wall-clock seconds per call of each contender, alternating, after a warm-up.
+
+    The warm-up calls every contender at least ``warmup`` times and, in alternation,
+    until ``warmup_s`` seconds have passed (at most ``max_warmup`` rounds): on CPU the
+    first seconds after compilation can run several times slower (XLA's runtime and
+    LAPACK kernels warming up), which a single warm-up call does not absorb.
+
+    With ``cpu`` (a dict), the process CPU seconds of every call are stored there too:
+    on a machine shared with other jobs they are less disturbed than wall-clock.
+    """
     names = list(contenders)
-    for _ in range(warmup):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < warmup or (time.perf_counter() - start < warmup_s and rounds < max_warmup):
         for name in names:
             jax.block_until_ready(contenders[name]())
+        rounds += 1
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            c = time.process_time()
             t = time.perf_counter()
             jax.block_until_ready(contenders[name]())
             times[name].append(time.perf_counter() - t)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c)
     return times
 
 

@@ -146,8 +146,12 @@ def run(quick: bool = False, smoke: bool = False) -> dict[str, Any]:
     else:
         details["somax"] = NOT_INSTALLED
 
-    times = alternate(contenders, repeats=repeats, warmup=1)
+    cpu: dict[str, list[float]] = {}
+    times = alternate(contenders, repeats=repeats, warmup=1, cpu=cpu,
+                      warmup_s=0.0 if smoke else 3.0)
     per_step = {k: median(v) / n for k, v in times.items()}
+    cpu_step = {k: median(v) / n for k, v in cpu.items()}
+    details["cpu_ms_per_step"] = {k: 1e3 * v for k, v in cpu_step.items()}
     details["step_ms"] = {k: 1e3 * v for k, v in per_step.items()}
     details["step_ms_min"] = {k: 1e3 * min(v) / n for k, v in times.items()}
     out: dict[str, Any] = {
@@ -157,6 +161,8 @@ def run(quick: bool = False, smoke: bool = False) -> dict[str, Any]:
         "target_somax": TARGET_SOMAX,
         "details": details,
     }
+    details["cpu_time_ratios"] = {
+        f"ours_over_{k}": cpu_step["ours"] / cpu_step[k] for k in cpu_step if k != "ours"}
     if have_somax:
         details["ours_over_somax_default_stabilise"] = (
             per_step["ours"] / per_step["somax_stabilise10"])

@@ -3,10 +3,11 @@
 For each composition that shares the linearization (the ``sgn`` and
 ``gauss_newton_lm`` presets), the same composition is built twice, planned and
 ``unplanned=True`` (every component recomputes what it reads), and run side by side
-on the same model, batch and keys. One timed call is a block of ``cycle``
-consecutive steps (a whole cadence cycle, so the every-10-steps rho of ``sgn`` is
-counted at its real frequency); the ratio is the median planned time over the median
-unplanned time.
+on the same model, batch and keys. One timed call is a block of consecutive steps
+(for ``sgn`` a whole cadence cycle of 10, so its every-10-steps rho is counted at its
+real frequency; 3 for ``gauss_newton_lm``, which has no cadence); the ratio is the
+median planned time over the median unplanned time (wall-clock; the ratio of process
+CPU times is recorded beside it, as a cross-check on machines shared with other jobs).
 
 Besides time, each case records the provider traces per step (``trace_counts``: what
 the planner saves at trace time) and the compiled FLOPs of one step in both modes
@@ -38,9 +39,9 @@ from somax_plug.benchmarks.common import (
 TARGET = 0.7
 
 CASES = (
-    # name, preset, overrides, model sizes, batch
-    ("sgn", "sgn", {}, (784, 256, 10), 256),
-    ("gauss_newton_lm", "gauss_newton_lm", {}, (64, 64, 10), 32),
+    # name, preset, overrides, model sizes, batch, steps per timed call (a cadence cycle)
+    ("sgn", "sgn", {}, (784, 256, 10), 256, 10),
+    ("gauss_newton_lm", "gauss_newton_lm", {}, (64, 64, 10), 32, 3),
 )
 
 
@@ -56,7 +57,7 @@ def _flops(method: Any, params: Any, state: Any, batch: Any, key: Any) -> float 
 
 def run_case(name: str, preset: str, overrides: dict[str, Any], sizes: tuple[int, ...],
              batch_size: int, repeats: int, cycle: int = 10,
-             with_flops: bool = True) -> dict[str, Any]:
+             with_flops: bool = True, warmup_s: float = 3.0) -> dict[str, Any]:
     """Time one composition planned and unplanned; see the module docstring."""
     from somax_plug.compose import compose
 
@@ -71,7 +72,8 @@ def run_case(name: str, preset: str, overrides: dict[str, Any], sizes: tuple[int
     states = {mode: m.init(params) for mode, m in methods.items()}
     contenders = {mode: run_steps(m.step, params, states[mode], batch, cycle, keys)
                   for mode, m in methods.items()}
-    times = alternate(contenders, repeats=repeats, warmup=1)
+    cpu: dict[str, list[float]] = {}
+    times = alternate(contenders, repeats=repeats, warmup=1, cpu=cpu, warmup_s=warmup_s)
     planned = median(times["planned"]) / cycle
     unplanned = median(times["unplanned"]) / cycle
     # numbers must agree
@@ -99,6 +101,7 @@ def run_case(name: str, preset: str, overrides: dict[str, Any], sizes: tuple[int
         "planned_step_ms": 1e3 * planned,
         "unplanned_step_ms": 1e3 * unplanned,
         "ratio": planned / unplanned,
+        "cpu_time_ratio": median(cpu["planned"]) / median(cpu["unplanned"]),
         "max_param_diff": diff,
         "provider_traces_per_step": traces,
         "flops_per_step": flops,
@@ -111,11 +114,11 @@ def run(quick: bool = False, smoke: bool = False) -> dict[str, Any]:
     """Both cases; ``planned_over_unplanned`` is their geometric mean."""
     repeats = 2 if smoke else (4 if quick else 15)
     cases = []
-    for name, preset, overrides, sizes, batch in CASES:
+    for name, preset, overrides, sizes, batch, cycle in CASES:
         if smoke:
-            sizes, batch = (8, 8, 3), 4
-        cases.append(run_case(name, preset, overrides, sizes, batch, repeats,
-                              cycle=2 if smoke else 10, with_flops=not quick))
+            sizes, batch, cycle = (8, 8, 3), 4, 2
+        cases.append(run_case(name, preset, overrides, sizes, batch, repeats, cycle=cycle,
+                              with_flops=not quick, warmup_s=0.0 if smoke else 3.0))
     return {
         "planned_over_unplanned": geomean([c["ratio"] for c in cases]),
         "target": TARGET,

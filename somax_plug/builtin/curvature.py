@@ -33,9 +33,9 @@ Example:
     >>> from somax_plug.model import make_model
     >>> from somax_plug.resources import Resources
     >>> model = make_model(lambda p, x: x @ p, "mse", reduction="sum")
-    >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
-    >>> res = Resources(model, jnp.zeros((2, 1)), (x, jnp.zeros((2, 1))), None, PROVIDERS)
-    >>> GGN().build(res).mv(jnp.ones((2, 1))).ravel()  # x^T x v
+    >>> x, y = jnp.array([[1.0, 0.0], [0.0, 2.0]], jnp.float32), jnp.zeros((2, 1), jnp.float32)
+    >>> res = Resources(model, jnp.zeros((2, 1), jnp.float32), (x, y), None, PROVIDERS)
+    >>> GGN().build(res).mv(jnp.ones((2, 1), jnp.float32)).ravel()  # x^T x v
     Array([1., 4.], dtype=float32)
 """
 
@@ -81,7 +81,35 @@ def _diag_from_rows(rows: RowFactors, primal: PyTree) -> PyTree:
     return tree.cast_like(acc, primal)
 
 
-class _RowSpaceOperator(LinearOperator):
+class _PytreeOperator(LinearOperator):
+    """Operators are pytrees: traced fields are children, static options are aux data.
+
+    So an operator can be an argument or a result of ``jax.jit`` (its closures are
+    ``jax.tree_util.Partial`` objects from the built-in resources).
+    """
+
+    _children: ClassVar[tuple[str, ...]] = ()
+    _static: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_node_class(cls)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        children = tuple(getattr(self, name) for name in self._children)
+        return children, tuple(getattr(self, name) for name in self._static)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
+        obj = object.__new__(cls)
+        for name, value in zip(cls._children, children, strict=True):
+            setattr(obj, name, value)
+        for name, value in zip(cls._static, aux, strict=True):
+            setattr(obj, name, value)
+        return obj
+
+
+class _RowSpaceOperator(_PytreeOperator):
     """Shared ``diag`` for operators that expose row factors (R rmatvecs)."""
 
     def diag(self) -> PyTree:
@@ -93,10 +121,11 @@ class _RowSpaceOperator(LinearOperator):
 # --------------------------------------------------------------------------- operators
 
 
-class HessianOperator(LinearOperator):
+class HessianOperator(_PytreeOperator):
     """``v -> H v`` from the shared HVP linearization (one jvp of the gradient)."""
 
     tags = frozenset({SYMMETRIC})
+    _children = ("primal", "_mv")
 
     def __init__(self, primal: PyTree, hvp_mv: Any) -> None:
         self.primal = primal
@@ -115,6 +144,8 @@ class GGNOperator(_RowSpaceOperator):
     """
 
     tags = frozenset({SYMMETRIC, PSD, ROW_SPACE})
+    _children = ("primal", "_lin", "_out_hess")
+    _static = ("_exact_mv",)
 
     def __init__(
         self, primal: PyTree, lin: Linearization, out_hess: OutputHessian, exact_mv: bool
@@ -164,6 +195,8 @@ class FisherOperator(_RowSpaceOperator):
     """
 
     tags = frozenset({SYMMETRIC, PSD, ROW_SPACE})
+    _children = ("primal", "_lin", "_g")
+    _static = ("_w",)
 
     def __init__(self, primal: PyTree, lin: Linearization, grads: Array, c: float) -> None:
         self.primal = primal
@@ -191,7 +224,7 @@ class FisherOperator(_RowSpaceOperator):
         )
 
 
-class EmpiricalFisherOperator(LinearOperator):
+class EmpiricalFisherOperator(_PytreeOperator):
     """``v -> (1/c) sum_b p_b (p_b . v)`` from per-example gradients ``p_b = c g_b``.
 
     With ``p_b`` summing to the gradient this is ``c sum_b g_b g_b^T``: ``(1/B) sum g g^T``
@@ -200,6 +233,8 @@ class EmpiricalFisherOperator(LinearOperator):
     """
 
     tags = frozenset({SYMMETRIC, PSD, ROW_SPACE, DIAG})
+    _children = ("primal", "_p")
+    _static = ("_c", "_w", "_b", "_dtype")
 
     def __init__(self, primal: PyTree, per_example_grads: PyTree, c: float) -> None:
         self.primal = primal

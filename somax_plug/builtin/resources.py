@@ -24,6 +24,10 @@ resource               computes                                  requires    reu
                        scaled by c, so they sum to ``grad``
 =====================  ========================================  ==========  ====================
 
+Closures are ``jax.tree_util.Partial`` objects (pytrees), so the linearization, the
+output Hessian, the HVP and the operators built on them can be passed through
+``jax.jit``, ``lax.cond`` or ``lax.scan`` as arguments.
+
 Sharing: ``grad`` comes from the HVP linearization when ``hvp`` is planned (free), else
 from ``J^T (dL/dz)`` when ``linearization`` is planned (one transpose, no second
 forward pass), else from ``jax.value_and_grad``. ``loss`` likewise reads ``hvp.loss`` or
@@ -48,6 +52,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.tree_util import Partial
 
 from somax_plug.losses import batch_size_of
 from somax_plug.resources import HVP, Linearization, OutputHessian, ResourceProvider, Resources
@@ -61,15 +66,16 @@ def _outputs(res: Resources) -> PyTree:
     return res.model.outputs(res.params, res.inputs)
 
 
+def _first_cotangent(transpose: Any, u: PyTree) -> PyTree:
+    return transpose(u)[0]
+
+
 def _linearization(res: Resources) -> Linearization:
     model, inputs, params = res.model, res.inputs, res.params
     outputs, jvp = jax.linearize(lambda p: model.outputs(p, inputs), params)
     transpose = jax.linear_transpose(jvp, params)
-
-    def vjp(u: PyTree) -> PyTree:
-        return transpose(u)[0]
-
-    return Linearization(outputs=outputs, jvp=jvp, vjp=vjp)
+    # Partials are pytrees, so operators built on them can cross jit boundaries
+    return Linearization(outputs=outputs, jvp=jvp, vjp=Partial(_first_cotangent, transpose))
 
 
 def _loss(res: Resources) -> jax.Array:
@@ -103,10 +109,7 @@ def _grad(res: Resources) -> PyTree:
 
 def _output_hessian(res: Resources) -> OutputHessian:
     loss, outputs, targets = res.model.loss, res["outputs"], res.targets
-
-    def mv(u: PyTree) -> PyTree:
-        return loss.output_hessian_mv(outputs, targets, u)
-
+    mv = Partial(loss.output_hessian_mv, outputs, targets)
     return OutputHessian(mv=mv, sqrt=loss.output_hessian_sqrt(outputs, targets))
 
 

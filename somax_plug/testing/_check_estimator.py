@@ -184,6 +184,11 @@ def _check_layout(subj: H.Subject, stats: Any, new_state: Any, state: Any, where
     why = same_avals(state, new_state)
     if why:
         H.fail(subj, "fixed state types", f"estimate changed its state: {why} {where}")
+    kept, given = flat64(new_state["stats"]), flat64(stats)
+    if not np.array_equal(kept, given, equal_nan=True):
+        H.fail(subj, "init stats layout (cadence contract)",
+               f"the new state's 'stats' differ from the statistics returned (the step "
+               f"reuses state['stats'] between cadence ticks) {where}")
     for stat, value in stats.items():
         if not np.all(np.isfinite(flat64(value))):
             H.fail(subj, f"statistic {stat!r}", f"it is not finite {where}")

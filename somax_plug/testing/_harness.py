@@ -43,6 +43,9 @@ class ConformanceError(AssertionError):
     """A component violates a property of its kind's contract."""
 
 
+ConformanceError.__module__ = "somax_plug.testing.conformance"  # its public home
+
+
 @attrs.frozen
 class Subject:
     """The component under test and what it declares."""

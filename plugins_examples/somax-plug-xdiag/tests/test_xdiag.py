@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-
 import somax_plug_xdiag
-from somax_plug import as_optax, compose
+
+from somax_plug.compose import compose
+from somax_plug.optax_bridge import as_optax
 from somax_plug.testing.conformance import check_estimator
 
 
@@ -51,30 +52,31 @@ def _problem():
 
 
 @pytest.mark.parametrize(
-    "roles",
+    ("roles", "lam"),
     [
-        {"solver": "diagonal"},
-        {"solver": {"name": "cg", "maxiter": 10}, "preconditioner": "jacobi"},
+        # a diagonal model of a non-diagonal GGN needs strong damping to be stable
+        ({"solver": "diagonal"}, 1.0),
+        ({"solver": {"name": "cg", "maxiter": 10}, "preconditioner": "jacobi"}, 1e-2),
     ],
 )
-def test_composition_with_xdiag_trains(xdiag_plugin, roles):
+def test_composition_with_xdiag_trains(xdiag_plugin, roles, lam):
     predict, params, batch = _problem()
     method = compose(curvature="ggn", estimators=["xdiag"], predict_fn=predict, loss="mse",
-                     damping={"name": "constant", "lam": 1e-2}, learning_rate=0.5, **roles)
+                     damping={"name": "constant", "lam": lam}, learning_rate=0.5, **roles)
     assert "xdiag:xdiag" in method.explain()
     state = method.init(params)
-    first = None
+    losses = []
     for _ in range(10):
         params, state, info = method.step(params, state, batch)
-        first = float(info["loss"]) if first is None else first
-    assert float(info["loss"]) < 0.7 * first
+        losses.append(float(info["loss"]))
+    assert losses[-1] < 0.2 * losses[0], losses
 
 
 def test_through_the_optax_bridge(xdiag_plugin):
     predict, params, batch = _problem()
     tx = optax.chain(
         as_optax("ggn", "diagonal", estimators=["xdiag"], predict_fn=predict, loss="mse",
-                 damping={"name": "constant", "lam": 1e-2}),
+                 damping={"name": "constant", "lam": 1.0}),
         optax.scale_by_learning_rate(0.5),
     )
     state = tx.init(params)
@@ -82,8 +84,12 @@ def test_through_the_optax_bridge(xdiag_plugin):
     def loss(p):
         return 0.5 * jnp.mean((predict(p, batch[0]) - batch[1]) ** 2)
 
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(loss)(params), state, params, batch=batch)
+        return optax.apply_updates(params, updates), state
+
     start = float(loss(params))
     for _ in range(10):
-        updates, state = tx.update(jax.grad(loss)(params), state, params, batch=batch)
-        params = optax.apply_updates(params, updates)
-    assert float(loss(params)) < 0.7 * start
+        params, state = step(params, state)
+    assert float(loss(params)) < 0.2 * start

@@ -1,0 +1,3 @@
+"""The somax_plug author kit's fixtures."""
+
+pytest_plugins = ["somax_plug.testing"]
