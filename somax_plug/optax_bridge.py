@@ -23,8 +23,14 @@ What the bridge supports, and what it refuses:
   requires ``loss_after``) are refused with an error: an Optax transformation
   cannot see the later transformations in its chain, so it cannot compute the
   gain ratio or reject a step. Use ``compose(...).step`` for those.
-* a non-finite direction gives zero updates and leaves the bridge's state
-  unchanged (the parameters then stay as they were).
+* a non-finite loss, gradient or direction: with ``on_nonfinite="zero"`` (the
+  default) the bridge outputs zero updates and keeps its own state (only its count
+  moves), so the parameters stay as they were *unless a stateful transformation
+  follows it* (``optax.trace`` would still apply its momentum). For chains with
+  state after the bridge use ``on_nonfinite="propagate"`` and wrap the chain in
+  ``optax.apply_if_finite``: the bridge then emits NaN updates, and
+  ``apply_if_finite`` discards the whole update and keeps every inner state, so
+  neither the parameters nor any optimizer state change on a bad batch.
 * the statistics the composition needs (loss, linearization) are computed inside
   from ``params`` and ``batch``; the incoming ``updates`` are the right-hand side,
   so transformations placed *before* the bridge (clipping) act on ``g``.
@@ -64,7 +70,12 @@ class BridgeState(NamedTuple):
 
 
 def as_optax(
-    curvature: Any = None, solver: Any = None, *, method: Any = None, **compose_kwargs: Any
+    curvature: Any = None,
+    solver: Any = None,
+    *,
+    method: Any = None,
+    on_nonfinite: str = "zero",
+    **compose_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """The direction of a composition as an Optax transformation.
 
@@ -72,7 +83,11 @@ def as_optax(
         curvature, solver, **compose_kwargs: as for :func:`somax_plug.compose`
             (``predict_fn`` and ``loss`` are required); or
         method: an already composed :class:`~somax_plug.step.Method`.
+        on_nonfinite: ``"zero"`` (zero updates on a bad batch) or ``"propagate"``
+            (NaN updates, for use inside ``optax.apply_if_finite``).
     """
+    if on_nonfinite not in ("zero", "propagate"):
+        raise ValueError(f"on_nonfinite must be 'zero' or 'propagate', got {on_nonfinite!r}")
     if method is None:
         from somax_plug.compose import compose
 
@@ -123,7 +138,8 @@ def as_optax(
         advanced = d.state._replace(damping=new_ds)
         new_inner = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), advanced, inner)
         new_inner = new_inner._replace(count=inner.count + 1)
-        out = tree.where(finite, d.s, tree.zeros_like(d.s))
+        fill = 0.0 if on_nonfinite == "zero" else jnp.nan
+        out = tree.where(finite, d.s, jax.tree_util.tree_map(lambda x: jnp.full_like(x, fill), d.s))
         dtype = state.info["loss"].dtype
         info = {
             "loss": jnp.asarray(d.loss, dtype),

@@ -254,11 +254,18 @@ def test_planned_traces_each_resource_once_and_matches_unplanned():
     planned = compose(predict_fn=fn_p, **kw)
     unplanned = compose(predict_fn=fn_u, unplanned=True, **kw)
     key = jax.random.key(3)
-    p1, s1, i1 = planned.step(PARAMS, planned.init(PARAMS), BATCH, key)
-    p2, s2, i2 = unplanned.step(PARAMS, unplanned.init(PARAMS), BATCH, key)
+    sp, su = planned.init(PARAMS), unplanned.init(PARAMS)
+    # forward passes in the step's own trace (the jaxpr), not counting input checks
+    calls_p["n"] = calls_u["n"] = 0
+    jax.make_jaxpr(planned._step)(PARAMS, sp, BATCH, key)
+    jax.make_jaxpr(unplanned._step)(PARAMS, su, BATCH, key)
     # planned: one linearization + the loss after the step; unplanned recomputes
     assert calls_p["n"] == 2
     assert calls_u["n"] > calls_p["n"]
+    planned.trace_counts.clear()
+    unplanned.trace_counts.clear()
+    p1, s1, i1 = planned.step(PARAMS, sp, BATCH, key)
+    p2, s2, i2 = unplanned.step(PARAMS, su, BATCH, key)
     assert all(v == 1 for v in planned.trace_counts.values())
     assert max(unplanned.trace_counts.values()) > 1
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2), strict=True):
@@ -396,6 +403,34 @@ def test_optax_bridge_under_inject_hyperparams():
     state.hyperparams["learning_rate"] = jnp.zeros_like(lr)
     zero, _ = update(grads, state)
     assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree_util.tree_leaves(zero))
+
+
+def test_optax_bridge_with_apply_if_finite_keeps_everything_on_a_bad_batch():
+    tx = optax.apply_if_finite(
+        optax.chain(
+            as_optax(preset="sgn", predict_fn=mlp, loss="softmax_cross_entropy",
+                     on_nonfinite="propagate"),
+            optax.trace(decay=0.9),
+            optax.scale_by_learning_rate(0.5),
+        ),
+        max_consecutive_errors=5,
+    )
+    bad = (BATCH[0].at[0, 0].set(jnp.nan), BATCH[1])
+    loss_fn = lambda p, b: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        mlp(p, b[0]), b[1]))
+
+    @jax.jit
+    def train_step(params, state, batch):
+        grads = jax.grad(loss_fn)(params, batch)
+        updates, state = tx.update(grads, state, params, batch=batch)
+        return optax.apply_updates(params, updates), state
+
+    params, state = train_step(PARAMS, tx.init(PARAMS), BATCH)  # momentum is non-zero now
+    after_bad, state_bad = train_step(params, state, bad)
+    for a, b in zip(jax.tree_util.tree_leaves((after_bad, state_bad.inner_state)),
+                    jax.tree_util.tree_leaves((params, state.inner_state)), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()  # bitwise, NaN info too
+    assert int(state_bad.notfinite_count) == 1
 
 
 def test_optax_bridge_refuses_lm_clearly():

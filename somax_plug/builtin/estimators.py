@@ -422,7 +422,7 @@ class Lanczos(Estimator):
         flat = _Flat(res["operator"])
         m, k = self._sizes(res["operator"].primal)
         theta, y, basis = _lanczos(flat, m, key)
-        order = jnp.argsort(-(theta if self.which == "largest" else jnp.abs(theta)))[:k]
+        order = ritz_order(theta, self.which)[:k]
         vecs = (basis.T @ y[:, order]).T  # [k, n]
         primal = res["operator"].primal
         vec_tree = jax.vmap(flat.unravel)(vecs)
@@ -435,6 +435,11 @@ class Lanczos(Estimator):
             "spectral_density": _density(theta, jnp.square(y[0]), self.grid_size, self.smoothing),
         }
         return stats, _stats_state(stats)
+
+
+def ritz_order(theta: Array, which: str) -> Array:
+    """Indices of ``theta``, leading first: by value (``"largest"``) or by modulus."""
+    return jnp.argsort(-(theta if which == "largest" else jnp.abs(theta)), stable=True)
 
 
 def _lanczos(flat: _Flat, m: int, key: Array) -> tuple[Array, Array, Array]:
