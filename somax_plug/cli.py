@@ -190,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SomaxPlugError as exc:
         print(f"somax-plug: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `somax-plug list --json | head`: the reader left early
+        sys.stderr.close()
+        return 0
 
 
 def _entry() -> Any:  # pragma: no cover

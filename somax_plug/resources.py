@@ -219,11 +219,15 @@ class Resources:
             counts=self.counts,
         )
 
-    def fresh(self) -> Resources:
-        """A context with no cached values (unplanned mode: recompute everything)."""
+    def fresh(self, params: PyTree = None) -> Resources:
+        """A context with no cached values (unplanned mode: recompute everything).
+
+        ``params`` replaces the parameters (the same values behind an
+        ``optimization_barrier``, in unplanned mode); default: the same.
+        """
         return Resources(
             self.model,
-            self.params,
+            self.params if params is None else params,
             self.batch,
             self.key,
             self.providers,

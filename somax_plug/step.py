@@ -5,7 +5,8 @@ single ``jax.jit``:
 
 1. the plan's every-step resources, each traced once into one shared
    :class:`~somax_plug.resources.Resources` context (planned mode); in unplanned
-   mode each consumer gets a fresh context and recomputes what it reads;
+   mode each consumer gets a fresh context and recomputes what it reads, and the
+   operator is rebuilt at every product (see :class:`_Unshared`);
 2. the estimators, each under ``lax.cond`` at its cadence (between ticks the
    last statistics, kept in its state, are reused);
 3. the preconditioner's update (at its cadence) and the solve of
@@ -36,12 +37,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import attrs
 import jax
 import jax.numpy as jnp
 import optax
 
 from somax_plug import tree
-from somax_plug.kinds import SolverInfo, StepStats
+from somax_plug.kinds import LinearOperator, RowFactors, SolverInfo, StepStats
 from somax_plug.plan import Plan
 from somax_plug.resources import Resources
 from somax_plug.validation import InputValidator
@@ -88,6 +90,56 @@ class Direction(NamedTuple):
     res: Resources
 
 
+class _Unshared(LinearOperator):
+    """Unplanned ablation: every product rebuilds the operator from its own resources.
+
+    This is what a composition without a plan does when a solver calls a curvature
+    operator that computes what it needs itself (``jax.jvp`` / ``jax.vjp`` from
+    scratch per product). The parameters pass an ``optimization_barrier`` tied to
+    ``v``, so XLA can neither merge the recomputation with the step's own forward
+    pass nor hoist it out of the solver's loop: the ablation measures the work a
+    plan saves, and gives the same numbers.
+    """
+
+    def __init__(self, res: Resources, build: Any) -> None:
+        self._res = res
+        self._build = build
+        self._first = build(res)
+        self.tags = self._first.tags
+        self.primal = self._first.primal
+
+    def mv(self, v: Any) -> Any:
+        params, v = jax.lax.optimization_barrier((self._res.params, v))
+        return self._build(self._res.fresh(params)).mv(v)
+
+    def diag(self) -> Any:
+        return self._first.diag()
+
+    def row_factors(self) -> Any:
+        first = self._first.row_factors()
+        if first is None:
+            return None
+
+        def fresh_factors(x: Any) -> Any:
+            params, x = jax.lax.optimization_barrier((self._res.params, x))
+            return self._build(self._res.fresh(params)).row_factors(), x
+
+        def matvec(v: Any) -> Any:
+            factors, v = fresh_factors(v)
+            return factors.matvec(v)
+
+        def rmatvec(r: Any) -> Any:
+            factors, r = fresh_factors(r)
+            return factors.rmatvec(r)
+
+        return RowFactors(matvec, rmatvec, first.num_rows)
+
+
+def _isolated(res: Resources) -> Resources:
+    """A fresh context behind an optimization barrier (unplanned mode)."""
+    return res.fresh(jax.lax.optimization_barrier(res.params))
+
+
 def _tick(count: jax.Array, every_k: int) -> jax.Array:
     return (count % every_k) == 0
 
@@ -130,6 +182,11 @@ class Method:
             raise InputError("param_sharding needs a mesh: pass mesh= as well")
         self.trace_counts: dict[str, int] = {}
         self._providers = {r.name: r.provider for r in plan.resources if r.producer != "step"}
+        if plan.unplanned and "operator" in self._providers:
+            build = self._providers["operator"].compute
+            self._providers["operator"] = attrs.evolve(
+                self._providers["operator"], compute=lambda res: _Unshared(res, build)
+            )
         self._operator_readers = {
             c for r in plan.resources if r.name == "operator" for c in r.consumers
         }
@@ -216,8 +273,8 @@ class Method:
             for node in plan.resources:
                 if node.every_k == 1 and node.producer != "step":
                     res[node.name]
-        own = (lambda: res.fresh()) if unplanned else (lambda: res)
-        branch = (lambda: res.fresh()) if unplanned else (lambda: res.child())
+        own = (lambda: _isolated(res)) if unplanned else (lambda: res)
+        branch = (lambda: _isolated(res)) if unplanned else (lambda: res.child())
 
         step_ctx = own()
         loss = step_ctx["loss"]
@@ -281,7 +338,7 @@ class Method:
 
         def predicted(_: Any) -> Any:
             op = d.op if d.op is not None and not plan.unplanned else (
-                d.res.fresh()["operator"]
+                _isolated(d.res)["operator"]
             )
             cu = op.mv(updates)
             return -(tree.vdot(d.grad, updates) + 0.5 * tree.vdot(updates, cu)).astype(nan.dtype)

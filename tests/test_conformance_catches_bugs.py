@@ -31,6 +31,7 @@ from somax_plug.testing.conformance import (
     check_estimator,
     check_preconditioner,
     check_solver,
+    make_conformance_tests,
 )
 from somax_plug.testing.plugin import somax_registry  # noqa: F401 (fixture)
 
@@ -89,6 +90,13 @@ def test_negated_ggn_disagrees_with_its_reference():
 def test_undeclared_resource_read_fails():
     with pytest.raises(AssertionError, match=r"violates declared resources.*'output_hessian'"):
         check_curvature(SneakyGGN, reference="ggn", max_examples=EXAMPLES)
+
+
+def test_undeclared_resource_read_fails_in_a_composed_step_too():
+    # only the compose() + jitted step part: the plan has no provider for it
+    tests = make_conformance_tests("curvature", SneakyGGN)
+    with pytest.raises(AssertionError, match=r"violates declared resources.*'output_hessian'"):
+        tests().test_in_step()
 
 
 # --------------------------------------------------------------------------- solvers

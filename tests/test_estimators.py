@@ -195,8 +195,7 @@ def test_hutchpp_is_unbiased_and_exact_with_a_full_sketch(case, probe):
 def test_lanczos_matches_eigh_and_exact_diag_matches_the_diagonal(case):
     n, k = case.n, min(3, case.n)
     largest = Lanczos(num_iters=n, num_eigs=k, which="largest", grid_size=64)
-    partial = Lanczos(num_iters=max(1, n // 2), num_eigs=1, which="magnitude", grid_size=16)
-    ests = (largest, partial, ExactDiag())
+    ests = (largest, ExactDiag())
     keys = jax.random.split(jax.random.key(2), 1)
     stats = [_first(d) for d in _matrix_draws(ests, case, keys, mv_only=True)]
     for est, st_ in zip(ests, stats, strict=True):
@@ -204,7 +203,7 @@ def test_lanczos_matches_eigh_and_exact_diag_matches_the_diagonal(case):
     dense = case.matrix
     scale = max(np.abs(dense).max(), 1e-6)
     tol = 1e-8 * scale
-    np.testing.assert_allclose(_flat(stats[2]["diag"]), np.diag(dense), atol=tol)
+    np.testing.assert_allclose(_flat(stats[1]["diag"]), np.diag(dense), atol=tol)
 
     lam = np.linalg.eigvalsh(dense)  # ascending
     lz = stats[0]
@@ -218,8 +217,6 @@ def test_lanczos_matches_eigh_and_exact_diag_matches_the_diagonal(case):
     density = np.asarray(lz["spectral_density"]["density"])
     assert np.all(density >= 0) and np.all(np.diff(grid) > 0)
     assert abs(density.sum() * (grid[1] - grid[0]) - 1.0) < 0.02
-    # truncated Lanczos: Ritz values lie inside the spectrum (Cauchy interlacing)
-    assert lam[0] - 10 * tol <= float(stats[1]["eigenvalues"][0]) <= lam[-1] + 10 * tol
 
 
 def test_ritz_order_puts_the_leading_values_first():
@@ -334,7 +331,7 @@ ESTIMATORS = {
     "hutchpp_trace": HutchppTrace(num_probes=6),
     "gnb_diag": GNBDiag(num_samples=2),
     "exact_diag": ExactDiag(),
-    "lanczos": Lanczos(num_iters=4, num_eigs=2, grid_size=8),
+    "lanczos": Lanczos(num_iters=4, num_eigs=2, which="magnitude", grid_size=8),
 }
 
 
@@ -392,6 +389,11 @@ def test_estimators_run_in_scan_with_bfloat16_params_and_float32_stats(name):
         assert bool(jnp.all(jnp.isfinite(leaf)))
     for leaf in jax.tree_util.tree_leaves(init["stats"]):
         assert leaf.dtype == jnp.float32
+    if name == "lanczos":  # 4 steps on 7 parameters: Ritz values interlace the spectrum
+        lam = np.linalg.eigvalsh(np.asarray(matrix, np.float64))
+        ritz = np.asarray(stats["eigenvalues"], np.float64)
+        assert np.all(ritz >= lam[0] - 0.05 * lam[-1]) and np.all(ritz <= 1.05 * lam[-1])
+        assert np.all(np.diff(np.abs(ritz), axis=1) <= 1e-3 * lam[-1])  # leading first
 
 
 # --------------------------------------------------------------------------- specs

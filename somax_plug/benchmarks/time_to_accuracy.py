@@ -74,7 +74,7 @@ def run(quick: bool = False, smoke: bool = False, target: float = 0.97) -> dict[
     if have_somax:
         configs.append(SOMAX_CFG)
         runners[SOMAX_CFG.name] = SomaxRunner(SOMAX_CFG.overrides)
-    repeats = 1 if smoke else (2 if quick else 3)
+    repeats = 1 if smoke else (3 if quick else 7)
     steps_cap = 3 if smoke else None
     times: dict[str, list[float | None]] = {c.name: [] for c in configs}
     steps: dict[str, list[int | None]] = {c.name: [] for c in configs}

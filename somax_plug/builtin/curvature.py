@@ -110,7 +110,12 @@ class _PytreeOperator(LinearOperator):
 
 
 class _RowSpaceOperator(_PytreeOperator):
-    """Shared ``diag`` for operators that expose row factors (R rmatvecs)."""
+    """Shared ``diag`` for operators that expose row factors.
+
+    The diagonal is exact but costs R transposed products (R = rows), so these
+    operators do not carry the ``diag`` tag (which promises a cheap diagonal to
+    preconditioners); ``exact_diag`` still uses it.
+    """
 
     def diag(self) -> PyTree:
         rows = self.row_factors()

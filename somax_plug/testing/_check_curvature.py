@@ -58,7 +58,8 @@ def _plan(subj: H.Subject, registry: Any) -> Any:
 
 
 def _report_fn(subj: H.Subject, plan: Any, model: Any, cfg: CurvatureConfig) -> Any:
-    traces = []
+    traces: list[int] = []
+    seen: dict[str, frozenset[str]] = {}
     declared = close_tags(subj.provides)
 
     def report(params: Any, batch: Any, key: Any, vs: Any) -> dict[str, Any]:
@@ -66,8 +67,7 @@ def _report_fn(subj: H.Subject, plan: Any, model: Any, cfg: CurvatureConfig) -> 
         res = H.strict_resources(subj, plan, model, params, batch, key,
                                  allowed=subj.requires.resources)
         op = subj.instance.build(res)
-        tags = close_tags(frozenset(op.tags))
-        report.tags = tags  # type: ignore[attr-defined]
+        seen["tags"] = close_tags(frozenset(op.tags))
         _, unravel = ravel_pytree(params)
         out: dict[str, Any] = {
             "dense_mv": dense_from_mv(op.mv, params),
@@ -89,13 +89,13 @@ def _report_fn(subj: H.Subject, plan: Any, model: Any, cfg: CurvatureConfig) -> 
             out["reference"] = jnp.asarray(cfg.reference(model, params, batch))
         return out
 
-    return report, traces
+    return report, traces, seen
 
 
 def _check_example(subj: H.Subject, plan: Any, cfg: CurvatureConfig, problem: Any) -> None:
     model, params, batch = problem.model, problem.params, problem.batch
     n = problem.num_params
-    report, traces = _report_fn(subj, plan, model, cfg)
+    report, traces, seen = _report_fn(subj, plan, model, cfg)
     fn = H.jit(report)
     rng = np.random.default_rng(problem.seed)
     draws = cfg.num_draws if cfg.stochastic else 2
@@ -109,11 +109,11 @@ def _check_example(subj: H.Subject, plan: Any, cfg: CurvatureConfig, problem: An
         H.fail(subj, "no recompilation",
                f"its jitted build/mv retraced ({len(traces)} traces for {draws} calls) {where}")
     declared = close_tags(subj.provides)
-    missing = (declared & {SYMMETRIC, PSD, ROW_SPACE, DIAG}) - report.tags
+    missing = (declared & {SYMMETRIC, PSD, ROW_SPACE, DIAG}) - seen["tags"]
     if missing:
         H.fail(subj, "declared provides",
                f"it declares {sorted(declared)} but its operator's tags are "
-               f"{sorted(report.tags)} (missing {sorted(missing)})")
+               f"{sorted(seen['tags'])} (missing {sorted(missing)})")
     for out, vs in outs:
         _check_one(subj, cfg, out, np.asarray(vs), where)
     if "reference" in outs[0][0]:
@@ -196,7 +196,7 @@ def check_properties(subj: H.Subject, cfg: CurvatureConfig) -> None:
 def check_in_step(subj: H.Subject, cfg: CurvatureConfig) -> None:
     problem = make_problem(seed=7, loss=cfg.losses[0], dtype=jnp.float32)
     solver = ProbeSolver(needs=Requires(resources={"operator"}))
-    rec, _ = H.check_in_step(subj, {"solver": solver}, problem)
+    rec, _ = H.check_in_step(subj, {"solver": solver}, problem, registry=cfg.registry)
     if not rec.calls.get("build"):
         H.fail(subj, "composition", "the composed step never built the operator")
     tags = [t for t in rec.seen.get("op_tags", []) if t is not None]

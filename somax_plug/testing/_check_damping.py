@@ -34,6 +34,7 @@ from somax_plug.testing.strategies import make_problem
 class DampingConfig:
     steps: int = 6
     max_examples: int | None = None
+    registry: Any = None
 
 
 @st.composite
@@ -126,7 +127,7 @@ def check_properties(subj: H.Subject, cfg: DampingConfig) -> None:
 def check_in_step(subj: H.Subject, cfg: DampingConfig) -> None:
     problem = make_problem(seed=7, loss="mse", dtype=jnp.float32)
     roles = {"curvature": DenseCurvature("ggn"), "solver": DenseSolver()}
-    _, (_, state, infos) = H.check_in_step(subj, roles, problem)
+    _, (_, state, infos) = H.check_in_step(subj, roles, problem, registry=cfg.registry)
     lam = np.asarray(infos["lam"])
     if not np.all(np.isfinite(lam) & (lam >= 0)):
         H.fail(subj, "lambda >= 0", f"lambdas {lam.tolist()} in the composed step")

@@ -250,7 +250,7 @@ def check_in_step(subj: H.Subject, cfg: EstimatorConfig) -> None:
         H.Subject(Kind.SOLVER, "probe", roles["solver"], frozenset(), roles["solver"].needs)
     )
     roles["solver"] = spy_solver
-    H.check_in_step(subj, {**roles, "estimators": helpers}, problem)
+    H.check_in_step(subj, {**roles, "estimators": helpers}, problem, registry=cfg.registry)
     seen = solver_rec.seen.get("statistics", [])
     if not seen or not all(subj.provides <= s for s in seen):
         H.fail(subj, "declared provides",

@@ -172,7 +172,7 @@ def check_in_step(subj: H.Subject, cfg: PreconditionerConfig) -> None:
         "estimators": _helpers(subj),
         "solver": ProbeSolver(needs=Requires(resources={"operator"})),
     }
-    rec, _ = H.check_in_step(subj, roles, problem)
+    rec, _ = H.check_in_step(subj, roles, problem, registry=cfg.registry)
     if not rec.calls.get("apply"):
         H.fail(subj, "composition", "the composed step never applied the preconditioner")
     needed = subj.requires.statistics

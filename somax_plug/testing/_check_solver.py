@@ -57,6 +57,7 @@ class SolverConfig:
     rtol: float = 1e-6
     sizes: tuple[int, int] = (2, 12)
     max_examples: int | None = None
+    registry: Any = None
 
 
 def _kinds(subj: H.Subject, cfg: SolverConfig) -> tuple[str, ...]:
@@ -195,7 +196,7 @@ def check_in_step(subj: H.Subject, cfg: SolverConfig) -> None:
     helpers = [ExactStatistics(needed & {"diag", "trace"})] if needed else []
     curvature = DenseCurvature("ggn")
     rec, (_, _, infos) = H.check_in_step(
-        subj, {"curvature": curvature, "estimators": helpers}, problem
+        subj, {"curvature": curvature, "estimators": helpers}, problem, registry=cfg.registry
     )
     seen = rec.seen.get("statistics", [])
     if needed and not all(needed <= s for s in seen):

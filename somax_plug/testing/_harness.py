@@ -424,6 +424,7 @@ def check_in_step(
     problem: Any,
     every_k: int = 2,
     steps: int = 3,
+    registry: Any = None,
 ) -> tuple[_Recorder, Any]:
     """Compose ``roles`` with a spy of the subject, scan the jitted step, twice.
 
@@ -457,6 +458,7 @@ def check_in_step(
             predict_fn=problem.model.predict_fn,
             loss=problem.model.loss,
             learning_rate=kwargs.pop("learning_rate", 0.1),
+            registry=registry,
             **kwargs,
         )
     except Exception as exc:  # noqa: BLE001 - any planning error is the component's

@@ -92,9 +92,7 @@ _CHECKS = {
 def _run(kind: Kind, component: Any, options: Any, name: Any, registry: Any,
          parts: Sequence[str], **config: Any) -> None:
     config_cls, module = _CHECKS[kind]
-    if "registry" in {f.name for f in config_cls.__attrs_attrs__}:
-        config["registry"] = registry
-    cfg = config_cls(**config)
+    cfg = config_cls(registry=registry, **config)
     subj = _h.subject(kind, component, options, name=name, registry=registry)
     for part in parts:
         getattr(module, f"check_{part}")(subj, cfg)

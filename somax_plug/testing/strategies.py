@@ -14,12 +14,15 @@ set and ``predict_fn`` objects are cached per architecture, so jitted code keyed
 the model is reused when shapes repeat.
 
 Example:
+    >>> import jax
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=2, deadline=None)
     ... @given(problems(losses=("mse",)))
     ... def run(problem):
     ...     assert problem.model.loss.name == "mse"
-    >>> run()
+    ...     assert problem.batch[0].dtype == "float64"
+    >>> with jax.enable_x64(True):  # float64 problems are drawn inside it
+    ...     run()
 """
 
 from __future__ import annotations

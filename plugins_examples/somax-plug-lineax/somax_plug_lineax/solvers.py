@@ -25,7 +25,7 @@ Example:
     >>> from somax_plug.operators import MatrixOperator
     >>> op = MatrixOperator(jnp.diag(jnp.array([1.0, 4.0])), jnp.zeros(2), tags={"psd"})
     >>> s, info, _ = CG(rtol=1e-8).solve(op, jnp.array([1.0, 1.0]), 1.0, None, {}, ())
-    >>> s.round(3).tolist()
+    >>> [round(float(x), 3) for x in s]
     [0.5, 0.2]
 
 Reference: Rader, Lyons & Kidger (2023), "Lineax: unified linear solves and linear
