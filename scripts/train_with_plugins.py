@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from somax_plug.compose import compose
+from somax_plug.composition import compose
 from somax_plug.optax_bridge import as_optax
 from somax_plug.registry import get_registry
 

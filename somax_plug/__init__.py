@@ -51,8 +51,8 @@ _LAZY = {
     "Model": "somax_plug.model",
     "get_loss": "somax_plug.losses",
     # planning and the step
-    "compose": "somax_plug.compose",
-    "Composition": "somax_plug.compose",
+    "compose": "somax_plug.composition",
+    "Composition": "somax_plug.composition",
     "Method": "somax_plug.step",
     "Plan": "somax_plug.plan",
     "make_plan": "somax_plug.planner",

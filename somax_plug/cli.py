@@ -44,8 +44,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
         return 0
     table = [
-        [r["kind"], r["name"], r["plugin"], ",".join(r["provides"]) or "-",
-         _requires_text(r["requires"]), r["summary"]]
+        [
+            r["kind"],
+            r["name"],
+            r["plugin"],
+            ",".join(r["provides"]) or "-",
+            _requires_text(r["requires"]),
+            r["summary"],
+        ]
         for r in rows
     ]
     print(_table(table, ["kind", "name", "plugin", "provides", "requires", "summary"]))
@@ -53,8 +59,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         presets = reg.presets()
         if presets:
             print()
-            print(_table([[p.name, p.plugin, p.summary] for p in presets],
-                         ["preset", "plugin", "summary"]))
+            print(
+                _table(
+                    [[p.name, p.plugin, p.summary] for p in presets],
+                    ["preset", "plugin", "summary"],
+                )
+            )
     return 0
 
 
@@ -114,8 +124,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        rows = [[p["name"], p["distribution"] or "-", p["version"] or "-", p["status"],
-                 str(len(p["components"])), p["error"] or ""] for p in plugins]
+        rows = [
+            [
+                p["name"],
+                p["distribution"] or "-",
+                p["version"] or "-",
+                p["status"],
+                str(len(p["components"])),
+                p["error"] or "",
+            ]
+            for p in plugins
+        ]
         print(_table(rows, ["plugin", "distribution", "version", "status", "components", "error"]))
         for message in report["conflicts"]:
             print(f"conflict: {message}")
@@ -124,7 +143,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from somax_plug.compose import load_composition
+    from somax_plug.composition import load_composition
     from somax_plug.planner import make_plan
 
     composition = load_composition(args.config)
@@ -147,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("--kind", choices=["curvature", "estimator", "solver", "preconditioner",
-                                       "damping"])
+    p.add_argument(
+        "--kind", choices=["curvature", "estimator", "solver", "preconditioner", "damping"]
+    )
     p.add_argument("--tag", help="only components that provide this tag or statistic")
     p.add_argument("--plugin", help="only components of this plugin")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -255,7 +255,7 @@ class OptaxRunner:
 def make_runner(cfg: MethodConfig, mesh: Any = None, seed: int = 0) -> Runner:
     """The runner of a :class:`MethodConfig` (``mesh`` is passed to ``compose``)."""
     if cfg.kind == "somax_plug":
-        from somax_plug.compose import compose
+        from somax_plug.composition import compose
 
         method = compose(preset=cfg.preset, predict_fn=mlp, loss="softmax_cross_entropy",
                          mesh=mesh, **cfg.overrides)

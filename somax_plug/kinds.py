@@ -53,7 +53,7 @@ DIAG = "diag"
 OPERATOR_TAGS = frozenset({SYMMETRIC, PSD, ROW_SPACE, DIAG})
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     """The kinds of registered component (also the names used on the CLI)."""
 
     CURVATURE = "curvature"
@@ -61,9 +61,6 @@ class Kind(str, enum.Enum):
     SOLVER = "solver"
     PRECONDITIONER = "preconditioner"
     DAMPING = "damping"
-
-    def __str__(self) -> str:  # pragma: no cover - cosmetic
-        return self.value
 
 
 class RowFactors(NamedTuple):
@@ -170,9 +167,7 @@ class Preconditioner(ABC):
     def init(self, params: PyTree) -> PyTree:
         """Initial state."""
 
-    def update(
-        self, res: Resources, stats: Stats, lam: Array, key: Array, state: PyTree
-    ) -> PyTree:
+    def update(self, res: Resources, stats: Stats, lam: Array, key: Array, state: PyTree) -> PyTree:
         """Refresh the state (run at the component's cadence). Default: unchanged."""
         return state
 

@@ -104,9 +104,7 @@ def register_plugin(
         except Exception as exc:  # pluggy validation or duplicate name
             error = _short_error(exc)
     if error is None:
-        impls = [
-            i for i in pm.hook.somax_plug_register.get_hookimpls() if i.plugin_name == name
-        ]
+        impls = [i for i in pm.hook.somax_plug_register.get_hookimpls() if i.plugin_name == name]
         try:
             with registry.transaction(name) as register:
                 for impl in impls:
@@ -166,8 +164,8 @@ def load_registry(
         registry.plugins[name] = record
         if name in disabled or (only and name not in only):
             record.status = "disabled"
-            record.error = "disabled by SOMAX_PLUG_DISABLE" if name in disabled else (
-                "not in SOMAX_PLUG_ONLY"
+            record.error = (
+                "disabled by SOMAX_PLUG_DISABLE" if name in disabled else ("not in SOMAX_PLUG_ONLY")
             )
             continue
         try:
@@ -180,8 +178,11 @@ def load_registry(
             continue
         register_plugin(registry, pm, name, plugin, record)
 
-    problems = [f"plugin {r.name!r} failed: {r.error}" for r in registry.plugins.values()
-                if r.status == "failed"]
+    problems = [
+        f"plugin {r.name!r} failed: {r.error}"
+        for r in registry.plugins.values()
+        if r.status == "failed"
+    ]
     problems += [c.message() for c in registry.conflicts if c.resolution == "ambiguous"]
     if problems:
         if strict:

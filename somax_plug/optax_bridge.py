@@ -89,7 +89,7 @@ def as_optax(
     if on_nonfinite not in ("zero", "propagate"):
         raise ValueError(f"on_nonfinite must be 'zero' or 'propagate', got {on_nonfinite!r}")
     if method is None:
-        from somax_plug.compose import compose
+        from somax_plug.composition import compose
 
         method = compose(curvature, solver, **compose_kwargs)
     elif curvature is not None or solver is not None or compose_kwargs:
@@ -118,8 +118,13 @@ def as_optax(
         return BridgeState(inner, info)
 
     def update_fn(
-        updates: Any, state: BridgeState, params: Any = None, *, batch: Any = None,
-        key: Any = None, **extra: Any
+        updates: Any,
+        state: BridgeState,
+        params: Any = None,
+        *,
+        batch: Any = None,
+        key: Any = None,
+        **extra: Any,
     ) -> tuple[Any, BridgeState]:
         if params is None or batch is None:
             raise InputError(

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from somax_plug.compose import ComponentRef, Composition, load_composition
+from somax_plug.composition import ComponentRef, Composition, load_composition
 from somax_plug.errors import CompositionError, PlanVetoed, RegistryError
 from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, Kind, instance_provides
 from somax_plug.plan import Plan, PlannedComponent, ResourceNode
@@ -117,7 +117,9 @@ def _check_tags(
     what = f"{component.kind.value} {_short(component)!r}"
     need_text = " and ".join(sorted(needed))
     if curvature is None:
-        options = [s.name for s in registry.list(Kind.CURVATURE) if needed <= close_tags(s.provides)]
+        options = [
+            s.name for s in registry.list(Kind.CURVATURE) if needed <= close_tags(s.provides)
+        ]
         raise CompositionError(
             f"{what} needs a {need_text} curvature operator, but the composition has no "
             f"curvature; add curvature= one of: {', '.join(options) or '(none registered)'}"
@@ -134,9 +136,7 @@ def _check_tags(
         and s.requires.statistics <= stats
         and s.name != _short(component)
     ]
-    curvatures = [
-        s.name for s in registry.list(Kind.CURVATURE) if needed <= close_tags(s.provides)
-    ]
+    curvatures = [s.name for s in registry.list(Kind.CURVATURE) if needed <= close_tags(s.provides)]
     hint = []
     if component.name.endswith(":cg") and PSD in missing and SYMMETRIC in curvature.provides:
         hint.append("or solver {'name': 'cg', 'negative_curvature': 'guard'}")
@@ -251,8 +251,10 @@ def make_plan(
     for c in components:
         if c.kind == Kind.CURVATURE:
             continue  # its resources are read by the ``operator`` provider (its build)
-        label = f"{c.role}:{_short(c)}" if not c.role.startswith("estimator") else (
-            f"estimator:{_short(c)}"
+        label = (
+            f"{c.role}:{_short(c)}"
+            if not c.role.startswith("estimator")
+            else (f"estimator:{_short(c)}")
         )
         cadence_of[label] = c.every_k
         reads = set(c.requires_resources)
@@ -289,12 +291,18 @@ def make_plan(
             )
             label = f"curvature:{_short(curvature)}"
         elif name == "loss_after":
-            provider = ResourceProvider("loss_after", compute=_step_only, requires=(),
-                                        summary="loss at the updated parameters")
+            provider = ResourceProvider(
+                "loss_after",
+                compute=_step_only,
+                requires=(),
+                summary="loss at the updated parameters",
+            )
             label = STEP
         elif name == "predicted_decrease":
             provider = ResourceProvider(
-                "predicted_decrease", compute=_step_only, requires={"grad", "operator"},
+                "predicted_decrease",
+                compute=_step_only,
+                requires={"grad", "operator"},
                 summary="-(g.u + u.Cu/2) for the update u",
             )
             label = STEP

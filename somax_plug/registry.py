@@ -199,9 +199,7 @@ class Registry:
 
     def _add_preset(self, preset: PresetSpec, override: bool) -> None:
         if preset.qualified_name in self._presets:
-            raise ConflictError(
-                f"plugin {preset.plugin!r} registered preset {preset.name!r} twice"
-            )
+            raise ConflictError(f"plugin {preset.plugin!r} registered preset {preset.name!r} twice")
         if override and preset.name in self._preset_overrides:
             raise ConflictError(f"preset {preset.name!r}: two plugins claim it with override=True")
         self._presets[preset.qualified_name] = preset
@@ -399,7 +397,9 @@ class Registry:
                 (r.name, r.distribution or "", r.version or "", r.status)
                 for r in self.plugins.values()
             ),
-            "components": sorted(f"{s.kind.value}/{s.qualified_name}" for s in self._specs.values()),
+            "components": sorted(
+                f"{s.kind.value}/{s.qualified_name}" for s in self._specs.values()
+            ),
             "presets": sorted(self._presets),
         }
         blob = json.dumps(payload, sort_keys=True).encode()

@@ -290,8 +290,9 @@ class Method:
             def run(es: Any, comp: Any = comp, ekey: Any = ekey) -> Any:
                 return comp.instance.estimate(branch(), ekey, es)
 
-            out, new_es = _cadenced(comp.every_k, count, run, lambda es: (es["stats"], es),
-                                    est_state)
+            out, new_es = _cadenced(
+                comp.every_k, count, run, lambda es: (es["stats"], es), est_state
+            )
             stats.update(out)
             est_states.append(new_es)
 
@@ -337,9 +338,7 @@ class Method:
             return jnp.asarray(self.model.loss_value(candidate, batch), nan.dtype)
 
         def predicted(_: Any) -> Any:
-            op = d.op if d.op is not None and not plan.unplanned else (
-                _isolated(d.res)["operator"]
-            )
+            op = d.op if d.op is not None and not plan.unplanned else (_isolated(d.res)["operator"])
             cu = op.mv(updates)
             return -(tree.vdot(d.grad, updates) + 0.5 * tree.vdot(updates, cu)).astype(nan.dtype)
 

@@ -110,7 +110,7 @@ def test_the_broken_example_is_failed_with_its_reason_and_isolated(examples):
     assert not registry.find("broken_solver")
     assert registry.plugin_manager.get_plugin("broken") is None  # its hooks are gone
     # the others still compose, and the broken plugin's veto hook does not run
-    from somax_plug.compose import compose
+    from somax_plug.composition import compose
 
     # (the lineax solvers' module imports lineax, an optional extra: only xdiag is built)
     method = compose("ggn", "cg", estimators=["xdiag"], preconditioner="jacobi",

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import somax_plug
 from somax_plug import hookimpl
 from somax_plug.cli import main as cli_main
-from somax_plug.compose import Composition, compose, load_composition
+from somax_plug.composition import Composition, compose, load_composition
 from somax_plug.errors import CompositionError, PlanVetoed
 from somax_plug.kinds import Estimator, Kind
 from somax_plug.loader import load_registry
@@ -408,16 +408,18 @@ def test_optax_bridge_under_inject_hyperparams():
 def test_optax_bridge_with_apply_if_finite_keeps_everything_on_a_bad_batch():
     tx = optax.apply_if_finite(
         optax.chain(
-            as_optax(preset="sgn", predict_fn=mlp, loss="softmax_cross_entropy",
-                     on_nonfinite="propagate"),
+            as_optax(
+                preset="sgn", predict_fn=mlp, loss="softmax_cross_entropy", on_nonfinite="propagate"
+            ),
             optax.trace(decay=0.9),
             optax.scale_by_learning_rate(0.5),
         ),
         max_consecutive_errors=5,
     )
     bad = (BATCH[0].at[0, 0].set(jnp.nan), BATCH[1])
-    loss_fn = lambda p, b: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        mlp(p, b[0]), b[1]))
+    loss_fn = lambda p, b: jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(mlp(p, b[0]), b[1])
+    )
 
     @jax.jit
     def train_step(params, state, batch):
@@ -427,8 +429,11 @@ def test_optax_bridge_with_apply_if_finite_keeps_everything_on_a_bad_batch():
 
     params, state = train_step(PARAMS, tx.init(PARAMS), BATCH)  # momentum is non-zero now
     after_bad, state_bad = train_step(params, state, bad)
-    for a, b in zip(jax.tree_util.tree_leaves((after_bad, state_bad.inner_state)),
-                    jax.tree_util.tree_leaves((params, state.inner_state)), strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves((after_bad, state_bad.inner_state)),
+        jax.tree_util.tree_leaves((params, state.inner_state)),
+        strict=True,
+    ):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()  # bitwise, NaN info too
     assert int(state_bad.notfinite_count) == 1
 

@@ -80,7 +80,7 @@ def ggn_vp_full(params: Any, x: jax.Array, v: Any) -> Any:
 
 def run(quick: bool = False, smoke: bool = False, k: int = K) -> dict[str, Any]:
     """FLOPs of the step, the gradient and a GGN-vp; ``flops_over_minimum``."""
-    from somax_plug.compose import compose
+    from somax_plug.composition import compose
 
     sizes, batch_size = ((8, 8, 3), 4) if smoke else ((784, 256, 10), 256)
     k = 3 if smoke else k

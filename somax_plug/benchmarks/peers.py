@@ -53,7 +53,7 @@ def somax_available() -> bool:
 
 def ours_sgn(cfg: dict[str, Any]) -> Any:
     """Our SGN with the configuration ``cfg`` (see the module docstring)."""
-    from somax_plug.compose import compose
+    from somax_plug.composition import compose
 
     return compose(
         "ggn",

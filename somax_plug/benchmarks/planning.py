@@ -59,7 +59,7 @@ def run_case(name: str, preset: str, overrides: dict[str, Any], sizes: tuple[int
              batch_size: int, repeats: int, cycle: int = 10,
              with_flops: bool = True, warmup_s: float = 3.0) -> dict[str, Any]:
     """Time one composition planned and unplanned; see the module docstring."""
-    from somax_plug.compose import compose
+    from somax_plug.composition import compose
 
     params = init_mlp(jax.random.key(0), sizes)
     batch = random_batch(jax.random.key(1), batch_size, sizes[0], sizes[-1])

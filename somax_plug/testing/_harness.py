@@ -433,7 +433,7 @@ def check_in_step(
     the state's types change over a step, when the second run retraces the
     component, or when the step's outputs are not finite.
     """
-    from somax_plug.compose import compose
+    from somax_plug.composition import compose
 
     role = {
         Kind.CURVATURE: "curvature",

@@ -3,7 +3,7 @@
 import pytest
 import somax_plug_broken
 
-from somax_plug.compose import compose
+from somax_plug.composition import compose
 from somax_plug.errors import CompositionError
 
 

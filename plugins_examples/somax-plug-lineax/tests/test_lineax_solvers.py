@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 import somax_plug_lineax
 
-from somax_plug.compose import compose
+from somax_plug.composition import compose
 from somax_plug.testing.conformance import check_solver
 
 CONVERGE = {"rtol": 1e-11, "atol": 1e-12, "max_steps": 400}

@@ -36,7 +36,7 @@ TOML layout (``somax-plug plan FILE.toml``)::
     lam = 1e-3
 
 Example:
-    >>> from somax_plug.compose import Composition
+    >>> from somax_plug.composition import Composition
     >>> c = Composition.from_dict({"curvature": "ggn", "solver": {"name": "cg", "maxiter": 5}})
     >>> c.solver.name, dict(c.solver.options)
     ('cg', {'maxiter': 5})
@@ -106,7 +106,9 @@ def as_ref(kind: Kind, value: Any, role: str) -> ComponentRef:
             )
         every_k = options.pop("every_k", None)
         if every_k is not None and (not isinstance(every_k, int) or every_k < 1):
-            raise CompositionError(f"{role} {name!r}: every_k must be a positive int, got {every_k!r}")
+            raise CompositionError(
+                f"{role} {name!r}: every_k must be a positive int, got {every_k!r}"
+            )
         return ComponentRef(kind, name=name, options=options, every_k=every_k)
     raise CompositionError(
         f"{role}: expected a registered {kind.value} name, a {{'name': ..., **options}} mapping, "
