@@ -227,7 +227,7 @@ def test_damping_keeps_leaf_dtypes():
 
 @pytest.mark.parametrize("kind", ["general", "symmetric", "psd"])
 def test_to_lineax_solves_and_carries_tags(kind):
-    lx = pytest.importorskip("lineax")  # the optional extra somax-plug[lineax]
+    import lineax as lx  # the optional extra somax-plug[lineax]; in the test extra too
     primal = LAYOUTS[2]
     n = size(primal)
     rng = np.random.default_rng(0)
