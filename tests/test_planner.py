@@ -119,6 +119,11 @@ def test_missing_statistic_names_estimators():
         make_plan({"curvature": "ggn", "solver": "diagonal"})
 
 
+def test_builtin_validate_hook_refuses_gnb_with_another_loss():
+    with pytest.raises(PlanVetoed, match="plugin 'builtin'.*gnb_diag.*'mse'"):
+        compose(preset="sophia_g", predict_fn=mlp, loss="mse")
+
+
 def test_bad_options_and_names_fail_before_tracing():
     with pytest.raises(CompositionError, match="did you mean 'minres'"):
         make_plan({"curvature": "ggn", "solver": "minre"})

@@ -39,3 +39,18 @@ def somax_plug_provide_resource(name: str, registry: Any) -> Any:
 def somax_plug_amend_plan(plan: Any) -> Any:
     """Innermost implementation: the plan as the planner made it."""
     return plan
+
+
+@hookimpl
+def somax_plug_validate_plan(plan: Any) -> Any:
+    """Refuse ``gnb_diag`` with a loss other than softmax cross-entropy, before tracing."""
+    loss = plan.loss
+    if loss is None or loss == "softmax_cross_entropy":
+        return None
+    users = [c.name for c in plan.estimators if c.name == "builtin:gnb_diag"]
+    if not users:
+        return None
+    return (
+        f"estimator 'gnb_diag' (Gauss-Newton-Bartlett) needs loss 'softmax_cross_entropy', "
+        f"the composition uses {loss!r}; use estimator 'hutchinson_diag' on curvature 'ggn'"
+    )
