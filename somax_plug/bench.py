@@ -5,7 +5,7 @@ Parts (each ``run(quick) -> dict``; the modules document their protocols):
 * :mod:`somax_plug.benchmarks.planning`: ``planned_over_unplanned``;
 * :mod:`somax_plug.benchmarks.peers`: ``ours_over_somax_same_config``,
   ``ours_over_adam_per_step``;
-* ``benchmarks/bench_matvec.py`` (repository only, loaded by path):
+* :mod:`somax_plug.benchmarks.matvec` (also ``benchmarks/bench_matvec.py``):
   ``ggnvp_over_grad``, ``hvp_over_grad``;
 * :mod:`somax_plug.benchmarks.flops`: ``flops_over_minimum``;
 * :mod:`somax_plug.benchmarks.time_to_accuracy`: ``time_to_97_over_adam``,
@@ -31,12 +31,10 @@ nothing fails.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 RATIOS = (
@@ -72,31 +70,12 @@ PART_OF = {
 }
 """Which part reports each ratio."""
 
-MATVEC_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_matvec.py"
-
-
-def load_matvec(path: Path = MATVEC_PATH) -> Any:
-    """``benchmarks/bench_matvec.py`` as a module (it lives in the repository only)."""
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: the matvec benchmark ships with the repository, not the "
-            "wheel; run from a clone"
-        )
-    spec = importlib.util.spec_from_file_location("somax_plug_bench_matvec", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _matvec(quick: bool, smoke: bool) -> dict[str, Any]:
     if smoke:
-        return {"ggnvp_over_grad": None, "hvp_over_grad": None, "note": "skipped (smoke)"}
-    try:
-        module = load_matvec()
-    except FileNotFoundError as exc:
-        return {"ggnvp_over_grad": None, "hvp_over_grad": None, "note": str(exc)}
-    return module.run(quick)
+        return {"ggnvp_over_grad": None, "hvp_over_grad": None, "note": "not run (smoke)"}
+    from somax_plug.benchmarks import matvec
+
+    return matvec.run(quick)
 
 
 def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:

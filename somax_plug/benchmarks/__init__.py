@@ -3,6 +3,8 @@
 =======================  ===================================================  ============
 module                   measures                                             ratio
 =======================  ===================================================  ============
+``matvec``               one GGN-vp and one HVP over one gradient (~200k      ggnvp_over_grad,
+                         parameters)                                          hvp_over_grad
 ``planning``             planned vs unplanned per-step time (sgn,             planned_over_
                          gauss_newton_lm)                                     unplanned
 ``peers``                the same SGN configuration as python-somax's         ours_over_somax_
@@ -16,7 +18,6 @@ module                   measures                                             ra
 =======================  ===================================================  ============
 
 The matrix-vector product ratios (``ggnvp_over_grad``, ``hvp_over_grad``) come from
-``benchmarks/bench_matvec.py`` in the repository, which :mod:`somax_plug.bench` loads
-by path. Every timing alternates the contenders, takes medians over repeats after a
+``matvec``. Every timing alternates the contenders, takes medians over repeats after a
 warm-up, excludes compilation and waits with ``jax.block_until_ready``.
 """
