@@ -29,6 +29,8 @@ from somax_plug.errors import CompositionError, InputError
 from somax_plug.kinds import LinearOperator, SolverInfo
 from somax_plug.operators import MatrixOperator
 from somax_plug.spec import Requires
+from somax_plug.testing.strategies import orthogonal
+from somax_plug.testing.strategies import unravel_numpy as make_tree
 
 TOL = 1e-10
 MAXITER = 200
@@ -57,25 +59,6 @@ def structures(draw: st.DrawFn, n: int) -> tuple[str, tuple[tuple[int, ...], ...
 
 POOL = {6: ("dict", ((2,), (2, 2))), 9: ("nested", ((3, 2), (), (2,)))}
 """Layouts the accuracy properties draw from (n -> layout): one compile per solver each."""
-
-
-def make_tree(flat: np.ndarray, structure: tuple, dtype=jnp.float64):
-    layout, shapes = structure
-    leaves, i = [], 0
-    for shape in shapes:
-        m = math.prod(shape)
-        leaves.append(jnp.asarray(np.reshape(flat[i : i + m], shape), dtype))
-        i += m
-    if layout == "dict":
-        return {f"p{j}": leaf for j, leaf in enumerate(leaves)}
-    if layout == "tuple":
-        return tuple(leaves)
-    return {"body": list(leaves[:-1]), "head": {"w": leaves[-1]}}
-
-
-def orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(n, n)))
-    return q * np.sign(np.diag(r))
 
 
 def spd_matrix(rng: np.random.Generator, n: int, cond: float) -> np.ndarray:

@@ -265,7 +265,8 @@ def unravel_numpy(flat: np.ndarray, structure: tuple, dtype: Any = None) -> PyTr
     return {"body": list(leaves[:-1]), "head": {"w": leaves[-1]}}
 
 
-def _orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
+def orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random orthogonal matrix (Haar, by QR with sign correction)."""
     q, r = np.linalg.qr(rng.normal(size=(n, n)))
     return q * np.sign(np.diag(r))
 
@@ -293,13 +294,13 @@ def make_system(
     e = np.exp(rng.permutation(np.linspace(np.log(lo), np.log(hi), n)))
     rows = None
     if kind == "spd":
-        q = _orthogonal(rng, n)
+        q = orthogonal(rng, n)
         matrix = (q * e) @ q.T
     elif kind == "indefinite":
         signs = rng.choice([-1.0, 1.0], size=n)
         signs[0], signs[-1] = 1.0, -1.0
         e = signs * (e + 2 * lam)  # |e + lam| >= lo for every eigenvalue
-        q = _orthogonal(rng, n)
+        q = orthogonal(rng, n)
         matrix = (q * e) @ q.T
     elif kind == "diagonal":
         matrix = np.diag(e)
