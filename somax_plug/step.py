@@ -338,7 +338,10 @@ class Method:
             return jnp.asarray(self.model.loss_value(candidate, batch), nan.dtype)
 
         def predicted(_: Any) -> Any:
-            op = d.op if d.op is not None and not plan.unplanned else (_isolated(d.res)["operator"])
+            if d.op is not None:  # the solver's operator (rebuilt per product if unplanned)
+                op = d.op
+            else:
+                op = (_isolated(d.res) if plan.unplanned else d.res.child())["operator"]
             cu = op.mv(updates)
             return -(tree.vdot(d.grad, updates) + 0.5 * tree.vdot(updates, cu)).astype(nan.dtype)
 
