@@ -352,3 +352,18 @@ def symmetric_matrices(
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))
     lam = rng.normal(size=n) * 2 if kind == "indefinite" else rng.choice([0.0, 1.0, 3.0], n)
     return MatrixCase((q * lam) @ q.T, primal, kind)
+
+
+def _curvatures() -> dict:
+    from somax_plug.builtin.curvature import GGN, EmpiricalFisher, Fisher, Hessian
+
+    return {
+        "hessian": Hessian(),
+        "ggn": GGN(),
+        "fisher": Fisher(num_samples=2),
+        "empirical_fisher": EmpiricalFisher(),
+    }
+
+
+CURVATURES = _curvatures()
+"""The built-in curvature components, by name, as the operator and estimator tests use them."""

@@ -45,6 +45,7 @@ from somax_plug.model import make_model
 from somax_plug.operators import MatrixOperator
 from somax_plug.resources import ResourceProvider, Resources
 from tests.strategies import (  # noqa: F401 (cheap_compiles is a fixture)
+    CURVATURES,
     SMALL_ARCHITECTURES,
     cheap_compiles,
     init_mlp,
@@ -58,12 +59,6 @@ from tests.strategies import (  # noqa: F401 (cheap_compiles is a fixture)
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
-CURVATURES = {
-    "hessian": Hessian(),
-    "ggn": GGN(),
-    "fisher": Fisher(num_samples=2),
-    "empirical_fisher": EmpiricalFisher(),
-}
 NUM_KEYS = 256
 
 

@@ -22,11 +22,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from somax_plug.builtin.curvature import GGN, EmpiricalFisher, Fisher, Hessian
+from somax_plug.builtin.curvature import GGN, Fisher
 from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, LinearOperator
 from somax_plug.losses import flatten_per_example, unflatten_per_example
 from somax_plug.model import make_model
 from tests.strategies import (  # noqa: F401 (cheap_compiles is a fixture)
+    CURVATURES,
     cheap_compiles,
     init_mlp,
     make_batch,
@@ -38,12 +39,6 @@ from tests.strategies import (  # noqa: F401 (cheap_compiles is a fixture)
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
-CURVATURES = {
-    "hessian": Hessian(),
-    "ggn": GGN(),
-    "fisher": Fisher(num_samples=2),
-    "empirical_fisher": EmpiricalFisher(),
-}
 DETERMINISTIC = ("hessian", "ggn", "empirical_fisher")
 
 
