@@ -13,7 +13,6 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from somax_plug.errors import SomaxPlugError
 
@@ -213,10 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `somax-plug list --json | head`: the reader left early
         sys.stderr.close()
         return 0
-
-
-def _entry() -> Any:  # pragma: no cover
-    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

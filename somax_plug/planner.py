@@ -30,7 +30,7 @@ from typing import Any
 
 from somax_plug.composition import ComponentRef, Composition, load_composition
 from somax_plug.errors import CompositionError, PlanVetoed, RegistryError
-from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, Kind, instance_provides
+from somax_plug.kinds import PSD, SYMMETRIC, Kind, instance_provides
 from somax_plug.plan import Plan, PlannedComponent, ResourceNode
 from somax_plug.resources import INPUT_RESOURCES, ResourceProvider
 from somax_plug.spec import ComponentSpec, Requires
@@ -402,5 +402,3 @@ def _step_only(res: Any) -> Any:
         "damping policies receive them in StepStats"
     )
 
-
-__all__ = ["DIAG", "ROW_SPACE", "close_tags", "make_plan"]

@@ -49,9 +49,6 @@ from somax_plug.spec import _frozenset
 
 PyTree = Any
 
-STEP_RESOURCES = frozenset({"loss_after", "predicted_decrease"})
-"""Resources the step builder computes after the solve (not by a provider)."""
-
 INPUT_RESOURCES = frozenset({"params", "batch", "key"})
 """Resources that are the step's own inputs."""
 

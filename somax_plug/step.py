@@ -140,6 +140,11 @@ def _isolated(res: Resources) -> Resources:
     return res.fresh(jax.lax.optimization_barrier(res.params))
 
 
+def _default_key(count: jax.Array) -> jax.Array:
+    """The key a step uses when none is given: ``fold_in(key(0), count)``."""
+    return jax.random.fold_in(jax.random.key(0), count)
+
+
 def _tick(count: jax.Array, every_k: int) -> jax.Array:
     return (count % every_k) == 0
 
@@ -192,6 +197,12 @@ class Method:
         }
         self._validator = InputValidator(model, self.data_parallel)
         self._step_jit = jax.jit(self._step)
+        self._step_default_key = jax.jit(
+            lambda params, state, batch: self._step(
+                params, state, batch, _default_key(state.count)
+            )
+        )
+        self._example_key: Any = None
 
     # ------------------------------------------------------------------ state
     def init(self, params: Any) -> MethodState:
@@ -399,10 +410,16 @@ class Method:
                 f"state must be the MethodState from method.init or a previous step, got "
                 f"{type(state).__name__}; the arguments are step(params, state, batch, key)"
             )
-        if key is None:
-            key = jax.random.fold_in(jax.random.key(0), state.count)
         if not self._validator.bound:  # a state restored or built elsewhere
             self._bind(params, self._checked_state_spec(params))
+        if key is None and self.data_parallel is None:
+            # the default key is derived inside the jitted step: no eager dispatches
+            if self._example_key is None:
+                self._example_key = jax.random.key(0)
+            self._validator.check(params, state, batch, self._example_key)
+            return self._step_default_key(params, state, batch)
+        if key is None:
+            key = _default_key(state.count)
         self._validator.check(params, state, batch, key)
         if self.data_parallel is not None:
             params, state, batch, key = self.data_parallel.place(params, state, batch, key)
