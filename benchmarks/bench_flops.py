@@ -1,6 +1,6 @@
 """Compiled FLOPs of the sgn step over flops(gradient) + k flops(GGN-vp).
 
-A thin script over :mod:`somax_plug.benchmarks.flops` (where the protocol is
+A thin script over :mod:`somax_plug._src.benchmarks.flops` (where the protocol is
 documented); `somax-plug bench` runs it together with the other parts.
 
 Usage: ``python benchmarks/bench_flops.py [--quick]`` (prints JSON).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from somax_plug.benchmarks.flops import run
+from somax_plug._src.benchmarks.flops import run
 
 if __name__ == "__main__":
     print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -1,6 +1,6 @@
 """One GGN-vector product and one HVP relative to one gradient (MLP of ~200k parameters).
 
-A thin script over :mod:`somax_plug.benchmarks.matvec` (where the protocol is
+A thin script over :mod:`somax_plug._src.benchmarks.matvec` (where the protocol is
 documented); `somax-plug bench` runs it together with the other parts.
 
 Usage: ``python benchmarks/bench_matvec.py [--quick]`` (prints JSON).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from somax_plug.benchmarks.matvec import run
+from somax_plug._src.benchmarks.matvec import run
 
 if __name__ == "__main__":
     print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

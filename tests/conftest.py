@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 
+pytest_plugins = ["somax_plug.testing.plugin"]  # somax_registry, register_plugin, ...
+
 settings.register_profile(
     "ci",
     max_examples=8,

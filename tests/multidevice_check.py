@@ -29,8 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from somax_plug import checkpoint, compose  # noqa: E402
-from somax_plug.errors import InputError  # noqa: E402
-from somax_plug.sharding import data_parallel_mesh, shard_large_2d  # noqa: E402
+from somax_plug._src.errors import InputError  # noqa: E402
+from somax_plug._src.sharding import data_parallel_mesh, shard_large_2d  # noqa: E402
 
 STEPS = 3
 PRESETS = ("sgn", "gauss_newton_lm", "sophia_h", "natural_gradient")

@@ -239,7 +239,7 @@ def make_resources(
     curvature: Any = None,
     planned: Any = None,
 ) -> Any:
-    """A :class:`~somax_plug.resources.Resources` with the built-in providers.
+    """A :class:`~somax_plug._src.resources.Resources` with the built-in providers.
 
     With ``curvature`` (a Curvature instance) an ``"operator"`` provider builds it, as
     the step builder would. ``planned`` (names) keeps only those providers, so reading
@@ -247,12 +247,13 @@ def make_resources(
     """
     import jax
 
+    from somax_plug import requirements_of
+    from somax_plug._src.resources import ResourceProvider, Resources
     from somax_plug.builtin.resources import PROVIDERS
-    from somax_plug.resources import ResourceProvider, Resources
 
     providers = dict(PROVIDERS)
     if curvature is not None:
-        needs = curvature.requires.resources
+        needs = requirements_of(curvature).resources
         providers["operator"] = ResourceProvider("operator", curvature.build, requires=needs)
     if planned is not None:
         providers = {k: p for k, p in providers.items() if k in planned or k == "operator"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from somax_plug import compose
-from somax_plug.errors import InputError
+from somax_plug._src.errors import InputError
 
 
 def mlp(params, x):

@@ -12,10 +12,10 @@ import optax
 import pytest
 
 from somax_plug import checkpoint, compose, hookimpl
-from somax_plug.errors import CheckpointError
-from somax_plug.loader import load_registry, register_plugin
-from somax_plug.registry import PluginRecord
-from somax_plug.spec import ComponentSpec
+from somax_plug._src.errors import CheckpointError
+from somax_plug._src.loader import load_registry, register_plugin
+from somax_plug._src.registry import PluginRecord
+from somax_plug._src.spec import ComponentSpec
 
 N = 6  # 2N = 12 steps: sophia_h's estimator (every 10 steps) ticks after the restore
 

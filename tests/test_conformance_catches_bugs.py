@@ -17,13 +17,13 @@ import attrs
 import jax.numpy as jnp
 import pytest
 
-from somax_plug import tree
+from somax_plug._src import tree
+from somax_plug._src.kinds import Curvature, Damping, Estimator, LinearOperator, Preconditioner
+from somax_plug._src.spec import Requires
 from somax_plug.builtin.curvature import GGN
 from somax_plug.builtin.damping import Constant
 from somax_plug.builtin.estimators import HutchinsonDiag
 from somax_plug.builtin.solvers import CG
-from somax_plug.kinds import Curvature, Damping, Estimator, LinearOperator, Preconditioner
-from somax_plug.spec import Requires
 from somax_plug.testing.conformance import (
     ConformanceError,
     check_curvature,

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from somax_plug import requirements_of
+from somax_plug._src.kinds import SolverInfo, StepStats
+from somax_plug._src.spec import Requires
 from somax_plug.builtin import damping as D
-from somax_plug.kinds import SolverInfo, StepStats
-from somax_plug.spec import Requires
 
 INFO = SolverInfo(jnp.int32(3), jnp.float32(1e-3), jnp.bool_(True))
 
@@ -120,7 +121,7 @@ def test_levenberg_marquardt_ratio_test():
     # a NaN loss after the step: rejected, rho reported as NaN
     state, accept = lm.update(state, step_stats(1.0, math.nan, 0.5))
     assert not bool(accept) and np.isnan(float(state.rho))
-    assert lm.requires == Requires(resources={"loss_after", "predicted_decrease"})
+    assert requirements_of(lm) == Requires(resources={"loss_after", "predicted_decrease"})
 
 
 def test_levenberg_marquardt_validates_options_and_clips_init():
@@ -146,7 +147,7 @@ def test_constant_rejects_only_non_finite_steps(rows):
         assert bool(accept) == finite
         assert float(policy.value(state)) == 0.25
     assert int(state.count) == len(rows)
-    assert policy.requires.is_empty()
+    assert requirements_of(policy).is_empty()
 
 
 def test_schedule_from_an_optax_dict_matches_optax():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from somax_plug import bench
-from somax_plug.demo import HEADERS, run_job, summary_rows
+from somax_plug._src import bench
+from somax_plug._src.demo import HEADERS, run_job, summary_rows
 
 SUMMARY_FIELDS = {
     "final_test_accuracy", "steps", "wall_clock_s", "time_to_95_s", "steps_to_95",

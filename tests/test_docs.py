@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from somax_plug import hookspecs
+from somax_plug._src import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 
 def hookspec_names() -> list[str]:
-    """Every hook declared in :mod:`somax_plug.hookspecs` (pluggy marks them)."""
+    """Every hook declared in :mod:`somax_plug._src.hookspecs` (pluggy marks them)."""
     marker = f"{hookspecs.PROJECT}_spec"
     return sorted(
         name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, marker)
@@ -56,6 +56,6 @@ def test_api_reference_targets_import():
     for page in (DOCS / "reference").glob("*.md"):
         targets += re.findall(r"^::: ([\w.]+)\s*$", page.read_text(encoding="utf-8"),
                               flags=re.MULTILINE)
-    assert "somax_plug.hookspecs" in targets
+    assert "somax_plug._src.hookspecs" in targets
     for target in targets:
         importlib.import_module(target)

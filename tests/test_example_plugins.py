@@ -3,7 +3,7 @@
 Fast, in-process: each example is installed as a real ``.dist-info`` (its own
 ``pyproject.toml`` name, version and entry point; its package's source files) with
 the author kit's ``fake_distribution`` fixture, and loaded through
-``somax_plug.loader.load_registry`` exactly as pip-installed plugins are.
+``somax_plug._src.loader.load_registry`` exactly as pip-installed plugins are.
 
 Slow (``-m slow``): a fresh virtual environment, ``pip install`` of somax-plug and of
 the three examples (the venv sees this interpreter's site-packages through a
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from somax_plug.errors import CompositionError, PluginError
-from somax_plug.loader import iter_entry_points, load_registry
+from somax_plug._src.errors import CompositionError, PluginError
+from somax_plug._src.loader import iter_entry_points, load_registry
 from somax_plug.testing.plugin import fake_distribution  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_the_broken_example_is_failed_with_its_reason_and_isolated(examples):
     assert not registry.find("broken_solver")
     assert registry.plugin_manager.get_plugin("broken") is None  # its hooks are gone
     # the others still compose, and the broken plugin's veto hook does not run
-    from somax_plug.composition import compose
+    from somax_plug._src.composition import compose
 
     # (the lineax solvers' module imports lineax, an optional extra: only xdiag is built)
     method = compose("ggn", "cg", estimators=["xdiag"], preconditioner="jacobi",

@@ -14,13 +14,13 @@ import warnings
 import pytest
 
 from somax_plug import hookimpl
-from somax_plug.errors import PluginError, UnknownComponentError
-from somax_plug.loader import iter_entry_points, load_registry
+from somax_plug._src.errors import PluginError, UnknownComponentError
+from somax_plug._src.loader import iter_entry_points, load_registry
 from somax_plug.testing.distributions import install_fake_distribution
 
 GOOD = """
 from somax_plug import hookimpl
-from somax_plug.spec import ComponentSpec, Requires
+from somax_plug._src.spec import ComponentSpec, Requires
 SOMAX_PLUG_API_VERSION = 1
 
 @hookimpl
@@ -32,7 +32,7 @@ def somax_plug_register(register):
 
 HALF = """
 from somax_plug import hookimpl
-from somax_plug.spec import ComponentSpec
+from somax_plug._src.spec import ComponentSpec
 
 @hookimpl
 def somax_plug_register(register):

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from somax_plug.errors import CompositionError
-from somax_plug.losses import (
+from somax_plug._src.errors import CompositionError
+from somax_plug._src.losses import (
     LOSSES,
     MSE,
     CallableLoss,
@@ -24,7 +24,7 @@ from somax_plug.losses import (
     get_loss,
     unflatten_per_example,
 )
-from somax_plug.model import Model, make_model
+from somax_plug._src.model import Model, make_model
 from tests.strategies import cheap_compiles, make_targets, mlp_cases  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")

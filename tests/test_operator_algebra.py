@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from somax_plug import operators as ops
-from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, LinearOperator
-from somax_plug.tree import dense_from_mv
+from somax_plug._src import operators as ops
+from somax_plug._src.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, LinearOperator
+from somax_plug._src.tree import dense_from_mv
 
 
 def _zeros(*shapes):

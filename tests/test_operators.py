@@ -22,10 +22,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
+from somax_plug import spec_of
+from somax_plug._src.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, LinearOperator
+from somax_plug._src.losses import flatten_per_example, unflatten_per_example
+from somax_plug._src.model import make_model
 from somax_plug.builtin.curvature import GGN, Fisher
-from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, LinearOperator
-from somax_plug.losses import flatten_per_example, unflatten_per_example
-from somax_plug.model import make_model
 from tests.strategies import (  # noqa: F401 (cheap_compiles is a fixture)
     CURVATURES,
     cheap_compiles,
@@ -161,7 +162,7 @@ def _check_structure(name, report, dtype, scale):
     """Tags, linearity, row factors and diagonal, all from one report."""
     tol = _tol(dtype) * scale
     dense = np.asarray(report["dense"], np.float64)
-    op_tags = type(CURVATURES[name]).provides
+    op_tags = spec_of(CURVATURES[name]).provides
     if SYMMETRIC in op_tags:  # u.Cv == v.Cu for all u, v
         np.testing.assert_allclose(dense, dense.T, atol=tol)
     if PSD in op_tags:  # v.Cv >= 0

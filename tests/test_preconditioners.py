@@ -12,11 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
+from somax_plug import requirements_of
+from somax_plug._src.errors import CompositionError
+from somax_plug._src.operators import MatrixOperator
+from somax_plug._src.spec import Requires
 from somax_plug.builtin import preconditioners as P
 from somax_plug.builtin import solvers as S
-from somax_plug.errors import CompositionError
-from somax_plug.operators import MatrixOperator
-from somax_plug.spec import Requires
 
 PRIMAL = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(4)}  # n = 16, a dict of two leaves
 N = 16
@@ -260,10 +261,10 @@ def test_preconditioners_run_in_scan_with_stable_state():
 
 
 def test_requires_options_and_hashing():
-    assert P.Identity().requires.is_empty()
-    assert P.Jacobi().requires == Requires(statistics={"diag"})
-    assert P.DiagEMA().requires == Requires(statistics={"diag"})
-    assert P.Nystrom().requires == Requires(tags={"psd"}, resources={"operator"})
+    assert requirements_of(P.Identity()).is_empty()
+    assert requirements_of(P.Jacobi()) == Requires(statistics={"diag"})
+    assert requirements_of(P.DiagEMA()) == Requires(statistics={"diag"})
+    assert requirements_of(P.Nystrom()) == Requires(tags={"psd"}, resources={"operator"})
     for bad in (
         lambda: P.DiagEMA(beta=1.0),
         lambda: P.DiagEMA(clip=0.0),

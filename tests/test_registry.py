@@ -6,15 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from somax_plug.errors import (
+from somax_plug._src.errors import (
     AmbiguousComponentError,
     ConflictError,
     RegistryError,
     UnknownComponentError,
 )
-from somax_plug.kinds import Kind
-from somax_plug.registry import Registry
-from somax_plug.spec import ComponentSpec, Requires
+from somax_plug._src.kinds import Kind
+from somax_plug._src.registry import Registry
+from somax_plug._src.spec import ComponentSpec, Requires
 
 
 def _spec(kind="solver", name="cg", **kw):
@@ -24,7 +24,9 @@ def _spec(kind="solver", name="cg", **kw):
 def test_qualified_and_short_lookup():
     reg = Registry()
     with reg.transaction("alpha") as register:
-        register(_spec(name="cg", provides={"x"}, requires=Requires(tags={"psd"})))
+        register(
+            _spec(name="cg", provides={"x"}, requires=Requires(tags={"psd"}), defaults={"a": 0})
+        )
     assert reg.get("solver", "cg").qualified_name == "alpha:cg"
     assert reg.get(Kind.SOLVER, "alpha:cg").plugin == "alpha"
     assert reg.get("solver", "cg").requires.tags == frozenset({"psd"})
@@ -103,7 +105,7 @@ def test_invalid_records_are_refused_with_reason():
     with pytest.raises(ValueError, match="has no factory"):
         with reg.transaction("p") as register:
             register(kind="solver", name="nofactory")
-    with pytest.raises(TypeError, match="takes a ComponentSpec"):
+    with pytest.raises(TypeError, match="takes a declared class or a ComponentSpec"):
         with reg.transaction("p") as register:
             register({"kind": "solver"})
 
@@ -124,7 +126,9 @@ def test_list_filters_and_fingerprint_changes_with_content():
 
 
 def test_lazy_string_factory_and_errors():
-    spec = ComponentSpec(kind="solver", name="x", factory="collections:OrderedDict", plugin="p")
+    spec = ComponentSpec(
+        kind="solver", name="x", factory="collections:OrderedDict", plugin="p", defaults={"a": 0}
+    )
     assert spec.create(a=1)["a"] == 1
     bad = ComponentSpec(kind="solver", name="x", factory="collections", plugin="p")
     with pytest.raises(ValueError, match="module:attribute"):

@@ -21,8 +21,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from somax_plug import compose
-from somax_plug.errors import InputError
-from somax_plug.sharding import (
+from somax_plug._src.errors import InputError
+from somax_plug._src.sharding import (
     DataParallel,
     data_parallel_mesh,
     replicated,

@@ -4,7 +4,7 @@ The package's docstrings use the Google style with a singular ``Example:`` headi
 which Griffe reads as an admonition (Markdown, where ``>>>`` lines would become
 block quotes). This extension renames the heading to ``Examples:`` so that Griffe
 parses the doctest lines into code blocks, and renders Sphinx roles
-(``:class:`~somax_plug.plan.Plan```) as inline code (``Plan``). It changes nothing in
+(``:class:`~somax_plug._src.plan.Plan```) as inline code (``Plan``). It changes nothing in
 the package.
 """
 

@@ -1,29 +1,52 @@
 """The built-in plugin ``builtin``: registered through the same public hooks.
 
-Nothing here is special-cased by the loader: this module is a plugin object with
-``@hookimpl`` functions, exactly like a third-party plugin's module, except that
-the loader finds it without an entry point. Component specs live in light
-catalog modules (no JAX import) with lazy ``"module:attr"`` factories, so that
-``somax-plug list`` stays fast; resource providers are imported on first use.
+Nothing here is special-cased by the loader or the planner: this package is a
+plugin object with ``@hookimpl`` functions, exactly like a third-party plugin's
+module, written against the public ``somax_plug`` namespace only (the loader finds
+it without an entry point). Each component is declared once, on its class, with
+``@declare`` in the module that implements it; :func:`somax_plug_register` registers
+every class those modules declare, so adding a component touches only its module
+(and its tests). The component modules import JAX lazily, so ``somax-plug list``
+stays fast.
+
+================================  ===========================================
+module                            what it declares
+================================  ===========================================
+:mod:`~somax_plug.builtin.curvature`        curvature operators
+:mod:`~somax_plug.builtin.estimators`       estimators
+:mod:`~somax_plug.builtin.solvers`          solvers
+:mod:`~somax_plug.builtin.preconditioners`  preconditioners
+:mod:`~somax_plug.builtin.damping`          damping policies (``constant`` is the
+                                            default damping of a composition)
+:mod:`~somax_plug.builtin.presets`          presets (compositions as data)
+:mod:`~somax_plug.builtin.resources`        resource providers
+================================  ===========================================
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from somax_plug.hookspecs import API_VERSION, hookimpl
+from somax_plug import API_VERSION, hookimpl
 
 SOMAX_PLUG_API_VERSION = API_VERSION
+
+COMPONENT_MODULES = ("curvature", "estimators", "solvers", "preconditioners", "damping")
+"""The modules whose declared classes this plugin registers, in this order."""
 
 
 @hookimpl
 def somax_plug_register(register: Any) -> None:
-    """Register every built-in component and preset."""
-    from somax_plug.builtin import catalog_curvature, catalog_presets, catalog_solvers
+    """Register every declared built-in component, the default damping and the presets."""
+    from somax_plug import declared_in
+    from somax_plug.builtin.presets import PRESETS
 
-    for spec in (*catalog_curvature.SPECS, *catalog_solvers.SPECS):
-        register(spec)
-    for name, (summary, composition) in catalog_presets.PRESETS.items():
+    for name in COMPONENT_MODULES:
+        for spec in declared_in(importlib.import_module(f"{__name__}.{name}")):
+            register(spec)
+    register.default("damping", "constant")
+    for name, (summary, composition) in PRESETS.items():
         register.preset(name, composition, summary=summary)
 
 
@@ -39,18 +62,3 @@ def somax_plug_provide_resource(name: str, registry: Any) -> Any:
 def somax_plug_amend_plan(plan: Any) -> Any:
     """Innermost implementation: the plan as the planner made it."""
     return plan
-
-
-@hookimpl
-def somax_plug_validate_plan(plan: Any) -> Any:
-    """Refuse ``gnb_diag`` with a loss other than softmax cross-entropy, before tracing."""
-    loss = plan.loss
-    if loss is None or loss == "softmax_cross_entropy":
-        return None
-    users = [c.name for c in plan.estimators if c.name == "builtin:gnb_diag"]
-    if not users:
-        return None
-    return (
-        f"estimator 'gnb_diag' (Gauss-Newton-Bartlett) needs loss 'softmax_cross_entropy', "
-        f"the composition uses {loss!r}; use estimator 'hutchinson_diag' on curvature 'ggn'"
-    )

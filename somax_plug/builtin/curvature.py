@@ -30,8 +30,8 @@ terms), which makes the estimate psd with ``S * B`` row factors.
 Example:
     >>> import jax.numpy as jnp
     >>> from somax_plug.builtin.resources import PROVIDERS
-    >>> from somax_plug.model import make_model
-    >>> from somax_plug.resources import Resources
+    >>> from somax_plug._src.model import make_model
+    >>> from somax_plug._src.resources import Resources
     >>> model = make_model(lambda p, x: x @ p, "mse", reduction="sum")
     >>> x, y = jnp.array([[1.0, 0.0], [0.0, 2.0]], jnp.float32), jnp.zeros((2, 1), jnp.float32)
     >>> res = Resources(model, jnp.zeros((2, 1), jnp.float32), (x, y), None, PROVIDERS)
@@ -45,22 +45,35 @@ import math
 from typing import Any, ClassVar
 
 import attrs
-import jax
-import jax.numpy as jnp
 
-from somax_plug import tree
-from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, Curvature, LinearOperator, RowFactors
+from somax_plug import (
+    DIAG,
+    PSD,
+    ROW_SPACE,
+    SYMMETRIC,
+    Curvature,
+    Linearization,
+    OutputHessian,
+    PytreeOperator,
+    Resources,
+    RowFactors,
+    declare,
+    lazy_import,
+    option,
+    tree,
+)
 from somax_plug.losses import (
     batch_size_of,
     compute_dtype,
     flatten_per_example,
     unflatten_per_example,
 )
-from somax_plug.resources import Linearization, OutputHessian, Resources
-from somax_plug.spec import Requires
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
 
 PyTree = Any
-Array = jax.Array
+Array = Any
 
 
 def _stat_dtype(x: Array) -> jnp.dtype:
@@ -81,35 +94,7 @@ def _diag_from_rows(rows: RowFactors, primal: PyTree) -> PyTree:
     return tree.cast_like(acc, primal)
 
 
-class _PytreeOperator(LinearOperator):
-    """Operators are pytrees: traced fields are children, static options are aux data.
-
-    So an operator can be an argument or a result of ``jax.jit`` (its closures are
-    ``jax.tree_util.Partial`` objects from the built-in resources).
-    """
-
-    _children: ClassVar[tuple[str, ...]] = ()
-    _static: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        jax.tree_util.register_pytree_node_class(cls)
-
-    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        children = tuple(getattr(self, name) for name in self._children)
-        return children, tuple(getattr(self, name) for name in self._static)
-
-    @classmethod
-    def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
-        obj = object.__new__(cls)
-        for name, value in zip(cls._children, children, strict=True):
-            setattr(obj, name, value)
-        for name, value in zip(cls._static, aux, strict=True):
-            setattr(obj, name, value)
-        return obj
-
-
-class _RowSpaceOperator(_PytreeOperator):
+class _RowSpaceOperator(PytreeOperator):
     """Shared ``diag`` for operators that expose row factors.
 
     The diagonal is exact but costs R transposed products (R = rows), so these
@@ -126,7 +111,7 @@ class _RowSpaceOperator(_PytreeOperator):
 # --------------------------------------------------------------------------- operators
 
 
-class HessianOperator(_PytreeOperator):
+class HessianOperator(PytreeOperator):
     """``v -> H v`` from the shared HVP linearization (one jvp of the gradient)."""
 
     tags = frozenset({SYMMETRIC})
@@ -229,7 +214,7 @@ class FisherOperator(_RowSpaceOperator):
         )
 
 
-class EmpiricalFisherOperator(_PytreeOperator):
+class EmpiricalFisherOperator(PytreeOperator):
     """``v -> (1/c) sum_b p_b (p_b . v)`` from per-example gradients ``p_b = c g_b``.
 
     With ``p_b`` summing to the gradient this is ``c sum_b g_b g_b^T``: ``(1/B) sum g g^T``
@@ -286,6 +271,12 @@ class EmpiricalFisherOperator(_PytreeOperator):
 # --------------------------------------------------------------------------- components
 
 
+@declare(
+    "hessian",
+    summary="loss Hessian d2L/dparams2, v -> Hv by forward-over-reverse (symmetric)",
+    provides={SYMMETRIC},
+    requires={"resources": {"hvp"}},
+)
 @attrs.frozen
 class Hessian(Curvature):
     """The loss Hessian ``d^2 L / d params^2`` through the shared ``hvp`` resource.
@@ -293,38 +284,46 @@ class Hessian(Curvature):
     Symmetric, not psd in general (use ``minres`` or a negative-curvature-guarded CG).
 
     Example:
-        >>> Hessian().requires.resources
+        >>> from somax_plug import spec_of
+        >>> spec_of(Hessian).requires.resources
         frozenset({'hvp'})
     """
-
-    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC})
-    requires: ClassVar[Requires] = Requires(resources={"hvp"})
 
     def build(self, res: Resources) -> HessianOperator:
         return HessianOperator(res.params, res["hvp"].mv)
 
 
+@declare(
+    "ggn",
+    summary="generalised Gauss-Newton J^T H_out J from one shared linearization",
+    provides={SYMMETRIC, PSD, ROW_SPACE},
+    requires={"resources": {"linearization", "output_hessian"}},
+)
 @attrs.frozen
 class GGN(Curvature):
     """Generalised Gauss-Newton ``J^T H_out J`` from the shared linearization.
 
     One ``jax.linearize`` of the model serves every product (jvp, closed-form output
-    Hessian, transpose). For a :class:`~somax_plug.losses.CallableLoss` without
-    ``convex=True`` the psd part of ``H_out`` is used (see :mod:`somax_plug.losses`).
+    Hessian, transpose). For a :class:`~somax_plug._src.losses.CallableLoss` without
+    ``convex=True`` the psd part of ``H_out`` is used (see :mod:`somax_plug._src.losses`).
 
     Example:
-        >>> sorted(GGN().provides)
+        >>> from somax_plug import spec_of
+        >>> sorted(spec_of(GGN).provides)
         ['psd', 'row_space', 'symmetric']
     """
-
-    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC, PSD, ROW_SPACE})
-    requires: ClassVar[Requires] = Requires(resources={"linearization", "output_hessian"})
 
     def build(self, res: Resources) -> GGNOperator:
         exact = res.model.loss.output_hessian_psd
         return GGNOperator(res.params, res["linearization"], res["output_hessian"], exact)
 
 
+@declare(
+    "fisher",
+    summary="Monte-Carlo Fisher J^T (sampled output-gradient outer products) J",
+    provides={SYMMETRIC, PSD, ROW_SPACE},
+    requires={"resources": {"linearization"}},
+)
 @attrs.frozen
 class Fisher(Curvature):
     """Monte-Carlo Fisher with ``num_samples`` target draws per example.
@@ -341,10 +340,7 @@ class Fisher(Curvature):
         4
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC, PSD, ROW_SPACE})
-    requires: ClassVar[Requires] = Requires(resources={"linearization"})
-
-    num_samples: int = attrs.field(default=1, validator=attrs.validators.gt(0))
+    num_samples: int = option(1, ge=1, doc="target draws per example")
 
     def build(self, res: Resources) -> FisherOperator:
         lin = res["linearization"]
@@ -358,6 +354,12 @@ class Fisher(Curvature):
         return FisherOperator(res.params, lin, flat, c)
 
 
+@declare(
+    "empirical_fisher",
+    summary="empirical Fisher c * sum_b g_b g_b^T from per-example gradients",
+    provides={SYMMETRIC, PSD, ROW_SPACE, DIAG},
+    requires={"resources": {"per_example_grads"}},
+)
 @attrs.frozen
 class EmpiricalFisher(Curvature):
     """Empirical Fisher ``c sum_b g_b g_b^T`` from the shared per-example gradients.
@@ -366,12 +368,10 @@ class EmpiricalFisher(Curvature):
     b-th example's loss) and ``sum_b g_b g_b^T`` for the sum reduction.
 
     Example:
-        >>> sorted(EmpiricalFisher().provides)
+        >>> from somax_plug import spec_of
+        >>> sorted(spec_of(EmpiricalFisher).provides)
         ['diag', 'psd', 'row_space', 'symmetric']
     """
-
-    provides: ClassVar[frozenset[str]] = frozenset({SYMMETRIC, PSD, ROW_SPACE, DIAG})
-    requires: ClassVar[Requires] = Requires(resources={"per_example_grads"})
 
     def build(self, res: Resources) -> EmpiricalFisherOperator:
         c = res.model.scale(res.batch)

@@ -2,7 +2,7 @@
 
 A policy's state is a :class:`DampingState` of fixed-shape scalars (so it runs inside
 ``lax.scan``); ``value(state)`` is the lambda of the coming step and
-``update(state, stats) -> (state, accept)`` reads the :class:`~somax_plug.kinds.StepStats`
+``update(state, stats) -> (state, accept)`` reads the :class:`~somax_plug._src.kinds.StepStats`
 of the step just taken. A rejected step is undone by the step builder.
 
 =======================  ================================================  =================
@@ -32,10 +32,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import attrs
-import jax.numpy as jnp
 
-from somax_plug.kinds import Damping, StepStats
-from somax_plug.spec import Requires
+from somax_plug import Damping, OptionError, StepStats, declare, lazy_import, option
+
+jnp = lazy_import("jax.numpy")
 
 Array = Any
 
@@ -56,7 +56,7 @@ class DampingState(NamedTuple):
     rho: Array
 
 
-def _state(lam: Any, dtype: str, count: Any = 0, rho: Any = jnp.nan) -> DampingState:
+def _state(lam: Any, dtype: str, count: Any = 0, rho: Any = float("nan")) -> DampingState:
     return DampingState(
         lam=jnp.asarray(lam, dtype),
         count=jnp.asarray(count, jnp.int32),
@@ -64,19 +64,11 @@ def _state(lam: Any, dtype: str, count: Any = 0, rho: Any = jnp.nan) -> DampingS
     )
 
 
-def _check(name: str, cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(f"damping {name!r}: {message}")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+"""Dtype names a damping state may use."""
 
 
-def _check_dtype(name: str, dtype: str) -> None:
-    _check(
-        name,
-        dtype in ("float32", "float64", "bfloat16", "float16"),
-        f"dtype must be a floating dtype name such as 'float32', got {dtype!r}",
-    )
-
-
+@declare("constant", summary="fixed lambda; rejects only non-finite steps")
 @attrs.frozen
 class Constant(Damping):
     """A fixed lambda; a step is rejected only when it is not finite (``stats.finite``).
@@ -84,16 +76,8 @@ class Constant(Damping):
     Options: ``lam`` (default 1e-3), ``dtype`` (of the state, default ``"float32"``).
     """
 
-    lam: float = 1e-3
-    dtype: str = "float32"
-
-    def __attrs_post_init__(self) -> None:
-        _check("constant", self.lam >= 0, f"lam must be >= 0, got {self.lam!r}")
-        _check_dtype("constant", self.dtype)
-
-    @property
-    def requires(self) -> Requires:
-        return Requires()
+    lam: float = option(1e-3, ge=0, doc="the damping lambda")
+    dtype: str = option("float32", choices=DTYPES, doc="dtype of the state")
 
     def init(self) -> DampingState:
         return _state(self.lam, self.dtype)
@@ -106,6 +90,11 @@ class Constant(Damping):
         return state._replace(count=state.count + 1), accept
 
 
+@declare(
+    "levenberg_marquardt",
+    summary="ratio-test lambda (Martens 2010), rejects steps with rho < eta",
+    requires={"resources": {"loss_after", "predicted_decrease"}},
+)
 @attrs.frozen
 class LevenbergMarquardt(Damping):
     """Levenberg-Marquardt lambda from the reduction ratio, with step rejection.
@@ -128,36 +117,27 @@ class LevenbergMarquardt(Damping):
     ``min_lambda`` (1e-8), ``max_lambda`` (1e8), ``dtype`` (``"float32"``).
     """
 
-    init_value: float = attrs.field(default=1.0, alias="init")
-    increase: float = 1.5
-    decrease: float = 2.0 / 3.0
-    rho_low: float = 0.25
-    rho_high: float = 0.75
-    eta: float = 1e-4
-    min_lambda: float = 1e-8
-    max_lambda: float = 1e8
-    dtype: str = "float32"
+    init_value: float = option(1.0, ge=0, alias="init", doc="initial lambda")
+    increase: float = option(1.5, gt=1, doc="factor when rho < rho_low")
+    decrease: float = option(2.0 / 3.0, gt=0, lt=1, doc="factor when rho > rho_high")
+    rho_low: float = option(0.25, doc="below it lambda increases")
+    rho_high: float = option(0.75, doc="above it lambda decreases")
+    eta: float = option(1e-4, doc="reject steps with rho < eta")
+    min_lambda: float = option(1e-8, ge=0, doc="lower bound of lambda")
+    max_lambda: float = option(1e8, ge=0, doc="upper bound of lambda")
+    dtype: str = option("float32", choices=DTYPES, doc="dtype of the state")
 
     def __attrs_post_init__(self) -> None:
-        name = "levenberg_marquardt"
-        _check(name, self.increase > 1, f"increase must be > 1, got {self.increase!r}")
-        _check(name, 0 < self.decrease < 1, f"decrease must be in (0, 1), got {self.decrease!r}")
-        _check(
-            name,
-            0 <= self.min_lambda <= self.max_lambda,
-            f"need 0 <= min_lambda <= max_lambda, got {self.min_lambda!r}, {self.max_lambda!r}",
-        )
-        _check(
-            name,
-            self.rho_low <= self.rho_high,
-            f"need rho_low <= rho_high, got {self.rho_low!r}, {self.rho_high!r}",
-        )
-        _check(name, self.init_value >= 0, f"init must be >= 0, got {self.init_value!r}")
-        _check_dtype(name, self.dtype)
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(resources={"loss_after", "predicted_decrease"})
+        if not self.min_lambda <= self.max_lambda:
+            raise OptionError(
+                f"damping 'levenberg_marquardt': need min_lambda <= max_lambda, got "
+                f"{self.min_lambda!r} > {self.max_lambda!r}"
+            )
+        if not self.rho_low <= self.rho_high:
+            raise OptionError(
+                f"damping 'levenberg_marquardt': need rho_low <= rho_high, got "
+                f"{self.rho_low!r} > {self.rho_high!r}"
+            )
 
     def init(self) -> DampingState:
         lam = min(max(self.init_value, self.min_lambda), self.max_lambda)
@@ -220,6 +200,9 @@ def _schedule_converter(value: Any) -> Any:
     return value
 
 
+@declare(
+    "schedule", summary="lambda from an Optax schedule (callable or {'name': ..., **kwargs})"
+)
 @attrs.frozen
 class Schedule(Damping):
     """Lambda from an Optax schedule of the step count; rejects non-finite steps only.
@@ -233,35 +216,33 @@ class Schedule(Damping):
     Options: ``schedule`` (required), ``dtype`` (``"float32"``).
     """
 
-    schedule: Any = attrs.field(converter=_schedule_converter)
-    dtype: str = "float32"
+    schedule: Any = option(
+        required=True,
+        converter=_schedule_converter,
+        doc="a callable count -> lambda, or {'name': <optax schedule>, **its arguments}",
+    )
+    dtype: str = option("float32", choices=DTYPES, doc="dtype of the state")
 
     def __attrs_post_init__(self) -> None:
-        _check_dtype("schedule", self.dtype)
         if isinstance(self.schedule, _FrozenMapping):
-            options = _thaw(self.schedule)
-            name = options.get("name")
+            name = _thaw(self.schedule).get("name")
             import optax
 
-            _check(
-                "schedule",
+            ok = (
                 isinstance(name, str)
                 and not name.startswith("_")
-                and callable(getattr(optax.schedules, name, None)),
-                f"schedule name {name!r} is not a function of optax.schedules "
-                "(e.g. 'constant_schedule', 'exponential_decay', 'cosine_decay_schedule')",
+                and callable(getattr(optax.schedules, name, None))
             )
+            problem = f"schedule name {name!r} is not a function of optax.schedules"
         else:
-            _check(
-                "schedule",
-                callable(self.schedule),
-                "schedule must be a callable count -> value or a dict with a 'name' of "
-                f"an optax.schedules function, got {self.schedule!r}",
+            ok = callable(self.schedule)
+            problem = f"schedule {self.schedule!r} is neither a callable nor a mapping"
+        if not ok:
+            raise OptionError(
+                f"damping 'schedule': option 'schedule': {problem}; expected a callable "
+                "count -> value or a dict with a 'name' of an optax.schedules function "
+                "(e.g. 'constant_schedule', 'exponential_decay', 'cosine_decay_schedule')"
             )
-
-    @property
-    def requires(self) -> Requires:
-        return Requires()
 
     def resolve(self) -> Callable[[Array], Array]:
         """The schedule as a callable ``count -> value``."""

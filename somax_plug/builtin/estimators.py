@@ -44,28 +44,28 @@ import math
 from typing import Any, ClassVar
 
 import attrs
-import jax
-import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from somax_plug import tree
-from somax_plug.errors import CompositionError
-from somax_plug.kinds import DIAG, Estimator, LinearOperator, Stats
+from somax_plug import (
+    DIAG,
+    CompositionError,
+    Estimator,
+    LinearOperator,
+    Resources,
+    declare,
+    lazy_import,
+    option,
+    tree,
+)
 from somax_plug.losses import SoftmaxCrossEntropy, compute_dtype
-from somax_plug.resources import Resources
-from somax_plug.spec import Requires
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
 
 PyTree = Any
-Array = jax.Array
+Array = Any
+Stats = dict[str, Any]
 
 PROBES = ("rademacher", "normal")
-
-
-def _check_probe(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in PROBES:
-        raise CompositionError(
-            f"{type(instance).__name__}: unknown probe {value!r}; use one of {', '.join(PROBES)}"
-        )
 
 
 def _stat_zeros(params: PyTree) -> PyTree:
@@ -83,7 +83,7 @@ class _Flat:
 
     def __init__(self, op: LinearOperator) -> None:
         primal = op.primal
-        flat, self._unravel = ravel_pytree(primal)
+        flat, self._unravel = tree.ravel(primal)
         self.n = int(flat.shape[0])
         self.dtype = _scalar_dtype(primal)
         self._flat_dtype = flat.dtype
@@ -116,7 +116,7 @@ def _probe_like(key: Array, primal: PyTree, kind: str) -> PyTree:
 
     One random draw for the whole pytree (not one per leaf) keeps the traced step small.
     """
-    flat, unravel = ravel_pytree(primal)
+    flat, unravel = tree.ravel(primal)
     z = _probes(key, flat.shape, kind, compute_dtype(flat.dtype))
     return tree.cast_like(unravel(z.astype(flat.dtype)), primal)
 
@@ -128,6 +128,11 @@ def _stats_state(stats: Stats) -> dict[str, Stats]:
 # --------------------------------------------------------------------------- Hutchinson
 
 
+@declare(
+    "hutchinson_diag",
+    summary="Hutchinson diagonal E[z * Cz] from random probes",
+    provides={"diag"}, requires={"resources": {"operator"}},
+)
 @attrs.frozen
 class HutchinsonDiag(Estimator):
     """Hutchinson's diagonal estimator ``diag(C) ~ (1/N) sum_j z_j * C z_j``.
@@ -140,11 +145,9 @@ class HutchinsonDiag(Estimator):
         probe: ``"rademacher"`` or ``"normal"``.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"diag"})
-    requires: ClassVar[Requires] = Requires(resources={"operator"})
 
-    num_probes: int = attrs.field(default=10, validator=attrs.validators.gt(0))
-    probe: str = attrs.field(default="rademacher", validator=_check_probe)
+    num_probes: int = option(10, ge=1, doc="probes per estimate (matvecs)")
+    probe: str = option("rademacher", choices=PROBES, doc="probe distribution")
 
     def init(self, params: PyTree) -> dict[str, Stats]:
         return _stats_state({"diag": _stat_zeros(params)})
@@ -166,6 +169,11 @@ class HutchinsonDiag(Estimator):
         return stats, _stats_state(stats)
 
 
+@declare(
+    "hutchinson_trace",
+    summary="Hutchinson trace E[z . Cz] from random probes",
+    provides={"trace"}, requires={"resources": {"operator"}},
+)
 @attrs.frozen
 class HutchinsonTrace(Estimator):
     """Hutchinson's trace estimator ``tr(C) ~ (1/N) sum_j z_j . C z_j``.
@@ -178,11 +186,9 @@ class HutchinsonTrace(Estimator):
         probe: ``"rademacher"`` or ``"normal"``.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"trace"})
-    requires: ClassVar[Requires] = Requires(resources={"operator"})
 
-    num_probes: int = attrs.field(default=10, validator=attrs.validators.gt(0))
-    probe: str = attrs.field(default="rademacher", validator=_check_probe)
+    num_probes: int = option(10, ge=1, doc="probes per estimate (matvecs)")
+    probe: str = option("rademacher", choices=PROBES, doc="probe distribution")
 
     def init(self, params: PyTree) -> dict[str, Stats]:
         return _stats_state({"trace": jnp.zeros((), _scalar_dtype(params))})
@@ -202,6 +208,11 @@ class HutchinsonTrace(Estimator):
         return stats, _stats_state(stats)
 
 
+@declare(
+    "hutchpp_trace",
+    summary="Hutch++ trace: low-rank sketch plus Hutchinson on the deflated rest",
+    provides={"trace"}, requires={"resources": {"operator"}},
+)
 @attrs.frozen
 class HutchppTrace(Estimator):
     """Hutch++ trace estimator (Meyer, Musco, Musco & Woodruff, 2021).
@@ -221,11 +232,9 @@ class HutchppTrace(Estimator):
         probe: ``"rademacher"`` or ``"normal"``.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"trace"})
-    requires: ClassVar[Requires] = Requires(resources={"operator"})
 
-    num_probes: int = attrs.field(default=30, validator=attrs.validators.ge(3))
-    probe: str = attrs.field(default="rademacher", validator=_check_probe)
+    num_probes: int = option(30, ge=3, doc="matvecs in all (a third sketch, the rest probes)")
+    probe: str = option("rademacher", choices=PROBES, doc="probe distribution")
 
     def init(self, params: PyTree) -> dict[str, Stats]:
         return _stats_state({"trace": jnp.zeros((), _scalar_dtype(params))})
@@ -250,6 +259,11 @@ class HutchppTrace(Estimator):
 # --------------------------------------------------------------------------- GNB
 
 
+@declare(
+    "gnb_diag",
+    summary="Gauss-Newton-Bartlett GGN diagonal (Sophia-G; softmax cross-entropy only)",
+    provides={"diag"}, requires={"resources": {"linearization"}, "losses": {"softmax_cross_entropy"}},
+)
 @attrs.frozen
 class GNBDiag(Estimator):
     """Gauss-Newton-Bartlett diagonal estimator, as in Sophia-G (Liu et al., 2023).
@@ -265,10 +279,8 @@ class GNBDiag(Estimator):
         num_samples: label draws (vjps) per estimate.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"diag"})
-    requires: ClassVar[Requires] = Requires(resources={"linearization"})
 
-    num_samples: int = attrs.field(default=1, validator=attrs.validators.gt(0))
+    num_samples: int = option(1, ge=1, doc="sampled labels per example")
 
     def init(self, params: PyTree) -> dict[str, Stats]:
         return _stats_state({"diag": _stat_zeros(params)})
@@ -298,6 +310,11 @@ class GNBDiag(Estimator):
 # --------------------------------------------------------------------------- exact
 
 
+@declare(
+    "exact_diag",
+    summary="exact diagonal (op.diag() or the dense matrix; small models only)",
+    provides={"diag"}, requires={"resources": {"operator"}},
+)
 @attrs.frozen
 class ExactDiag(Estimator):
     """The exact diagonal: ``op.diag()`` when the operator has one, else the dense matrix.
@@ -309,10 +326,8 @@ class ExactDiag(Estimator):
         max_size: largest parameter count accepted.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"diag"})
-    requires: ClassVar[Requires] = Requires(resources={"operator"})
 
-    max_size: int = attrs.field(default=4096, validator=attrs.validators.gt(0))
+    max_size: int = option(4096, ge=1, doc="refuse more parameters than this")
 
     def _check(self, params: PyTree) -> None:
         n = tree.size(params)
@@ -356,6 +371,11 @@ def _operator_diag(op: LinearOperator) -> PyTree | None:
 # --------------------------------------------------------------------------- Lanczos
 
 
+@declare(
+    "lanczos",
+    summary="leading eigenpairs and spectral density by Lanczos (full reorthogonalisation)",
+    provides={"eigenvalues", "eigenvectors", "spectral_density"}, requires={"resources": {"operator"}},
+)
 @attrs.frozen
 class Lanczos(Estimator):
     """Leading eigenpairs and a spectral density by Lanczos with full reorthogonalisation.
@@ -384,18 +404,12 @@ class Lanczos(Estimator):
         smoothing: Gaussian width relative to the Ritz range.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset(
-        {"eigenvalues", "eigenvectors", "spectral_density"}
-    )
-    requires: ClassVar[Requires] = Requires(resources={"operator"})
 
-    num_iters: int = attrs.field(default=30, validator=attrs.validators.gt(0))
-    num_eigs: int = attrs.field(default=5, validator=attrs.validators.gt(0))
-    which: str = attrs.field(
-        default="largest", validator=attrs.validators.in_(("largest", "magnitude"))
-    )
-    grid_size: int = attrs.field(default=128, validator=attrs.validators.gt(1))
-    smoothing: float = attrs.field(default=0.02, validator=attrs.validators.gt(0.0))
+    num_iters: int = option(30, ge=1, doc="Lanczos steps (matvecs)")
+    num_eigs: int = option(5, ge=1, doc="eigenpairs returned")
+    which: str = option("largest", choices=("largest", "magnitude"), doc="which eigenvalues")
+    grid_size: int = option(128, ge=2, doc="points of the density grid")
+    smoothing: float = option(0.02, gt=0, doc="Gaussian width relative to the Ritz range")
 
     def _sizes(self, params: PyTree) -> tuple[int, int]:
         m = min(self.num_iters, tree.size(params))

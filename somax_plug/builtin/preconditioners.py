@@ -33,15 +33,22 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import jax
-import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from somax_plug import tree
-from somax_plug.errors import CompositionError, InputError
-from somax_plug.kinds import PSD, Preconditioner, Stats
-from somax_plug.operators import ravel
-from somax_plug.spec import Requires
+from somax_plug import (
+    PSD,
+    CompositionError,
+    InputError,
+    Preconditioner,
+    declare,
+    lazy_import,
+    option,
+    tree,
+)
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+
+Stats = dict[str, Any]
 
 PyTree = Any
 Array = Any
@@ -64,18 +71,10 @@ def _state_dtype(x: Array) -> Any:
     return jnp.result_type(x.dtype, jnp.float32)
 
 
-def _check(name: str, cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(f"preconditioner {name!r}: {message}")
-
-
+@declare("identity", summary="no preconditioning (M = I)")
 @attrs.frozen
 class Identity(Preconditioner):
     """``M = I``: ``apply`` returns ``v``. State: ``()``."""
-
-    @property
-    def requires(self) -> Requires:
-        return Requires()
 
     def init(self, params: PyTree) -> PyTree:
         return ()
@@ -84,6 +83,11 @@ class Identity(Preconditioner):
         return v
 
 
+@declare(
+    "jacobi",
+    summary="Jacobi M = diag(|diag|) + lam, floored at eps",
+    requires={"statistics": {"diag"}},
+)
 @attrs.frozen
 class Jacobi(Preconditioner):
     """Jacobi (diagonal) preconditioner ``M = diag(d) + lam I``.
@@ -96,15 +100,8 @@ class Jacobi(Preconditioner):
     Options: ``eps`` (default 1e-8), ``abs`` (default True).
     """
 
-    eps: float = 1e-8
-    abs: bool = True
-
-    def __attrs_post_init__(self) -> None:
-        _check("jacobi", self.eps > 0, f"eps must be > 0, got {self.eps!r}")
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(statistics={"diag"})
+    eps: float = option(1e-8, gt=0, doc="floor of M")
+    abs: bool = option(True, doc="use |diag| (keeps M SPD)")
 
     def init(self, params: PyTree) -> PyTree:
         return {
@@ -124,6 +121,11 @@ class Jacobi(Preconditioner):
         return jax.tree_util.tree_map(leaf, state["diag"], v)
 
 
+@declare(
+    "diag_ema",
+    summary="bias-corrected EMA of a diagonal, power and clip (AdaHessian, Sophia)",
+    requires={"statistics": {"diag"}},
+)
 @attrs.frozen
 class DiagEMA(Preconditioner):
     """Exponential moving average of a diagonal statistic, as in AdaHessian and Sophia.
@@ -149,26 +151,12 @@ class DiagEMA(Preconditioner):
     ``abs`` (True), ``square`` (False).
     """
 
-    beta: float = 0.99
-    power: float = 1.0
-    eps: float = 1e-12
-    clip: float | None = None
-    abs: bool = True
-    square: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        _check("diag_ema", 0 <= self.beta < 1, f"beta must be in [0, 1), got {self.beta!r}")
-        _check("diag_ema", self.power > 0, f"power must be > 0, got {self.power!r}")
-        _check("diag_ema", self.eps > 0, f"eps must be > 0, got {self.eps!r}")
-        _check(
-            "diag_ema",
-            self.clip is None or self.clip > 0,
-            f"clip must be None or > 0, got {self.clip!r}",
-        )
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(statistics={"diag"})
+    beta: float = option(0.99, ge=0, lt=1, doc="EMA decay")
+    power: float = option(1.0, gt=0, doc="exponent of the averaged diagonal")
+    eps: float = option(1e-12, gt=0, doc="floor of the denominator")
+    clip: float | None = option(None, gt=0, doc="clip M^-1 v to [-clip, clip] (None: off)")
+    abs: bool = option(True, doc="average |diag|")
+    square: bool = option(False, doc="average diag^2 (AdaHessian)")
 
     def init(self, params: PyTree) -> PyTree:
         ema = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, _state_dtype(x)), params)
@@ -206,6 +194,11 @@ class DiagEMA(Preconditioner):
         return jax.tree_util.tree_map(leaf, state["ema"], v)
 
 
+@declare(
+    "nystrom",
+    summary="randomized rank-r Nystrom preconditioner of C + lam I (Frangella et al.)",
+    requires={"tags": {PSD}, "resources": {"operator"}},
+)
 @attrs.frozen
 class Nystrom(Preconditioner):
     """Randomized Nystrom preconditioner of rank ``r`` for ``C + lam I`` (C psd).
@@ -230,23 +223,11 @@ class Nystrom(Preconditioner):
     Options: ``rank`` (r, default 10), ``eps`` (floor of the denominators, 1e-12).
     """
 
-    rank: int = 10
-    eps: float = 1e-12
-
-    def __attrs_post_init__(self) -> None:
-        _check(
-            "nystrom",
-            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
-            f"rank must be an int >= 1, got {self.rank!r}",
-        )
-        _check("nystrom", self.eps > 0, f"eps must be > 0, got {self.eps!r}")
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={PSD}, resources={"operator"})
+    rank: int = option(10, ge=1, doc="sketch rank r")
+    eps: float = option(1e-12, gt=0, doc="floor of the denominators")
 
     def init(self, params: PyTree) -> PyTree:
-        flat, _ = ravel_pytree(params)
+        flat, _ = tree.ravel(params)
         n = flat.shape[0]
         if self.rank > n:
             raise InputError(
@@ -258,13 +239,13 @@ class Nystrom(Preconditioner):
 
     def sketch(self, op: Any, key: Array, primal: PyTree, dtype: Any) -> tuple[Array, Array]:
         """``(U, lhat)`` of the rank-r Nystrom approximation of ``op`` (no fallback)."""
-        flat, unravel = ravel(primal)
+        flat, unravel = tree.ravel(primal)
         n = flat.shape[0]
         omega = jax.random.normal(key, (n, self.rank), dtype)
         omega, _ = jnp.linalg.qr(omega)
 
         def column(w: Array) -> Array:
-            return ravel_pytree(op.mv(unravel(w)))[0].astype(dtype)
+            return tree.ravel(op.mv(unravel(w)))[0].astype(dtype)
 
         y = jax.vmap(column, in_axes=1, out_axes=1)(omega)
         nu = jnp.sqrt(jnp.asarray(n, dtype)) * jnp.finfo(dtype).eps * jnp.linalg.norm(y, 2)
@@ -287,7 +268,7 @@ class Nystrom(Preconditioner):
         }
 
     def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
-        flat, unravel = ravel(v)
+        flat, unravel = tree.ravel(v)
         u, eigs = state["U"], state["eigs"]
         dt = u.dtype
         x = flat.astype(dt)

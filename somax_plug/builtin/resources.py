@@ -22,7 +22,17 @@ resource               computes                                  requires    reu
                        gradient, v -> H v, and the loss
 ``per_example_grads``  ``vmap`` of per-example gradients, each   --          --
                        scaled by c, so they sum to ``grad``
+``loss_after``         L at ``params_after`` (after the update)  params_     --
+                                                                 after
+``predicted_decrease`` ``-(g.u + u.Cu / 2)`` for the update u    grad,       --
+                                                                 operator,
+                                                                 update
 =====================  ========================================  ==========  ====================
+
+``update`` and ``params_after`` are inputs of the step's second phase: the step
+builder sets them once the direction is known, so the last two resources are
+computed after the solve (at the finest cadence of their consumers, such as a
+Levenberg-Marquardt damping or the ``rho`` telemetry).
 
 Closures are ``jax.tree_util.Partial`` objects (pytrees), so the linearization, the
 output Hessian, the HVP and the operators built on them can be passed through
@@ -37,8 +47,7 @@ the linearization's outputs. A provider reads a "reuses" resource only when
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from somax_plug.model import make_model
-    >>> from somax_plug.resources import Resources
+    >>> from somax_plug import Resources, make_model
     >>> from somax_plug.builtin.resources import PROVIDERS
     >>> model = make_model(lambda p, x: x @ p, "mse")
     >>> res = Resources(model, jnp.ones((2, 1)), (jnp.ones((3, 2)), jnp.zeros((3, 1))),
@@ -54,8 +63,8 @@ from typing import Any
 import jax
 from jax.tree_util import Partial
 
+from somax_plug import HVP, Linearization, OutputHessian, ResourceProvider, Resources, tree
 from somax_plug.losses import batch_size_of
-from somax_plug.resources import HVP, Linearization, OutputHessian, ResourceProvider, Resources
 
 PyTree = Any
 
@@ -141,6 +150,16 @@ def _per_example_grads(res: Resources) -> PyTree:
     return jax.vmap(one)(inputs, targets)
 
 
+def _loss_after(res: Resources) -> jax.Array:
+    return res.model.loss_value(res["params_after"], res.batch)
+
+
+def _predicted_decrease(res: Resources) -> jax.Array:
+    g, u = res["grad"], res["update"]
+    cu = res["operator"].mv(u)
+    return -(tree.vdot(g, u) + 0.5 * tree.vdot(u, cu))
+
+
 PROVIDERS: dict[str, ResourceProvider] = {
     p.name: p
     for p in (
@@ -196,6 +215,20 @@ PROVIDERS: dict[str, ResourceProvider] = {
             _per_example_grads,
             plugin="builtin",
             summary="vmapped per-example gradients (scaled by the reduction; they sum to grad)",
+        ),
+        ResourceProvider(
+            "loss_after",
+            _loss_after,
+            requires={"params_after"},
+            plugin="builtin",
+            summary="loss at the updated parameters",
+        ),
+        ResourceProvider(
+            "predicted_decrease",
+            _predicted_decrease,
+            requires={"grad", "operator", "update"},
+            plugin="builtin",
+            summary="-(g.u + u.Cu/2) for the update u",
         ),
     )
 }

@@ -39,7 +39,7 @@ references.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from somax_plug.operators import MatrixOperator
+    >>> from somax_plug import MatrixOperator
     >>> from somax_plug.builtin.solvers import CG
     >>> op = MatrixOperator(jnp.diag(jnp.array([1.0, 4.0])), jnp.zeros(2), tags={"psd"})
     >>> s, info, _ = CG(tol=1e-6).solve(op, jnp.array([1.0, 1.0]), 1.0, None, {}, ())
@@ -58,15 +58,28 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import jax
-import jax.numpy as jnp
-from jax import lax
 
-from somax_plug import tree
-from somax_plug.errors import CompositionError, InputError
-from somax_plug.kinds import PSD, ROW_SPACE, SYMMETRIC, LinearOperator, Solver, SolverInfo, Stats
-from somax_plug.operators import damped_mv, ravel
-from somax_plug.spec import Requires
+from somax_plug import (
+    PSD,
+    ROW_SPACE,
+    SYMMETRIC,
+    CompositionError,
+    InputError,
+    LinearOperator,
+    Solver,
+    SolverInfo,
+    damped_mv,
+    declare,
+    lazy_import,
+    option,
+    tree,
+)
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+lax = lazy_import("jax.lax")
+
+Stats = dict[str, Any]
 
 PyTree = Any
 Array = Any
@@ -126,44 +139,6 @@ def _identity(v: PyTree) -> PyTree:
 
 def _matvec(op: LinearOperator, lam: Array) -> Callable[[PyTree], PyTree]:
     return lambda v: damped_mv(op, lam, v)
-
-
-def _positive(name: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not value > 0:
-            raise ValueError(f"solver {name!r}: option {attribute.name} must be > 0, got {value!r}")
-
-    return check
-
-
-def _nonneg(name: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not value >= 0:
-            raise ValueError(
-                f"solver {name!r}: option {attribute.name} must be >= 0, got {value!r}"
-            )
-
-    return check
-
-
-def _maxiter(name: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"solver {name!r}: option {attribute.name} must be an int >= 1, got {value!r}"
-            )
-
-    return check
-
-
-def _one_of(name: str, choices: tuple[str, ...]) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in choices:
-            raise ValueError(
-                f"solver {name!r}: option {attribute.name} must be one of {choices}, got {value!r}"
-            )
-
-    return check
 
 
 def _pcg(
@@ -249,6 +224,13 @@ def _row_gram(factors: Any, dtype: Any) -> Array:
 # --------------------------------------------------------------------------- solvers
 
 
+@declare(
+    "cg",
+    summary="(preconditioned) conjugate gradients, negative-curvature guard, warm start",
+    requires=lambda o: {"tags": {PSD} if o["negative_curvature"] == "none" else {SYMMETRIC}},
+    preconditioned=True,
+    hints={PSD: "or solver {'name': 'cg', 'negative_curvature': 'guard'} (needs only symmetric)"},
+)
 @attrs.frozen
 class CG(Solver):
     """(Preconditioned) conjugate gradients on ``(C + lam I) s = rhs``.
@@ -273,16 +255,12 @@ class CG(Solver):
     Reference: Hestenes & Stiefel (1952); the guard as in Martens (2010), sec. 4.
     """
 
-    tol: float = attrs.field(default=1e-5, validator=_nonneg("cg"))
-    maxiter: int = attrs.field(default=50, validator=_maxiter("cg"))
-    warm_start: bool = False
-    negative_curvature: str = attrs.field(
-        default="guard", validator=_one_of("cg", ("guard", "none"))
+    tol: float = option(1e-5, ge=0, doc="stop when ||r|| <= tol ||rhs||")
+    maxiter: int = option(50, ge=1, doc="at most this many iterations (matvecs)")
+    warm_start: bool = option(False, doc="start from the previous solution")
+    negative_curvature: str = option(
+        "guard", choices=("guard", "none"), doc="'guard' stops on p.Ap <= 0; 'none' needs psd"
     )
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={PSD} if self.negative_curvature == "none" else {SYMMETRIC})
 
     def init(self, params: PyTree) -> PyTree:
         return {"x": tree.zeros_like(params)} if self.warm_start else ()
@@ -314,6 +292,12 @@ class CG(Solver):
         return x, info, state
 
 
+@declare(
+    "minres",
+    summary="Paige-Saunders MINRES for symmetric indefinite systems (SPD preconditioner)",
+    requires={"tags": {SYMMETRIC}},
+    preconditioned=True,
+)
 @attrs.frozen
 class MINRES(Solver):
     """Paige-Saunders MINRES for symmetric (possibly indefinite) ``C + lam I``.
@@ -332,12 +316,8 @@ class MINRES(Solver):
     ``scipy.sparse.linalg.minres``.
     """
 
-    tol: float = attrs.field(default=1e-5, validator=_nonneg("minres"))
-    maxiter: int = attrs.field(default=50, validator=_maxiter("minres"))
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={SYMMETRIC})
+    tol: float = option(1e-5, ge=0, doc="stop when ||r|| <= tol ||rhs||")
+    maxiter: int = option(50, ge=1, doc="at most this many iterations (matvecs)")
 
     def solve(
         self,
@@ -441,6 +421,11 @@ class MINRES(Solver):
         return out["x"], info, state
 
 
+@declare(
+    "direct",
+    summary="dense Cholesky (psd) or eigendecomposition solve; refuses n > max_size",
+    requires={"tags": {SYMMETRIC}},
+)
 @attrs.frozen
 class Direct(Solver):
     """Dense solve of ``(C + lam I) s = rhs`` (small models, references).
@@ -463,15 +448,13 @@ class Direct(Solver):
         eigenvalues: ``"exact"`` or ``"abs"`` (non-psd operators only).
     """
 
-    max_size: int = attrs.field(default=4096, validator=_maxiter("direct"))
-    eigenvalues: str = attrs.field(default="exact", validator=_one_of("direct", ("exact", "abs")))
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={SYMMETRIC})
+    max_size: int = option(4096, ge=1, doc="refuse a dense solve of size n > max_size")
+    eigenvalues: str = option(
+        "exact", choices=("exact", "abs"), doc="'abs' flips negative curvature (saddle-free)"
+    )
 
     def check_size(self, n: int) -> None:
-        """Raise :class:`~somax_plug.errors.InputError` when ``n > max_size``."""
+        """Raise :class:`~somax_plug._src.errors.InputError` when ``n > max_size``."""
         if n > self.max_size:
             raise InputError(
                 f"solver 'direct' refuses a dense solve of size n = {n} > max_size = "
@@ -489,7 +472,7 @@ class Direct(Solver):
         stats: Stats,
         state: PyTree,
     ) -> tuple[PyTree, SolverInfo, PyTree]:
-        b, unravel = ravel(rhs)
+        b, unravel = tree.ravel(rhs)
         n = b.shape[0]
         self.check_size(n)
         c = op.to_dense()
@@ -520,6 +503,11 @@ class Direct(Solver):
         return unravel(s), info, state
 
 
+@declare(
+    "row_cholesky",
+    summary="Woodbury row-space solve with an R x R Cholesky (needs lam > 0)",
+    requires={"tags": {ROW_SPACE}},
+)
 @attrs.frozen
 class RowCholesky(Solver):
     """Row-space solve by the Woodbury identity, for ``C = U^T U`` with R rows.
@@ -542,11 +530,7 @@ class RowCholesky(Solver):
     Gauss-Newton and natural gradient methods for training neural networks".
     """
 
-    tol: float = attrs.field(default=1e-5, validator=_nonneg("row_cholesky"))
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={ROW_SPACE})
+    tol: float = option(1e-5, ge=0, doc="converged when the residual <= tol")
 
     def solve(
         self,
@@ -587,6 +571,11 @@ def _finish_row(
     return s, _info(iterations, rel, rel <= tol, bb.dtype), state
 
 
+@declare(
+    "row_cg",
+    summary="Woodbury row-space solve with CG on the R x R system (needs lam > 0)",
+    requires={"tags": {ROW_SPACE}},
+)
 @attrs.frozen
 class RowCG(Solver):
     """The row-space system of :class:`RowCholesky` solved by CG, without forming ``U U^T``.
@@ -603,12 +592,8 @@ class RowCG(Solver):
     Options: ``tol``, ``maxiter``.
     """
 
-    tol: float = attrs.field(default=1e-5, validator=_nonneg("row_cg"))
-    maxiter: int = attrs.field(default=50, validator=_maxiter("row_cg"))
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={ROW_SPACE})
+    tol: float = option(1e-5, ge=0, doc="stop when the row-space residual <= tol ||U rhs||")
+    maxiter: int = option(50, ge=1, doc="at most this many CG iterations")
 
     def solve(
         self,
@@ -634,6 +619,11 @@ class RowCG(Solver):
         return s, info._replace(converged=converged), state
 
 
+@declare(
+    "diagonal",
+    summary="rhs / max(|diag| + lam, eps) from an estimated diagonal",
+    requires={"statistics": {"diag"}},
+)
 @attrs.frozen
 class Diagonal(Solver):
     """``s = rhs / max(d + lam, eps)`` with ``d = |diag|`` (or ``diag``) from the statistics.
@@ -650,13 +640,9 @@ class Diagonal(Solver):
     (2023), Sophia.
     """
 
-    eps: float = attrs.field(default=1e-12, validator=_nonneg("diagonal"))
-    abs: bool = True
-    tol: float = attrs.field(default=1e-5, validator=_nonneg("diagonal"))
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(statistics={"diag"})
+    eps: float = option(1e-12, ge=0, doc="floor of the denominator")
+    abs: bool = option(True, doc="use |diag|")
+    tol: float = option(1e-5, ge=0, doc="converged when the residual <= tol")
 
     def solve(
         self,
@@ -688,6 +674,11 @@ class Diagonal(Solver):
         return s, _info(1, rel, rel <= self.tol, bb.dtype), state
 
 
+@declare(
+    "identity",
+    summary="first-order baseline: precond(rhs), or rhs without a preconditioner",
+    preconditioned=True,
+)
 @attrs.frozen
 class Identity(Solver):
     """The first-order baseline: ``s = precond(rhs)`` (or ``rhs``); no operator use.
@@ -696,10 +687,6 @@ class Identity(Solver):
     apply their diagonal. Reports ``iterations = 1``, ``residual = NaN`` (computing it
     would cost a matvec) and ``converged`` = the direction is finite.
     """
-
-    @property
-    def requires(self) -> Requires:
-        return Requires()
 
     def solve(
         self,
@@ -715,6 +702,12 @@ class Identity(Solver):
         return s, _info(1, jnp.nan, tree.all_finite(s), dt), state
 
 
+@declare(
+    "neumann",
+    summary="truncated Neumann series alpha * sum_k (I - alpha A)^k rhs",
+    requires={"tags": {PSD}},
+    preconditioned=True,
+)
 @attrs.frozen
 class Neumann(Solver):
     """Truncated Neumann series (preconditioned Richardson iteration).
@@ -734,13 +727,9 @@ class Neumann(Solver):
     Reference: Agarwal, Bullins & Hazan (2017), LiSSA; Lorraine et al. (2020).
     """
 
-    alpha: float = attrs.field(default=1.0, validator=_positive("neumann"))
-    maxiter: int = attrs.field(default=10, validator=_maxiter("neumann"))
-    tol: float = attrs.field(default=1e-5, validator=_nonneg("neumann"))
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={PSD})
+    alpha: float = option(1.0, gt=0, doc="step of the series")
+    maxiter: int = option(10, ge=1, doc="number of terms K")
+    tol: float = option(1e-5, ge=0, doc="stop when ||r|| <= tol ||rhs||")
 
     def solve(
         self,
@@ -782,6 +771,11 @@ class Neumann(Solver):
         return s, _info(i, _relative(rr, bb), rr <= thresh, bb.dtype), state
 
 
+@declare(
+    "steihaug",
+    summary="Steihaug-Toint truncated CG inside a trust region of a given radius",
+    requires={"tags": {SYMMETRIC}},
+)
 @attrs.frozen
 class Steihaug(Solver):
     """Steihaug-Toint truncated CG: ``min -rhs.s + s.As/2`` subject to ``||s|| <= radius``.
@@ -799,13 +793,9 @@ class Steihaug(Solver):
     Algorithm 7.2.
     """
 
-    radius: float = attrs.field(default=1.0, validator=_positive("steihaug"))
-    tol: float = attrs.field(default=1e-5, validator=_nonneg("steihaug"))
-    maxiter: int = attrs.field(default=50, validator=_maxiter("steihaug"))
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={SYMMETRIC})
+    radius: float = option(1.0, gt=0, doc="trust-region radius")
+    tol: float = option(1e-5, ge=0, doc="stop when ||r|| <= tol ||rhs||")
+    maxiter: int = option(50, ge=1, doc="at most this many iterations (matvecs)")
 
     def solve(
         self,

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from somax_plug.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC
-from somax_plug.planner import close_tags
-from somax_plug.spec import Requires
+from somax_plug._src.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC
+from somax_plug._src.planner import close_tags
+from somax_plug._src.spec import Requires
 from somax_plug.testing import _harness as H
 from somax_plug.testing._numeric import fro, min_sym_eig
 from somax_plug.testing.references import REFERENCES, ProbeSolver, dense_reference
 from somax_plug.testing.strategies import LOSSES, make_problem, problems
-from somax_plug.tree import dense_from_mv
+from somax_plug._src.tree import dense_from_mv
 
 
 @attrs.frozen
@@ -48,7 +48,7 @@ class CurvatureConfig:
 
 
 def _plan(subj: H.Subject, registry: Any) -> Any:
-    from somax_plug.planner import make_plan
+    from somax_plug._src.planner import make_plan
 
     solver = ProbeSolver(needs=Requires(resources={"operator"}))
     try:

@@ -1,6 +1,6 @@
 """Conformance of damping policies (private; see ``conformance.check_damping``).
 
-On random sequences of :class:`~somax_plug.kinds.StepStats` (finite and non-finite
+On random sequences of :class:`~somax_plug._src.kinds.StepStats` (finite and non-finite
 steps, positive and negative gain ratios):
 
 * ``init()`` gives a lambda ``value(state)`` that is a finite scalar ``>= 0``, and so
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-from somax_plug.kinds import SolverInfo, StepStats
+from somax_plug._src.kinds import SolverInfo, StepStats
 from somax_plug.testing import _harness as H
 from somax_plug.testing._numeric import same_avals
 from somax_plug.testing.references import DenseCurvature, DenseSolver

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from somax_plug.kinds import Curvature, Kind
-from somax_plug.spec import Requires
+from somax_plug._src.kinds import Curvature, Kind
+from somax_plug._src.spec import Requires
 from somax_plug.testing import _harness as H
 from somax_plug.testing._numeric import flat64, fro, same_avals
 from somax_plug.testing.references import DenseCurvature, ExactStatistics, ProbeSolver
@@ -115,7 +115,7 @@ def _roles(subj: H.Subject, cfg: EstimatorConfig) -> dict[str, Any]:
 
 
 def _plan(subj: H.Subject, cfg: EstimatorConfig) -> Any:
-    from somax_plug.planner import make_plan
+    from somax_plug._src.planner import make_plan
 
     roles = _roles(subj, cfg)
     composition = {

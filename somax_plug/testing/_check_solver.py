@@ -1,7 +1,7 @@
 """Conformance of solver components (private; see ``conformance.check_solver``).
 
 Random float64 systems ``(C + lam I) s = rhs`` wrapped in
-:class:`~somax_plug.operators.MatrixOperator` over random pytree layouts, with and
+:class:`~somax_plug._src.operators.MatrixOperator` over random pytree layouts, with and
 without a Jacobi preconditioner. The family follows what the solver declares:
 
 =====================================  =============================================
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from somax_plug.kinds import PSD, ROW_SPACE, SYMMETRIC, SolverInfo
-from somax_plug.operators import MatrixOperator
+from somax_plug._src.kinds import PSD, ROW_SPACE, SYMMETRIC, SolverInfo
+from somax_plug._src.operators import MatrixOperator
 from somax_plug.testing import _harness as H
 from somax_plug.testing._numeric import flat64, rel_err, same_avals
 from somax_plug.testing.references import DenseCurvature, ExactStatistics

@@ -22,7 +22,9 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from somax_plug.kinds import (
+from somax_plug._src.composition import ComponentRef
+from somax_plug._src.errors import CompositionError, OptionError
+from somax_plug._src.kinds import (
     KIND_BASES,
     Curvature,
     Damping,
@@ -30,11 +32,10 @@ from somax_plug.kinds import (
     Kind,
     Preconditioner,
     Solver,
-    instance_provides,
-    instance_requires,
 )
-from somax_plug.resources import INPUT_RESOURCES, Resources
-from somax_plug.spec import ComponentSpec, Requires
+from somax_plug._src.resolution import resolve
+from somax_plug._src.resources import INPUT_RESOURCES, Resources
+from somax_plug._src.spec import ComponentSpec, Requires, own_spec, spec_of
 
 PyTree = Any
 
@@ -57,6 +58,7 @@ class Subject:
     requires: Requires
     every_k: int = 1
     spec: ComponentSpec | None = attrs.field(default=None, eq=False)
+    preconditioned: bool = False
 
     @property
     def reads(self) -> frozenset[str]:
@@ -77,70 +79,118 @@ def subject(
     name: str | None = None,
     registry: Any = None,
 ) -> Subject:
-    """Resolve a spec, registry name, factory/class or instance of ``kind``."""
+    """Resolve a spec, registry name, factory/class or instance of ``kind``.
+
+    Resolution is the planner's own (:func:`somax_plug._src.resolution.resolve`): the
+    options are checked against the declared ones and the requirements are those the
+    planner would use. A hand-written spec whose factory builds a declared class must
+    declare the same facts as the class.
+    """
     kind = Kind(kind)
     options = dict(options or {})
     base = KIND_BASES[kind]
     spec: ComponentSpec | None = None
+    ref = ComponentRef(kind, name="?", options=options)
     if isinstance(component, str):
-        from somax_plug.registry import get_registry
+        from somax_plug._src.registry import get_registry
 
         spec = (registry or get_registry()).get(kind, component)
-        component = spec
-    if isinstance(component, ComponentSpec):
+    elif isinstance(component, ComponentSpec):
         spec = component
-        if spec.kind != kind:
-            raise TypeError(f"{spec.name!r} is a {spec.kind.value}, not a {kind.value}")
-        label = name or (spec.qualified_name if spec.plugin else spec.name)
-        instance = spec.create(**options)
+    elif isinstance(component, type) and own_spec(component) is not None:
+        spec = own_spec(component)
     elif isinstance(component, base):
         if options:
             raise TypeError("options apply to a spec or a factory, not to an instance")
-        instance = component
-        label = name or type(component).__name__
+        ref = ComponentRef(kind, instance=component)
     elif callable(component):
-        instance = component(**options)
-        label = name or getattr(component, "__name__", repr(component))
+        ref = ComponentRef(kind, instance=component(**options))
     else:
         raise TypeError(
             f"expected a ComponentSpec, a registered name, a factory or a {base.__name__} "
             f"instance, got {type(component).__name__}"
         )
-    provisional = Subject(kind, label, instance, frozenset(), Requires())
-    if not isinstance(instance, base):
+    if spec is not None and spec.kind != kind:
+        raise TypeError(f"{spec.name!r} is a {spec.kind.value}, not a {kind.value}")
+    label = name or (
+        (spec.qualified_name if spec.plugin else spec.name)
+        if spec is not None
+        else getattr(component, "__name__", type(ref.instance).__name__)
+    )
+    provisional = Subject(kind, label, ref.instance, frozenset(), Requires())
+    if ref.instance is not None and not isinstance(ref.instance, base):
         fail(
             provisional,
             "the kind's base class",
-            f"its factory built a {type(instance).__name__}, which is not a "
+            f"its factory built a {type(ref.instance).__name__}, which is not a "
             f"somax_plug.{base.__name__}",
         )
-    declared_req = instance_requires(instance)
-    requires = declared_req if isinstance(declared_req, Requires) else None
-    declared_prov = instance_provides(instance)
-    provides = (
-        frozenset(declared_prov) if isinstance(declared_prov, frozenset | set | tuple) else None
+    try:
+        planned = resolve(ref, kind.value, registry, spec=spec)
+    except CompositionError as exc:
+        fail(provisional, "resolution (the planner's)", str(exc))
+    if spec is not None:
+        _same_declaration(provisional, spec, spec_of(planned.instance))
+    requires = Requires(
+        tags=planned.requires_tags,
+        statistics=planned.requires_statistics,
+        resources=planned.requires_resources,
+        losses=planned.requires_losses,
     )
-    if spec is not None and not options:
-        if requires is not None and requires != spec.requires:
+    return Subject(
+        kind,
+        label,
+        planned.instance,
+        planned.provides,
+        requires,
+        planned.every_k,
+        spec,
+        planned.preconditioned,
+    )
+
+
+def _same_declaration(
+    subject_: Subject, spec: ComponentSpec, declared: ComponentSpec | None
+) -> None:
+    """A registered spec must say what its class declares (when the class declares)."""
+    if declared is None or declared is spec:
+        return
+    for fact in ("provides", "requires", "options", "preconditioned", "cadence", "every_k"):
+        if getattr(spec, fact) != getattr(declared, fact):
             fail(
-                provisional,
-                "declared requirements",
-                f"the spec declares requires={spec.requires.to_dict()} but the instance built "
-                f"with the default options declares {requires.to_dict()}",
+                subject_,
+                "declared " + fact,
+                f"the registered spec says {fact}={getattr(spec, fact)!r} but its class "
+                f"{spec.factory!r} declares {getattr(declared, fact)!r}; register the class "
+                "itself (register(MyClass)) so the two cannot drift",
             )
-        if provides is not None and provides != spec.provides:
-            fail(
-                provisional,
-                "declared provides",
-                f"the spec declares provides={sorted(spec.provides)} but the instance "
-                f"declares {sorted(provides)}",
-            )
-    if requires is None:
-        requires = spec.requires if spec is not None else Requires()
-    if provides is None:
-        provides = spec.provides if spec is not None else frozenset()
-    every_k = spec.every_k if spec is not None else int(getattr(instance, "every_k", 1) or 1)
-    return Subject(kind, label, instance, provides, requires, every_k, spec)
+
+
+def check_options(subject_: Subject, registry: Any = None) -> None:
+    """Every declared option refuses a wrong-typed value, before anything is built."""
+    spec = subject_.spec or spec_of(subject_.instance)
+    if spec is None:
+        return
+    required = {
+        o.name: getattr(subject_.instance, o.name, None) for o in spec.options if o.required
+    }
+    for opt in spec.options:
+        wrong = opt.wrong_value()
+        if wrong is None:
+            continue
+        ref = ComponentRef(subject_.kind, name="?", options={**required, opt.name: wrong})
+        try:
+            resolve(ref, subject_.kind.value, registry, spec=spec)
+        except OptionError as exc:
+            if opt.name not in str(exc):
+                fail(subject_, "option checks", f"the error for {opt.name}={wrong!r} does "
+                     f"not name the option: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001
+            fail(subject_, "option checks", f"{opt.name}={wrong!r} raised "
+                 f"{type(exc).__name__}: {exc}, not an OptionError at compose time")
+        fail(subject_, "option checks", f"option {opt.name}={wrong!r} was accepted; "
+             f"declared: {opt.allowed()}")
 
 
 # ----------------------------------------------------------------------- environment
@@ -258,8 +308,8 @@ class StrictResources(Resources):
 
 
 def plan_providers(plan: Any) -> dict[str, Any]:
-    """Resource providers of a plan (everything but the step's own resources)."""
-    return {r.name: r.provider for r in plan.resources if r.producer != "step"}
+    """Resource providers of a plan."""
+    return {r.name: r.provider for r in plan.resources}
 
 
 def strict_resources(
@@ -316,6 +366,7 @@ class _SpyMixin:
         self.requires = subject_.requires
         self.provides = subject_.provides
         self.every_k = every_k
+        self.preconditioned = subject_.preconditioned
         self.rec = rec
 
 
@@ -433,7 +484,7 @@ def check_in_step(
     the state's types change over a step, when the second run retraces the
     component, or when the step's outputs are not finite.
     """
-    from somax_plug.composition import compose
+    from somax_plug._src.composition import compose
 
     role = {
         Kind.CURVATURE: "curvature",
@@ -509,6 +560,4 @@ def check_in_step(
 
 
 def _constant_damping(lam: float = 0.1) -> Any:
-    from somax_plug.builtin.damping import Constant
-
-    return Constant(lam=lam)
+    return {"name": "builtin:constant", "lam": lam}

@@ -1,7 +1,7 @@
 """The conformance kit: property checks that a component honours its kind's contract.
 
 One function per kind. Each takes the component as a
-:class:`~somax_plug.spec.ComponentSpec`, a registered name, a factory (a class or a
+:class:`~somax_plug._src.spec.ComponentSpec`, a registered name, a factory (a class or a
 callable returning an instance, called with ``options``) or an instance, and runs:
 
 1. **properties** -- Hypothesis property checks (``hypothesis.given`` inside, under
@@ -52,7 +52,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from somax_plug.kinds import Kind
+from somax_plug._src.kinds import Kind
 from somax_plug.testing import _check_curvature as _curv
 from somax_plug.testing import _check_damping as _damp
 from somax_plug.testing import _check_estimator as _est
@@ -95,10 +95,13 @@ def _run(kind: Kind, component: Any, options: Any, name: Any, registry: Any,
     cfg = config_cls(registry=registry, **config)
     subj = _h.subject(kind, component, options, name=name, registry=registry)
     for part in parts:
-        getattr(module, f"check_{part}")(subj, cfg)
+        if part == "options":
+            _h.check_options(subj, registry)
+        else:
+            getattr(module, f"check_{part}")(subj, cfg)
 
 
-_PARTS = ("properties", "in_step")
+_PARTS = ("options", "properties", "in_step")
 
 
 def check_curvature(

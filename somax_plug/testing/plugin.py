@@ -12,14 +12,14 @@ fixtures twice, which pytest accepts, the later definition winning).
 Fixtures:
 
 ``somax_registry``
-    A fresh :class:`~somax_plug.registry.Registry` holding only the built-in
+    A fresh :class:`~somax_plug._src.registry.Registry` holding only the built-in
     components, installed as the process-wide registry for the duration of the test
-    (:func:`somax_plug.registry.use_registry`), so ``compose("ggn", "my_solver",
+    (:func:`somax_plug._src.registry.use_registry`), so ``compose("ggn", "my_solver",
     ...)`` resolves names in it.
 ``register_plugin``
     ``register_plugin(plugin, name=None) -> PluginRecord``: register a plugin object
     (a module or any object with ``@hookimpl`` functions) in ``somax_registry``
-    through the real loader path (:func:`somax_plug.loader.register_plugin`: API
+    through the real loader path (:func:`somax_plug._src.loader.register_plugin`: API
     version check, pluggy registration, the transactional ``register`` hook with
     rollback). A failing plugin is *not* raised: its record says ``failed`` and why,
     exactly as ``somax-plug doctor`` would; pass ``check=True`` to raise instead.
@@ -50,14 +50,14 @@ from typing import Any
 
 import pytest
 
-from somax_plug.registry import PluginRecord, Registry
+from somax_plug._src.registry import PluginRecord, Registry
 
 __all__ = ["fake_distribution", "register_plugin", "somax_registry"]
 
 
 def fresh_registry() -> Registry:
     """A registry with only the built-in plugin loaded (no entry points, no env switches)."""
-    from somax_plug.loader import load_registry
+    from somax_plug._src.loader import load_registry
 
     return load_registry(env={}, entry_points=[])
 
@@ -65,7 +65,7 @@ def fresh_registry() -> Registry:
 @pytest.fixture
 def somax_registry() -> Iterator[Registry]:
     """A fresh built-ins-only registry, process-wide during the test."""
-    from somax_plug.registry import use_registry
+    from somax_plug._src.registry import use_registry
 
     registry = fresh_registry()
     with use_registry(registry):
@@ -75,7 +75,7 @@ def somax_registry() -> Iterator[Registry]:
 @pytest.fixture
 def register_plugin(somax_registry: Registry) -> Callable[..., PluginRecord]:
     """Register plugin objects in ``somax_registry`` through the real loader path."""
-    from somax_plug.loader import register_plugin as load_one
+    from somax_plug._src.loader import register_plugin as load_one
 
     def register(plugin: Any, name: str | None = None, check: bool = False) -> PluginRecord:
         label = name or getattr(plugin, "__name__", None) or type(plugin).__name__

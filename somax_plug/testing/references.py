@@ -19,7 +19,7 @@ name                reference
 Reference components (used by the kit to run a component inside a real composed
 step, and by plugin authors as test doubles):
 
-* :class:`DenseCurvature`: builds a :class:`~somax_plug.operators.MatrixOperator` of
+* :class:`DenseCurvature`: builds a :class:`~somax_plug._src.operators.MatrixOperator` of
   one of the references above, reading no resource (its ``ggn`` carries row factors
   ``U = diag(sqrt(e)) Q^T J`` from ``H_out = Q diag(e) Q^T``, so it is tagged
   ``psd``, ``row_space`` and ``diag``);
@@ -43,17 +43,17 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from somax_plug import tree
-from somax_plug.kinds import DIAG, PSD, SYMMETRIC, Curvature, Estimator, Solver, SolverInfo
-from somax_plug.operators import MatrixOperator, damped_mv
-from somax_plug.spec import Requires
+from somax_plug._src import tree
+from somax_plug._src.kinds import DIAG, PSD, SYMMETRIC, Curvature, Estimator, Solver, SolverInfo
+from somax_plug._src.operators import MatrixOperator, damped_mv
+from somax_plug._src.spec import Requires
 
 PyTree = Any
 Array = Any
@@ -248,6 +248,7 @@ class ProbeSolver(Solver):
     """
 
     needs: Requires = attrs.field(factory=Requires)
+    preconditioned: ClassVar[bool] = True  # it applies the composition's preconditioner
 
     @property
     def requires(self) -> Requires:

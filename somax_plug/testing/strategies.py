@@ -57,7 +57,7 @@ class Problem(NamedTuple):
     """A drawn model problem (float64).
 
     Attributes:
-        model: a :class:`~somax_plug.model.Model` (``predict_fn`` and loss).
+        model: a :class:`~somax_plug._src.model.Model` (``predict_fn`` and loss).
         params: the parameter pytree.
         batch: ``(inputs, targets)``.
         seed: the seed everything was drawn from.
@@ -167,7 +167,7 @@ def make_problem(
     """
     import jax.numpy as jnp
 
-    from somax_plug.model import make_model
+    from somax_plug._src.model import make_model
 
     dtype = jnp.float64 if dtype is None else dtype
     if layout == "nested" and not hidden:

@@ -1,7 +1,7 @@
 """lineax Krylov solvers behind the somax_plug :class:`~somax_plug.Solver` interface.
 
 Each solver wraps the damped operator ``A = C + lam I`` as a
-``lineax.FunctionLinearOperator`` (:func:`somax_plug.operators.to_lineax`, which maps
+``lineax.FunctionLinearOperator`` (:func:`somax_plug._src.operators.to_lineax`, which maps
 the ``symmetric`` / ``psd`` tags to lineax's), passes the somax_plug preconditioner
 ``precond(v) = M^-1 v`` as lineax's ``preconditioner`` option, and solves with
 ``lineax.linear_solve(..., throw=False)`` so that a solve that does not converge
@@ -22,7 +22,7 @@ what they mean in lineax.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from somax_plug.operators import MatrixOperator
+    >>> from somax_plug._src.operators import MatrixOperator
     >>> op = MatrixOperator(jnp.diag(jnp.array([1.0, 4.0])), jnp.zeros(2), tags={"psd"})
     >>> s, info, _ = CG(rtol=1e-8).solve(op, jnp.array([1.0, 1.0]), 1.0, None, {}, ())
     >>> [round(float(x), 3) for x in s]
@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from somax_plug import tree
-from somax_plug.kinds import LinearOperator, Solver, SolverInfo
-from somax_plug.operators import damp, damped_mv, to_lineax
-from somax_plug.spec import Requires
+from somax_plug._src import tree
+from somax_plug._src.kinds import LinearOperator, Solver, SolverInfo
+from somax_plug._src.operators import damp, damped_mv, to_lineax
+from somax_plug._src.spec import Requires
 
 PyTree = Any
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 import somax_plug_lineax
 
-from somax_plug.composition import compose
+from somax_plug._src.composition import compose
 from somax_plug.testing.conformance import check_solver
 
 CONVERGE = {"rtol": 1e-11, "atol": 1e-12, "max_steps": 400}
@@ -40,7 +40,7 @@ def test_cg_conforms(lineax_plugin):
 
 
 def test_cg_is_refused_on_an_indefinite_curvature(lineax_plugin):
-    from somax_plug.errors import CompositionError
+    from somax_plug._src.errors import CompositionError
 
     with pytest.raises(CompositionError, match="psd"):
         compose("hessian", "lineax_cg", predict_fn=lambda p, x: x @ p, loss="mse")

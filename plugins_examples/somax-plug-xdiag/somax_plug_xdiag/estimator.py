@@ -25,8 +25,8 @@ paper downdates one QR instead of m small ones; the result is the same.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> from somax_plug.operators import MatrixOperator
-    >>> from somax_plug.resources import Resources, ResourceProvider
+    >>> from somax_plug._src.operators import MatrixOperator
+    >>> from somax_plug._src.resources import Resources, ResourceProvider
     >>> u = jnp.array([[1.0, 2.0, 0.0, -1.0]])
     >>> op = MatrixOperator(u.T @ u, jnp.zeros(4), tags={"psd"})
     >>> res = Resources(None, None, None, None,
@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from somax_plug.kinds import Estimator
-from somax_plug.spec import Requires
+from somax_plug._src.kinds import Estimator
+from somax_plug._src.spec import Requires
 
 PyTree = Any
 

@@ -1,0 +1,225 @@
+"""``somax-plug bench [--json] [--quick]``: every benchmark in one run, with ratios.
+
+Parts (each ``run(quick) -> dict``; the modules document their protocols):
+
+* :mod:`somax_plug._src.benchmarks.planning`: ``planned_over_unplanned``;
+* :mod:`somax_plug._src.benchmarks.peers`: ``ours_over_somax_same_config``,
+  ``ours_over_adam_per_step``;
+* :mod:`somax_plug._src.benchmarks.matvec` (also ``benchmarks/bench_matvec.py``):
+  ``ggnvp_over_grad``, ``hvp_over_grad``;
+* :mod:`somax_plug._src.benchmarks.flops`: ``flops_over_minimum``;
+* :mod:`somax_plug._src.benchmarks.time_to_accuracy`: ``time_to_97_over_adam``,
+  ``time_to_97_over_somax``.
+
+``--json`` prints one object::
+
+    {"ratios": {name: value or null, ...},
+     "cases": {"planning": ..., "peers": ..., "matvec": ..., "flops": ...,
+               "time_to_accuracy": ..., "machine": {...}, "runtime_s": {...},
+               "cpu_time_ratios": {...}, "mode": "full" | "quick" | "smoke"},
+     "targets": {name: {"op": "<=", "value": v}, ...}}
+
+Ratios are of wall-clock medians. ``cases.cpu_time_ratios`` repeats the per-step
+ratios with process CPU time instead, which other jobs on a shared machine disturb
+much less (the human table shows both).
+
+A part that cannot run (python-somax not installed, the repository's
+``benchmarks/`` folder absent) gives ``null`` ratios and says why in its case entry;
+nothing fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+RATIOS = (
+    "planned_over_unplanned",
+    "ours_over_somax_same_config",
+    "ours_over_adam_per_step",
+    "ggnvp_over_grad",
+    "hvp_over_grad",
+    "flops_over_minimum",
+    "time_to_97_over_adam",
+    "time_to_97_over_somax",
+)
+"""Every ratio ``--json`` reports (lower is better for all)."""
+
+TARGETS: dict[str, dict[str, Any]] = {
+    "planned_over_unplanned": {"op": "<=", "value": 0.7},
+    "ours_over_somax_same_config": {"op": "<=", "value": 0.9},
+    "flops_over_minimum": {"op": "<=", "value": 1.05},
+    "time_to_97_over_adam": {"op": "<=", "value": 1.0},
+    "time_to_97_over_somax": {"op": "<=", "value": 1.0},
+}
+"""Targets (ratios without one are reported for information)."""
+
+PART_OF = {
+    "planned_over_unplanned": "planning",
+    "ours_over_somax_same_config": "peers",
+    "ours_over_adam_per_step": "peers",
+    "ggnvp_over_grad": "matvec",
+    "hvp_over_grad": "matvec",
+    "flops_over_minimum": "flops",
+    "time_to_97_over_adam": "time_to_accuracy",
+    "time_to_97_over_somax": "time_to_accuracy",
+}
+"""Which part reports each ratio."""
+
+def _matvec(quick: bool, smoke: bool) -> dict[str, Any]:
+    if smoke:
+        return {"ggnvp_over_grad": None, "hvp_over_grad": None, "note": "not run (smoke)"}
+    from somax_plug._src.benchmarks import matvec
+
+    return matvec.run(quick)
+
+
+def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
+    from somax_plug._src.benchmarks import flops, peers, planning, time_to_accuracy
+
+    return {
+        "planning": lambda q, s: planning.run(quick=q, smoke=s),
+        "peers": lambda q, s: peers.run(quick=q, smoke=s),
+        "matvec": _matvec,
+        "flops": lambda q, s: flops.run(quick=q, smoke=s),
+        "time_to_accuracy": lambda q, s: time_to_accuracy.run(quick=q, smoke=s),
+    }
+
+
+def collect(
+    quick: bool = False,
+    smoke: bool = False,
+    only: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the parts and assemble ``{"ratios", "cases", "targets"}``.
+
+    Args:
+        quick: fewer repeats and a smaller training budget (about 2-3 minutes).
+        smoke: tiny models and budgets, for the schema test (numbers meaningless).
+        only: run only these parts (the others' ratios are null).
+        log: called with a line before each part (progress).
+    """
+    from somax_plug._src.demo import machine_info
+
+    cases: dict[str, Any] = {}
+    runtime: dict[str, float] = {}
+    for name, part in _parts().items():
+        if only is not None and name not in only:
+            continue
+        if log is not None:
+            log(name)
+        t = time.perf_counter()
+        try:
+            cases[name] = part(quick, smoke)
+        except Exception as exc:  # one failing part must not hide the others
+            cases[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        runtime[name] = time.perf_counter() - t
+    ratios: dict[str, float | None] = {key: None for key in RATIOS}
+    cpu: dict[str, float | None] = {}
+    for case in cases.values():
+        for key in RATIOS:
+            if key in case and case[key] is not None:
+                ratios[key] = float(case[key])
+        cpu.update((case.get("cpu_time") or {}) if isinstance(case, dict) else {})
+    cases["cpu_time_ratios"] = cpu
+    cases["machine"] = machine_info()
+    cases["runtime_s"] = runtime
+    cases["mode"] = "smoke" if smoke else ("quick" if quick else "full")
+    return {"ratios": ratios, "cases": cases, "targets": TARGETS}
+
+
+def met(name: str, value: float | None) -> str:
+    """``yes`` / ``no`` against the target, ``-`` without one, ``n/a`` without a value."""
+    target = TARGETS.get(name)
+    if target is None:
+        return "-"
+    if value is None:
+        return "n/a"
+    return "yes" if value <= target["value"] else "no"
+
+
+def _why_null(name: str, cases: dict[str, Any]) -> str:
+    case = cases.get(PART_OF[name])
+    if case is None:
+        return "not run"
+    if "error" in case:
+        return str(case["error"])
+    if name == "time_to_97_over_somax" and case.get("details", {}).get("somax"):
+        return str(case["details"]["somax"])
+    if name.startswith("time_to_97"):
+        return "97% test accuracy not reached within the budget"
+    return str(case.get("note") or "")
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The ratios against their targets (rich when available)."""
+    rows = []
+    cpu = report["cases"].get("cpu_time_ratios", {})
+    for name in RATIOS:
+        value = report["ratios"][name]
+        target = TARGETS.get(name)
+        rows.append([
+            name,
+            "null" if value is None else f"{value:.3f}",
+            "-" if cpu.get(name) is None else f"{cpu[name]:.3f}",
+            f"{target['op']} {target['value']}" if target else "-",
+            met(name, value),
+            "" if value is not None else _why_null(name, report["cases"]),
+        ])
+    machine = report["cases"]["machine"]
+    title = (f"somax-plug bench ({report['cases']['mode']}) on {machine['platform']}, "
+             f"{machine['cpu_count']} CPUs, jax {machine['jax_version']} "
+             f"({machine['backend']})")
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(title)
+        for row in rows:
+            print("  ".join(row))
+        return
+    table = Table(title=title)
+    for h in ("ratio", "value", "cpu-time", "target", "met", "note"):
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="somax-plug bench",
+                                     description="Benchmarks: ratios against targets.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats, smaller budgets (about 2-3 minutes)")
+    parser.add_argument("--only", nargs="+", choices=list(_part_names()),
+                        help="run only these parts")
+    return parser
+
+
+def _part_names() -> tuple[str, ...]:
+    return ("planning", "peers", "matvec", "flops", "time_to_accuracy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    log = None if args.json else (lambda name: print(f"running {name} ...", flush=True))
+    report = collect(quick=args.quick, only=args.only, log=log)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

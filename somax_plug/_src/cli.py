@@ -1,0 +1,237 @@
+"""The ``somax-plug`` command line.
+
+Subcommands: ``list``, ``show``, ``doctor`` (the registry), ``plan`` (explain a
+composition), ``demo`` (the main job) and ``bench`` (benchmarks). Each of
+``list``, ``show``, ``doctor`` and ``plan`` takes ``--json``; the JSON shapes are a
+contract that other tools read (see the docs' CLI page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from somax_plug._src.errors import SomaxPlugError
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def _requires_text(req: dict[str, list[str]]) -> str:
+    parts = [f"{k}={'+'.join(v)}" for k, v in req.items() if v]
+    return ", ".join(parts) or "-"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from somax_plug._src.registry import get_registry
+
+    reg = get_registry()
+    specs = reg.list(kind=args.kind, tag=args.tag, plugin=args.plugin)
+    rows = [s.to_dict() for s in specs]
+    keys = (
+        "kind",
+        "name",
+        "qualified_name",
+        "plugin",
+        "provides",
+        "requires",
+        "summary",
+        "options",
+        "every_k",
+        "cadence",
+        "preconditioned",
+    )
+    if args.json:
+        print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+        return 0
+    table = [
+        [
+            r["kind"],
+            r["name"],
+            r["plugin"],
+            ",".join(r["provides"]) or "-",
+            _requires_text(r["requires"]),
+            r["summary"],
+        ]
+        for r in rows
+    ]
+    print(_table(table, ["kind", "name", "plugin", "provides", "requires", "summary"]))
+    if not args.kind and not args.tag and not args.plugin:
+        presets = reg.presets()
+        if presets:
+            print()
+            print(
+                _table(
+                    [[p.name, p.plugin, p.summary] for p in presets],
+                    ["preset", "plugin", "summary"],
+                )
+            )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from somax_plug._src.errors import UnknownComponentError
+    from somax_plug._src.kinds import Kind
+    from somax_plug._src.registry import get_registry
+
+    reg = get_registry()
+    found = reg.find(args.name)
+    if not found:
+        # re-raise the most helpful error: the per-kind suggestion for a solver-like name
+        messages = []
+        for kind in Kind:
+            try:
+                reg.get(kind, args.name)
+            except SomaxPlugError as exc:
+                messages.append(str(exc))
+        raise UnknownComponentError(
+            f"nothing is registered as {args.name!r}:\n  " + "\n  ".join(messages)
+        )
+    items = [f.to_dict() for f in found]
+    if args.json:
+        print(json.dumps(items if len(items) > 1 else items[0], indent=2))
+        return 0
+    for item in items:
+        print(f"{item['kind']} {item['qualified_name']}")
+        for key, value in item.items():
+            if key in ("kind", "qualified_name", "defaults"):
+                continue
+            if key == "options":
+                print(f"  {'options':<14} {'-' if not value else ''}")
+                for opt in value:
+                    default = "required" if opt["required"] else f"default {opt['default']!r}"
+                    doc = f": {opt['doc']}" if opt.get("doc") else ""
+                    print(f"    {opt['name']:<18} {opt['allowed']} ({default}){doc}")
+                continue
+            if isinstance(value, dict):
+                value = json.dumps(value)
+            elif isinstance(value, list):
+                value = ", ".join(map(str, value)) or "-"
+            print(f"  {key:<14} {value}")
+        if item["kind"] == "preset":
+            from somax_plug._src.planner import make_plan
+
+            try:
+                print()
+                print(make_plan(args.name).explain())
+            except SomaxPlugError as exc:
+                print(f"  (cannot plan this preset here: {exc})")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from somax_plug._src.registry import get_registry
+
+    reg = get_registry()
+    plugins = [r.to_dict() for r in reg.plugins.values()]
+    report = {
+        "plugins": plugins,
+        "conflicts": [c.message() for c in reg.conflicts],
+        "fingerprint": reg.fingerprint(),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        rows = [
+            [
+                p["name"],
+                p["distribution"] or "-",
+                p["version"] or "-",
+                p["status"],
+                str(len(p["components"])),
+                p["error"] or "",
+            ]
+            for p in plugins
+        ]
+        print(_table(rows, ["plugin", "distribution", "version", "status", "components", "error"]))
+        for message in report["conflicts"]:
+            print(f"conflict: {message}")
+        print(f"fingerprint: {report['fingerprint']}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from somax_plug._src.composition import load_composition
+    from somax_plug._src.planner import make_plan
+
+    composition = load_composition(args.config)
+    plan = make_plan(composition, unplanned=args.unplanned)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(plan.explain())
+    return 0
+
+
+def _delegate(module: str, argv: Sequence[str]) -> int:
+    return int(importlib.import_module(module).main(list(argv)) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="somax-plug", description="Composable second-order training in JAX."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument(
+        "--kind", choices=["curvature", "estimator", "solver", "preconditioner", "damping"]
+    )
+    p.add_argument("--tag", help="only components that provide this tag or statistic")
+    p.add_argument("--plugin", help="only components of this plugin")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show one component or preset")
+    p.add_argument("name", help="short or qualified (plugin:name) name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("doctor", help="report every plugin's status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("plan", help="explain the plan of a composition (TOML file or preset)")
+    p.add_argument("config", help="a .toml file, or the name of a preset")
+    p.add_argument("--unplanned", action="store_true", help="explain the unplanned variant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    for name, module, text in (
+        ("demo", "somax_plug._src.demo", "train on the bundled digits dataset (main job)"),
+        ("bench", "somax_plug._src.bench", "run the benchmarks"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.set_defaults(func=None, delegate=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in ("demo", "bench"):
+        module = {"demo": "somax_plug._src.demo", "bench": "somax_plug._src.bench"}[argv[0]]
+        return _delegate(module, argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SomaxPlugError as exc:
+        print(f"somax-plug: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `somax-plug list --json | head`: the reader left early
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

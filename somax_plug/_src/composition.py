@@ -1,0 +1,321 @@
+"""Compositions: which components, with which options (plain data).
+
+A :class:`Composition` names a curvature, a solver, any estimators, an optional
+preconditioner and a damping policy, each as a registry name with options or as
+a ready instance. It can come from keyword arguments, a dict, a TOML file or a
+preset; :func:`compose` plans it and returns a runnable
+:class:`~somax_plug._src.step.Method`.
+
+Component arguments accept:
+
+* ``"cg"`` or ``"builtin:cg"``: a registry name;
+* ``{"name": "cg", "maxiter": 20, "every_k": 1}``: a name with options (``every_k``
+  sets the cadence of estimators, preconditioners and damping);
+* ``("cg", {"maxiter": 20})``: the same as a pair;
+* an instance of the kind's base class (``somax_plug.Solver`` ...): used as is.
+
+TOML layout (``somax-plug plan FILE.toml``)::
+
+    preset = "sgn"            # optional: start from a preset
+    loss = "softmax_cross_entropy"
+    learning_rate = 1.0
+
+    [curvature]
+    name = "ggn"
+
+    [solver]
+    name = "cg"
+    maxiter = 20
+
+    [[estimators]]
+    name = "hutchinson_diag"
+    every_k = 10
+
+    [damping]
+    name = "constant"
+    lam = 1e-3
+
+Example:
+    >>> from somax_plug._src.composition import Composition
+    >>> c = Composition.from_dict({"curvature": "ggn", "solver": {"name": "cg", "maxiter": 5}})
+    >>> c.solver.name, dict(c.solver.options)
+    ('cg', {'maxiter': 5})
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from somax_plug._src.errors import CompositionError
+from somax_plug._src.kinds import KIND_BASES, Kind
+from somax_plug._src.spec import _frozen_items
+
+ROLES: dict[str, Kind] = {
+    "curvature": Kind.CURVATURE,
+    "solver": Kind.SOLVER,
+    "preconditioner": Kind.PRECONDITIONER,
+    "damping": Kind.DAMPING,
+}
+TOP_LEVEL = {"preset", "loss", "reduction", "learning_rate", "rho_every_k", "estimators", *ROLES}
+
+
+@attrs.frozen
+class ComponentRef:
+    """One component of a composition: a registry name with options, or an instance."""
+
+    kind: Kind
+    name: str | None = None
+    options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_frozen_items)
+    instance: Any = None
+    every_k: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else type(self.instance).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.label, **dict(self.options)}
+        if self.every_k is not None:
+            out["every_k"] = self.every_k
+        return out
+
+
+def as_ref(kind: Kind, value: Any, role: str) -> ComponentRef:
+    """Normalise one component argument (see the module docstring)."""
+    if isinstance(value, ComponentRef):
+        return value
+    base = KIND_BASES[kind]
+    if isinstance(value, base):
+        return ComponentRef(kind, instance=value)
+    if isinstance(value, str):
+        return ComponentRef(kind, name=value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        value = {"name": value[0], **dict(value[1])}
+    if isinstance(value, Mapping):
+        options = dict(value)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise CompositionError(
+                f"{role}: a mapping needs a 'name' key naming a registered {kind.value}, "
+                f"got {dict(value)!r}"
+            )
+        every_k = options.pop("every_k", None)
+        if every_k is not None and (not isinstance(every_k, int) or every_k < 1):
+            raise CompositionError(
+                f"{role} {name!r}: every_k must be a positive int, got {every_k!r}"
+            )
+        return ComponentRef(kind, name=name, options=options, every_k=every_k)
+    raise CompositionError(
+        f"{role}: expected a registered {kind.value} name, a {{'name': ..., **options}} mapping, "
+        f"a (name, options) pair or a {base.__name__} instance; got {type(value).__name__}"
+    )
+
+
+@attrs.frozen
+class Composition:
+    """The components of a method (no model: plans need none)."""
+
+    curvature: ComponentRef | None
+    solver: ComponentRef
+    estimators: tuple[ComponentRef, ...] = ()
+    preconditioner: ComponentRef | None = None
+    damping: ComponentRef | None = None
+    loss: str | None = None
+    reduction: str = "mean"
+    learning_rate: Any = 1.0
+    preset: str | None = None
+    rho_every_k: int = 0
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], registry: Any = None) -> Composition:
+        """Build from a mapping (a preset's composition, a TOML file, user kwargs)."""
+        config = dict(config)
+        unknown = set(config) - TOP_LEVEL
+        if unknown:
+            raise CompositionError(
+                f"unknown composition keys {sorted(unknown)}; expected some of {sorted(TOP_LEVEL)}"
+            )
+        preset = config.pop("preset", None)
+        if preset is not None:
+            from somax_plug._src.registry import get_registry
+
+            reg = registry or get_registry()
+            base = dict(reg.preset(preset).composition)
+            base.update({k: v for k, v in config.items() if v is not None})
+            config = base
+        if config.get("solver") is None:
+            raise CompositionError(
+                "a composition needs a solver (for a first-order baseline use solver 'identity')"
+            )
+        refs: dict[str, Any] = {}
+        for role, kind in ROLES.items():
+            value = config.get(role)
+            refs[role] = None if value is None else as_ref(kind, value, role)
+        estimators = config.get("estimators") or ()
+        if isinstance(estimators, str | Mapping) or not isinstance(estimators, list | tuple):
+            estimators = [estimators]
+        est_refs = tuple(
+            as_ref(Kind.ESTIMATOR, e, f"estimators[{i}]") for i, e in enumerate(estimators)
+        )
+        loss = loss_name(config.get("loss"))
+        return cls(
+            curvature=refs["curvature"],
+            solver=refs["solver"],
+            estimators=est_refs,
+            preconditioner=refs["preconditioner"],
+            damping=refs["damping"],
+            loss=loss,
+            reduction=config.get("reduction", "mean"),
+            learning_rate=config.get("learning_rate", 1.0),
+            preset=preset,
+            rho_every_k=int(config.get("rho_every_k") or 0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for role in ROLES:
+            ref = getattr(self, role)
+            if ref is not None:
+                out[role] = ref.to_dict()
+        if self.estimators:
+            out["estimators"] = [e.to_dict() for e in self.estimators]
+        if self.rho_every_k:
+            out["rho_every_k"] = self.rho_every_k
+        for key in ("loss", "reduction", "preset"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        lr = self.learning_rate
+        out["learning_rate"] = lr if isinstance(lr, int | float) else repr(lr)
+        return out
+
+
+def loss_name(loss: Any) -> str | None:
+    """The name a plan records for a loss: a built-in's name, else ``"custom"``.
+
+    A built-in :class:`~somax_plug.Loss` instance has the same name as the loss given
+    by name (so ``get_loss("softmax_cross_entropy")`` meets the same requirements);
+    a callable or a user's own ``Loss`` subclass is ``"custom"``.
+    """
+    if loss is None or isinstance(loss, str):
+        return loss
+    from somax_plug._src.losses import LOSSES, Loss
+
+    if isinstance(loss, Loss):
+        name = type(loss).__dict__.get("name")
+        return name if isinstance(name, str) and LOSSES.get(name) is type(loss) else "custom"
+    if callable(loss):
+        return "custom"
+    raise CompositionError(
+        f"loss must be a name, a somax_plug.Loss or a callable loss(outputs, targets) -> [B], "
+        f"got {type(loss).__name__} {loss!r}; valid names: mse, softmax_cross_entropy, "
+        "sigmoid_binary_cross_entropy"
+    )
+
+
+def load_composition(source: str | Path | Mapping[str, Any]) -> Composition:
+    """A composition from a TOML path, a preset name, or a mapping."""
+    if isinstance(source, Mapping):
+        return Composition.from_dict(source)
+    path = Path(source)
+    if path.suffix == ".toml" or path.exists():
+        if not path.exists():
+            raise CompositionError(f"composition file {str(path)!r} does not exist")
+        with path.open("rb") as fh:
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise CompositionError(f"{path}: invalid TOML: {exc}") from None
+        return Composition.from_dict(data.get("method", data))
+    return Composition.from_dict({"preset": str(source)})
+
+
+def compose(
+    curvature: Any = None,
+    solver: Any = None,
+    *,
+    predict_fn: Callable[..., Any],
+    loss: Any,
+    estimators: Any = None,
+    preconditioner: Any = None,
+    damping: Any = None,
+    preset: str | None = None,
+    config: Mapping[str, Any] | str | Path | None = None,
+    learning_rate: Any = None,
+    tx: Any = None,
+    reduction: str = "mean",
+    rho_every_k: int | None = None,
+    unplanned: bool = False,
+    registry: Any = None,
+    mesh: Any = None,
+    param_sharding: Any = None,
+) -> Any:
+    """Plan a composition and return a :class:`~somax_plug._src.step.Method`.
+
+    Args:
+        curvature, solver, estimators, preconditioner, damping: components (see the
+            module docstring); omitted ones come from ``preset`` or ``config``.
+        predict_fn: ``predict_fn(params, inputs) -> outputs``.
+        loss: a loss name (``mse``, ``softmax_cross_entropy``,
+            ``sigmoid_binary_cross_entropy``) or ``loss(outputs, targets) -> [B]``.
+        preset: start from a registered preset (``"sgn"``, ``"newton_cg"``, ...).
+        config: a mapping or TOML path with the same keys.
+        learning_rate: float or Optax schedule; the direction s is applied as
+            ``params - learning_rate * s`` unless ``tx`` is given.
+        tx: an Optax transformation applied to the direction instead of the
+            learning rate (it must do its own scaling, e.g. end in
+            ``optax.scale_by_learning_rate``).
+        reduction: ``"mean"`` or ``"sum"`` over the batch.
+        rho_every_k: report the gain ratio rho (which needs the loss after the step
+            and the predicted decrease) every k steps; damping policies that need
+            them get them every step regardless.
+        unplanned: build the ablation in which every component recomputes its own
+            resources (same numbers, more work).
+        registry: a registry to resolve names in (default: the process-wide one).
+        mesh: a ``jax.sharding.Mesh`` for data parallelism (see
+            :mod:`somax_plug._src.sharding`): every batch leaf is sharded along its
+            leading axis over the mesh's ``"data"`` axis (its first axis if it has
+            no ``"data"`` axis), parameters and state are replicated, and the step
+            is jitted with those in/out shardings. Build one with
+            :func:`somax_plug._src.sharding.data_parallel_mesh`.
+        param_sharding: with ``mesh``, a rule ``(path, leaf) -> PartitionSpec | None``
+            that shards parameter and state leaves along another mesh axis, e.g.
+            :func:`somax_plug._src.sharding.shard_large_2d` (None: replicate all).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from somax_plug import compose
+        >>> method = compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse",
+        ...                  damping={"name": "constant", "lam": 1e-3})
+        >>> state = method.init(jnp.zeros(3))
+    """
+    from somax_plug._src.model import make_model
+    from somax_plug._src.planner import make_plan
+    from somax_plug._src.step import Method
+
+    data: dict[str, Any] = {}
+    if config is not None:
+        base = load_composition(config) if not isinstance(config, Mapping) else None
+        data = base.to_dict() if base is not None else dict(config)
+    if preset is not None:
+        data["preset"] = preset
+    given = {
+        "curvature": curvature,
+        "solver": solver,
+        "estimators": estimators,
+        "preconditioner": preconditioner,
+        "damping": damping,
+        "learning_rate": learning_rate,
+        "rho_every_k": rho_every_k,
+    }
+    data.update({k: v for k, v in given.items() if v is not None})
+    data["loss"] = loss
+    data["reduction"] = reduction
+    composition = Composition.from_dict(data, registry=registry)
+    plan = make_plan(composition, registry=registry, unplanned=unplanned)
+    model = make_model(predict_fn, loss, reduction=reduction)
+    return Method(plan=plan, model=model, tx=tx, mesh=mesh, param_sharding=param_sharding)

@@ -1,0 +1,472 @@
+"""Losses with Optax's convention, and their curvature with respect to the outputs.
+
+A :class:`Loss` maps model outputs ``z`` (a leading batch axis of size B) and targets
+to per-example losses ``l_b`` (shape ``[B]``), then reduces them::
+
+    L(z) = c * sum_b l_b(z_b),      c = 1/B ("mean", the default) or 1 ("sum").
+
+Everything a curvature operator needs is a derivative of the *reduced* loss L with
+respect to the outputs:
+
+* ``output_grad(z, y)``        -- dL/dz, output-shaped (``c * dl_b/dz_b`` per example);
+* ``output_hessian_mv(z, y, u)`` -- H_out u with ``H_out = d^2 L / dz^2``, block
+  diagonal over examples (closed form for the built-ins, jvp-of-grad otherwise);
+* ``output_hessian_sqrt(z, y)`` -- per-example factors ``L_b`` of shape ``[B, K, K]``
+  (K = flattened per-example output size) with ``H_out = blockdiag(L_b L_b^T)``;
+* ``sample_targets(key, z, S)`` -- S draws from the model's predictive distribution
+  (for the Monte-Carlo Fisher), stacked on a new leading axis.
+
+Built-ins (by name, see :func:`get_loss`):
+
+=================================  ============================================  ================
+name                               per-example loss                              sqrt of H_b
+=================================  ============================================  ================
+``mse``                            ``0.5 * sum((z_b - y_b)**2)`` (any shape)      ``sqrt(c) I``
+``softmax_cross_entropy``          ``-sum_k y_k log softmax(z)_k`` (last axis)    see below
+``sigmoid_binary_cross_entropy``   ``sum(sigmoid_binary_cross_entropy(z, y))``    ``diag(sqrt(c
+                                                                                 s (1 - s)))``
+=================================  ============================================  ================
+
+For softmax cross-entropy with probabilities ``p = softmax(z_b)`` and label mass
+``m = sum_k y_k`` (1 for integer labels and one-hot rows), ``H_b = c m (diag p - p p^T)``
+and ``L_b = sqrt(c m) (diag(sqrt p) - p sqrt(p)^T)``; indeed
+``L L^T = diag p - 2 p p^T + p (sqrt(p)^T sqrt(p)) p^T = diag p - p p^T``. Extra axes
+between the batch and the class axis (sequences) sum into the per-example loss and make
+``L_b`` block diagonal.
+
+Any callable ``loss(outputs, targets) -> [B]`` is accepted too (:class:`CallableLoss`):
+its output Hessian is ``jax.jvp`` of ``jax.grad`` and its square root comes from
+``eigh`` of each per-example Hessian (``jax.hessian``, vmapped) with eigenvalues clipped
+at 0. A non-convex loss therefore gets the *psd part* of its output Hessian in the
+square root, and a GGN built from it uses that psd part everywhere (see
+:attr:`Loss.output_hessian_psd`).
+
+Dtypes: losses are evaluated and reduced in ``promote_types(outputs.dtype, float32)``
+(float32 for bfloat16 outputs, float64 for float64 outputs); output-shaped results
+(gradients, Hessian-vector products) come back in the outputs' dtype; square roots
+stay in the computation dtype.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from somax_plug._src.losses import get_loss
+    >>> ce = get_loss("softmax_cross_entropy")
+    >>> z, y = jnp.zeros((2, 3)), jnp.array([0, 2])
+    >>> round(float(ce(z, y)), 4)  # log(3)
+    1.0986
+    >>> ce.output_hessian_sqrt(z, y).shape
+    (2, 3, 3)
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+
+from somax_plug._src.errors import CompositionError
+from somax_plug._src.lazy import lazy_import
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+optax = lazy_import("optax")
+
+PyTree = Any
+Array = Any
+
+REDUCTIONS = ("mean", "sum")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """Dtype in which losses and reductions are computed: at least float32."""
+    return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
+
+def batch_size_of(tree: PyTree) -> int:
+    """Static size of the leading (batch) axis of a pytree with a batch axis."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves or jnp.ndim(leaves[0]) == 0:
+        raise CompositionError("expected arrays with a leading batch axis, got scalars or nothing")
+    return int(jnp.shape(leaves[0])[0])
+
+
+def flatten_per_example(tree: PyTree, dtype: Any = None) -> Array:
+    """Flatten each example of a batched pytree: ``[B, ...]`` leaves -> one ``[B, K]`` array."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    b = batch_size_of(tree)
+    flat = [jnp.reshape(x, (b, -1)) for x in leaves]
+    out = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
+    return out if dtype is None else out.astype(dtype)
+
+
+def unflatten_per_example(flat: Array, like: PyTree) -> PyTree:
+    """Inverse of :func:`flatten_per_example` for any leading size, with ``like``'s dtypes.
+
+    ``like`` only supplies the per-example shapes (``leaf.shape[1:]``) and dtypes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    out, start = [], 0
+    for x in leaves:
+        shape = tuple(jnp.shape(x)[1:])
+        size = math.prod(shape)
+        piece = flat[:, start : start + size]
+        out.append(jnp.reshape(piece, (flat.shape[0], *shape)).astype(jnp.result_type(x)))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _sum_trailing(x: Array) -> Array:
+    """Sum every axis but the first: ``[B, ...] -> [B]``."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+
+
+def _check_reduction(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in REDUCTIONS:
+        raise CompositionError(
+            f"unknown loss reduction {value!r}; expected one of: {', '.join(REDUCTIONS)}"
+        )
+
+
+def _psd_sqrt(h: Array) -> Array:
+    """``V sqrt(max(lambda, 0))`` for a symmetric ``[K, K]`` matrix ``h = V diag(lambda) V^T``."""
+    h = 0.5 * (h + h.T)
+    lam, vecs = jnp.linalg.eigh(h)
+    return vecs * jnp.sqrt(jnp.maximum(lam, 0.0))[None, :]
+
+
+# --------------------------------------------------------------------------- base class
+
+
+@attrs.frozen
+class Loss(ABC):
+    """A loss in Optax's convention: per-example values, then a reduction.
+
+    Subclasses implement :meth:`per_example`; the derivatives have generic defaults
+    (autodiff) that the built-ins override with closed forms.
+
+    Attributes:
+        reduction: ``"mean"`` (``L = mean_b l_b``) or ``"sum"`` (``L = sum_b l_b``).
+    """
+
+    reduction: str = attrs.field(default="mean", validator=_check_reduction, kw_only=True)
+
+    name: ClassVar[str] = "loss"
+
+    @abstractmethod
+    def per_example(self, outputs: PyTree, targets: PyTree) -> Array:
+        """Per-example losses ``l_b`` of shape ``[B]``."""
+
+    @property
+    def output_hessian_psd(self) -> bool:
+        """True when ``H_out`` is psd for every output (so ``H_out = sqrt sqrt^T`` exactly)."""
+        return True
+
+    def scale(self, batch_size: int) -> float:
+        """The reduction factor c: ``1/B`` for ``"mean"``, ``1`` for ``"sum"`` (static)."""
+        return 1.0 / batch_size if self.reduction == "mean" else 1.0
+
+    def __call__(self, outputs: PyTree, targets: PyTree) -> Array:
+        """Reduced loss (a scalar in :func:`compute_dtype` of the outputs)."""
+        per = self.per_example(outputs, targets)
+        per = per.astype(compute_dtype(per.dtype))
+        return jnp.mean(per) if self.reduction == "mean" else jnp.sum(per)
+
+    def output_grad(self, outputs: PyTree, targets: PyTree) -> PyTree:
+        """``dL/dz`` (output-shaped, the outputs' dtype)."""
+        return jax.grad(self.__call__)(outputs, targets)
+
+    def output_hessian_mv(self, outputs: PyTree, targets: PyTree, u: PyTree) -> PyTree:
+        """``H_out u`` (generic: forward-over-reverse, ``jvp`` of ``grad``)."""
+        return jax.jvp(lambda z: self.output_grad(z, targets), (outputs,), (u,))[1]
+
+    def output_hessian_sqrt(self, outputs: PyTree, targets: PyTree) -> Array:
+        """Per-example ``L_b`` (``[B, K, K]``) with ``H_out = blockdiag(L_b L_b^T)``.
+
+        Generic: ``jax.hessian`` of each per-example loss (vmapped), then ``eigh`` with
+        eigenvalues clipped at 0 -- exact for convex losses, the psd part otherwise.
+        """
+        b = batch_size_of(outputs)
+        c = self.scale(b)
+        flat = flatten_per_example(outputs)
+        cdt = compute_dtype(flat.dtype)
+
+        def one(z_flat: Array, target: PyTree) -> Array:
+            t1 = jax.tree_util.tree_map(lambda a: a[None], target)
+
+            def ell(zf: Array) -> Array:
+                z = unflatten_per_example(zf[None].astype(flat.dtype), outputs)
+                return self.per_example(z, t1)[0].astype(cdt)
+
+            h = jax.hessian(ell)(z_flat.astype(cdt))
+            return _psd_sqrt(c * h)
+
+        return jax.vmap(one)(flat, targets)
+
+    def sample_targets(self, key: Array, outputs: PyTree, num_samples: int) -> PyTree:
+        """``num_samples`` target draws from the predictive distribution, stacked first."""
+        raise NotImplementedError(
+            f"loss {self.name!r} defines no predictive distribution, so it cannot sample "
+            "targets (needed by curvature 'fisher' and estimator 'gnb_diag'); use a built-in "
+            "loss or pass sampler=... to get_loss"
+        )
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+@attrs.frozen
+class MSE(Loss):
+    """Squared error, ``l_b = 0.5 * sum((z_b - y_b)**2)`` over every non-batch axis.
+
+    The factor 0.5 makes ``H_b = I`` (``optax.losses.l2_loss``): the loss is the negative
+    log-likelihood of a unit-variance Gaussian up to a constant, so the Fisher equals
+    the GGN. ``sample_targets`` draws ``z + N(0, I)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(MSE()(jnp.ones((2, 3)), jnp.zeros((2, 3))))
+        1.5
+    """
+
+    name: ClassVar[str] = "mse"
+
+    def per_example(self, outputs: Array, targets: Array) -> Array:
+        cdt = compute_dtype(outputs.dtype)
+        return _sum_trailing(optax.losses.l2_loss(outputs.astype(cdt), targets.astype(cdt)))
+
+    def output_hessian_mv(self, outputs: Array, targets: Array, u: Array) -> Array:
+        c = self.scale(batch_size_of(outputs))
+        return (c * u.astype(compute_dtype(u.dtype))).astype(outputs.dtype)
+
+    def output_hessian_sqrt(self, outputs: Array, targets: Array) -> Array:
+        b = batch_size_of(outputs)
+        k = math.prod(outputs.shape[1:])
+        eye = jnp.eye(k, dtype=compute_dtype(outputs.dtype)) * math.sqrt(self.scale(b))
+        return jnp.broadcast_to(eye, (b, k, k))
+
+    def sample_targets(self, key: Array, outputs: Array, num_samples: int) -> Array:
+        noise = jax.random.normal(key, (num_samples, *outputs.shape), outputs.dtype)
+        return outputs[None] + noise
+
+
+@attrs.frozen
+class SoftmaxCrossEntropy(Loss):
+    """Softmax cross-entropy over the last axis of the logits.
+
+    Targets are integer labels (``[B, ...]``, ``optax.losses.
+    softmax_cross_entropy_with_integer_labels``) or one-hot / soft labels of the logits'
+    shape (``optax.losses.softmax_cross_entropy``). Axes between the batch axis and the
+    class axis are summed into ``l_b``. ``sample_targets`` draws integer labels from
+    ``Categorical(softmax(z))``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> ce = SoftmaxCrossEntropy(reduction="sum")
+        >>> z, u = jnp.zeros((1, 2), jnp.float32), jnp.array([[1.0, 0.0]], jnp.float32)
+        >>> ce.output_hessian_mv(z, jnp.array([1]), u)
+        Array([[ 0.25, -0.25]], dtype=float32)
+    """
+
+    name: ClassVar[str] = "softmax_cross_entropy"
+
+    @staticmethod
+    def _integer_labels(targets: Array) -> bool:
+        return jnp.issubdtype(jnp.result_type(targets), jnp.integer)
+
+    def _label_mass(self, logits: Array, targets: Array) -> Array:
+        """``m = sum_k y_k`` per position (``[B, ..., 1]``), 1 for integer labels."""
+        cdt = compute_dtype(logits.dtype)
+        if self._integer_labels(targets):
+            return jnp.ones((*logits.shape[:-1], 1), cdt)
+        return jnp.sum(targets.astype(cdt), axis=-1, keepdims=True)
+
+    def per_example(self, outputs: Array, targets: Array) -> Array:
+        cdt = compute_dtype(outputs.dtype)
+        logits = outputs.astype(cdt)
+        if self._integer_labels(targets):
+            per = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
+        else:
+            if targets.shape != outputs.shape:
+                raise CompositionError(
+                    f"softmax_cross_entropy: soft/one-hot targets must have the logits' shape "
+                    f"{outputs.shape}, got {targets.shape} (or pass integer labels)"
+                )
+            per = optax.losses.softmax_cross_entropy(logits, targets.astype(cdt))
+        return _sum_trailing(per)
+
+    def output_grad(self, outputs: Array, targets: Array) -> Array:
+        cdt = compute_dtype(outputs.dtype)
+        p = jax.nn.softmax(outputs.astype(cdt), axis=-1)
+        if self._integer_labels(targets):
+            y = jax.nn.one_hot(targets, outputs.shape[-1], dtype=cdt)
+        else:
+            y = targets.astype(cdt)
+        m = self._label_mass(outputs, targets)
+        c = self.scale(batch_size_of(outputs))
+        return (c * (m * p - y)).astype(outputs.dtype)
+
+    def output_hessian_mv(self, outputs: Array, targets: Array, u: Array) -> Array:
+        cdt = compute_dtype(outputs.dtype)
+        p = jax.nn.softmax(outputs.astype(cdt), axis=-1)
+        u = u.astype(cdt)
+        pu = p * u
+        hu = pu - p * jnp.sum(pu, axis=-1, keepdims=True)
+        c = self.scale(batch_size_of(outputs))
+        return (c * self._label_mass(outputs, targets) * hu).astype(outputs.dtype)
+
+    def output_hessian_sqrt(self, outputs: Array, targets: Array) -> Array:
+        cdt = compute_dtype(outputs.dtype)
+        b, n_cls = outputs.shape[0], outputs.shape[-1]
+        p = jax.nn.softmax(outputs.astype(cdt), axis=-1).reshape(b, -1, n_cls)  # [B, T, C]
+        m = self._label_mass(outputs, targets).reshape(b, -1, 1)
+        sq = jnp.sqrt(p)
+        eye = jnp.eye(n_cls, dtype=cdt)
+        blocks = sq[..., :, None] * eye - p[..., :, None] * sq[..., None, :]  # [B, T, C, C]
+        blocks = blocks * jnp.sqrt(self.scale(b) * m)[..., None]
+        t = p.shape[1]
+        if t == 1:
+            return blocks[:, 0]
+        full = jnp.einsum("btcd,ts->btcsd", blocks, jnp.eye(t, dtype=cdt))
+        return full.reshape(b, t * n_cls, t * n_cls)
+
+    def sample_targets(self, key: Array, outputs: Array, num_samples: int) -> Array:
+        logits = outputs.astype(compute_dtype(outputs.dtype))
+        return jax.random.categorical(key, logits, axis=-1, shape=(num_samples, *logits.shape[:-1]))
+
+
+@attrs.frozen
+class SigmoidBinaryCrossEntropy(Loss):
+    """Sigmoid binary cross-entropy, elementwise on logits, summed per example.
+
+    Targets are probabilities in [0, 1] with the logits' shape. With ``s = sigmoid(z)``
+    the output Hessian is ``diag(c s (1 - s))`` whatever the targets;
+    ``sample_targets`` draws ``Bernoulli(s)`` (as the outputs' dtype).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(SigmoidBinaryCrossEntropy()(jnp.zeros((1, 2)), jnp.ones((1, 2)))), 4)
+        1.3863
+    """
+
+    name: ClassVar[str] = "sigmoid_binary_cross_entropy"
+
+    def per_example(self, outputs: Array, targets: Array) -> Array:
+        cdt = compute_dtype(outputs.dtype)
+        per = optax.losses.sigmoid_binary_cross_entropy(outputs.astype(cdt), targets.astype(cdt))
+        return _sum_trailing(per)
+
+    def _curv(self, outputs: Array) -> Array:
+        s = jax.nn.sigmoid(outputs.astype(compute_dtype(outputs.dtype)))
+        return self.scale(batch_size_of(outputs)) * s * (1.0 - s)
+
+    def output_hessian_mv(self, outputs: Array, targets: Array, u: Array) -> Array:
+        return (self._curv(outputs) * u.astype(compute_dtype(u.dtype))).astype(outputs.dtype)
+
+    def output_hessian_sqrt(self, outputs: Array, targets: Array) -> Array:
+        d = jnp.sqrt(self._curv(outputs)).reshape(outputs.shape[0], -1)
+        return jax.vmap(jnp.diag)(d)
+
+    def sample_targets(self, key: Array, outputs: Array, num_samples: int) -> Array:
+        s = jax.nn.sigmoid(outputs.astype(compute_dtype(outputs.dtype)))
+        draws = jax.random.bernoulli(key, s, shape=(num_samples, *outputs.shape))
+        return draws.astype(outputs.dtype)
+
+
+@attrs.frozen
+class CallableLoss(Loss):
+    """Any per-example loss ``fn(outputs, targets) -> [B]`` (outputs may be a pytree).
+
+    Derivatives come from autodiff (see :class:`Loss`). ``convex=True`` promises that
+    every per-example output Hessian is psd, which lets a GGN use the cheap
+    ``jvp``-of-``grad`` product; otherwise it uses the psd part through the square root.
+    ``sampler(key, outputs, num_samples)`` enables the Monte-Carlo Fisher.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> huber = CallableLoss(lambda z, y: jnp.sum(optax.huber_loss(z, y), axis=-1))
+        >>> huber.per_example(jnp.zeros((2, 3)), jnp.ones((2, 3))).shape
+        (2,)
+    """
+
+    fn: Callable[[PyTree, PyTree], Array] = attrs.field(eq=id)
+    convex: bool = attrs.field(default=False, kw_only=True)
+    sampler: Callable[..., PyTree] | None = attrs.field(default=None, eq=id, kw_only=True)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+    @property
+    def output_hessian_psd(self) -> bool:
+        return self.convex
+
+    def per_example(self, outputs: PyTree, targets: PyTree) -> Array:
+        per = jnp.asarray(self.fn(outputs, targets))
+        b = batch_size_of(outputs)
+        if per.shape != (b,):
+            raise CompositionError(
+                f"loss {self.name!r} must return per-example values of shape ({b},) "
+                f"(Optax convention, no reduction), got shape {per.shape}"
+            )
+        return per
+
+    def sample_targets(self, key: Array, outputs: PyTree, num_samples: int) -> PyTree:
+        if self.sampler is None:
+            return super().sample_targets(key, outputs, num_samples)
+        return self.sampler(key, outputs, num_samples)
+
+
+# --------------------------------------------------------------------------- lookup
+
+LOSSES: dict[str, type[Loss]] = {
+    "mse": MSE,
+    "softmax_cross_entropy": SoftmaxCrossEntropy,
+    "sigmoid_binary_cross_entropy": SigmoidBinaryCrossEntropy,
+}
+"""Built-in losses by name."""
+
+
+def get_loss(
+    loss: str | Loss | Callable[[PyTree, PyTree], Array],
+    reduction: str | None = None,
+    **options: Any,
+) -> Loss:
+    """Resolve a loss given by name, instance or per-example callable.
+
+    Args:
+        loss: a built-in name (see :data:`LOSSES`), a :class:`Loss`, or a callable
+            ``fn(outputs, targets) -> [B]`` (wrapped in :class:`CallableLoss`).
+        reduction: ``"mean"`` or ``"sum"``; None keeps an instance's own reduction and
+            means ``"mean"`` for names and callables.
+        **options: extra fields for :class:`CallableLoss` (``convex``, ``sampler``).
+
+    Raises:
+        CompositionError: unknown name (the message lists the valid names).
+    """
+    if isinstance(loss, Loss):
+        return loss if reduction is None else attrs.evolve(loss, reduction=reduction)
+    red = "mean" if reduction is None else reduction
+    if isinstance(loss, str):
+        cls = LOSSES.get(loss)
+        if cls is None:
+            close = difflib.get_close_matches(loss, LOSSES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise CompositionError(
+                f"unknown loss {loss!r}; valid names: {', '.join(sorted(LOSSES))}, or pass a "
+                f"callable loss(outputs, targets) -> per-example losses [B].{hint}"
+            )
+        if options:
+            raise CompositionError(f"loss {loss!r} takes no options, got {sorted(options)}")
+        return cls(reduction=red)
+    if callable(loss):
+        return CallableLoss(loss, reduction=red, **options)
+    raise CompositionError(
+        f"loss must be a name, a Loss or a callable, got {type(loss).__name__}; "
+        f"valid names: {', '.join(sorted(LOSSES))}"
+    )

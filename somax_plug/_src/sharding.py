@@ -1,0 +1,289 @@
+"""Data parallelism with JAX's own sharding: a mesh, a placement, one sharded jit.
+
+``compose(..., mesh=mesh)`` makes the step data-parallel:
+
+* every leaf of the batch ``(inputs, targets)`` is sharded along its leading
+  (batch) axis over the mesh's data axis, ``NamedSharding(mesh, P("data"))``;
+* parameters and the method state are replicated (``NamedSharding(mesh, P())``),
+  unless a ``param_sharding`` rule shards some leaves along another mesh axis;
+* the step is ``jax.jit(step, in_shardings=..., out_shardings=...)``: XLA's GSPMD
+  partitioner turns every reduction over the batch (the loss, gradients, GGN and
+  Fisher products, Gram matrices of the row-space solvers, ...) into the right
+  cross-device collectives. There is no hand-written reduction anywhere.
+
+Batch sizes must be divisible by the number of devices along the data axis
+(checked before tracing, :class:`~somax_plug._src.errors.InputError` otherwise).
+
+Parameter sharding (for large 2-D layers): ``param_sharding`` is a rule
+``rule(path, leaf) -> PartitionSpec | None`` called for every leaf of the
+parameters *and* of the state (``leaf`` is a ``jax.ShapeDtypeStruct``, ``path`` a
+``jax.tree_util`` key path); ``None`` means replicated. :func:`shard_large_2d`
+builds the usual rule: 2-D floating leaves with at least ``min_size`` elements are
+split along their last axis over the model axis. State leaves with a parameter's
+shape (diagonal EMAs, momenta) are then split the same way.
+
+Multi-host: call ``jax.distributed.initialize()`` first in every process; the
+mesh from :func:`data_parallel_mesh` then spans every process's devices (see
+``docs/howto/multi-device.md``).
+
+Example:
+    >>> import jax
+    >>> from somax_plug._src.sharding import data_parallel_mesh
+    >>> mesh = data_parallel_mesh()          # every local device on one "data" axis
+    >>> mesh.axis_names
+    ('data',)
+    >>> # method = compose(preset="sgn", predict_fn=f, loss="mse", mesh=mesh)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from somax_plug._src.errors import InputError
+
+PyTree = Any
+ShardingRule = Callable[[Any, jax.ShapeDtypeStruct], "PartitionSpec | None"]
+
+__all__ = [
+    "DataParallel",
+    "data_parallel_mesh",
+    "replicated",
+    "shard_batch",
+    "shard_large_2d",
+]
+
+
+def data_parallel_mesh(
+    num_devices: int | None = None,
+    axis: str = "data",
+    model_axis: str | None = None,
+    *,
+    model_size: int | None = None,
+    devices: Any = None,
+) -> Mesh:
+    """A mesh for data parallelism: ``num_devices`` devices on the axis ``axis``.
+
+    Args:
+        num_devices: how many devices to use (default: all of ``jax.devices()``,
+            which spans every process after ``jax.distributed.initialize()``).
+        axis: name of the data axis (the batch is sharded over it).
+        model_axis: optional name of a second axis, for parameters sharded by a
+            ``param_sharding`` rule; then ``model_size`` devices lie along it and
+            ``num_devices // model_size`` along the data axis.
+        model_size: devices along ``model_axis`` (required with it).
+        devices: the devices to use (default ``jax.devices()``).
+
+    Example:
+        >>> mesh = data_parallel_mesh(1)
+        >>> dict(mesh.shape)
+        {'data': 1}
+    """
+    pool = list(jax.devices() if devices is None else devices)
+    n = len(pool) if num_devices is None else int(num_devices)
+    if n < 1 or n > len(pool):
+        raise InputError(
+            f"data_parallel_mesh: num_devices must be between 1 and {len(pool)} (the devices "
+            f"available), got {num_devices!r}; on CPU, set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax"
+        )
+    chosen = np.asarray(pool[:n], dtype=object)
+    if model_axis is None:
+        if model_size not in (None, 1):
+            raise InputError("data_parallel_mesh: model_size needs a model_axis name")
+        return Mesh(chosen, (axis,))
+    if model_axis == axis:
+        raise InputError(f"data_parallel_mesh: model_axis must differ from axis {axis!r}")
+    if model_size is None or model_size < 1 or n % model_size:
+        raise InputError(
+            f"data_parallel_mesh: with model_axis={model_axis!r}, give model_size, a divisor "
+            f"of num_devices={n}; got model_size={model_size!r}"
+        )
+    return Mesh(chosen.reshape(n // model_size, model_size), (axis, model_axis))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+    """``batch`` with every leaf's leading axis sharded over ``axis`` of ``mesh``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mesh = data_parallel_mesh(1)
+        >>> x, y = shard_batch((jnp.ones((4, 2)), jnp.zeros(4)), mesh)
+        >>> x.sharding.spec == PartitionSpec("data")
+        True
+    """
+    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(axis)))
+
+
+def shard_large_2d(model_axis: str = "model", min_size: int = 1 << 16) -> ShardingRule:
+    """A ``param_sharding`` rule: split big 2-D floating leaves along their last axis.
+
+    A leaf is split over ``model_axis`` when it is 2-D, floating, has at least
+    ``min_size`` elements and a last dimension divisible by the axis size; every
+    other leaf is replicated. (A hand-written rule whose spec does not divide a
+    leaf's shape is an error; this one carries ``replicate_indivisible = True``,
+    which makes :class:`DataParallel` replicate such leaves instead.)
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> rule = shard_large_2d("model", min_size=4)
+        >>> rule((), jax.ShapeDtypeStruct((2, 4), jnp.float32)) == PartitionSpec(None, "model")
+        True
+        >>> rule((), jax.ShapeDtypeStruct((4,), jnp.float32)) is None
+        True
+    """
+
+    def rule(path: Any, leaf: jax.ShapeDtypeStruct) -> PartitionSpec | None:
+        if len(leaf.shape) != 2 or not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+            return None
+        if int(np.prod(leaf.shape)) < min_size:
+            return None
+        return PartitionSpec(None, model_axis)
+
+    rule.replicate_indivisible = True  # type: ignore[attr-defined]
+    return rule
+
+
+def _spec_of(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x))
+
+
+class DataParallel:
+    """How one :class:`~somax_plug._src.step.Method` is laid out over a mesh.
+
+    Args:
+        mesh: a ``jax.sharding.Mesh``.
+        data_axis: the axis the batch is sharded over (default: ``"data"`` when the
+            mesh has it, else its first axis).
+        param_sharding: optional rule ``(path, leaf) -> PartitionSpec | None`` for
+            parameters and state leaves (see the module docstring).
+
+    Example:
+        >>> dp = DataParallel(data_parallel_mesh(1))
+        >>> dp.data_axis, dp.data_size
+        ('data', 1)
+    """
+
+    def __init__(
+        self, mesh: Mesh, data_axis: str | None = None, param_sharding: ShardingRule | None = None
+    ) -> None:
+        if not isinstance(mesh, Mesh):
+            raise InputError(
+                f"mesh must be a jax.sharding.Mesh (e.g. somax_plug._src.sharding."
+                f"data_parallel_mesh()), got {type(mesh).__name__}"
+            )
+        names = tuple(mesh.axis_names)
+        if data_axis is None:
+            data_axis = "data" if "data" in names else names[0]
+        if data_axis not in names:
+            raise InputError(f"data axis {data_axis!r} is not an axis of the mesh {names}")
+        if param_sharding is not None and not callable(param_sharding):
+            raise InputError(
+                "param_sharding must be a rule (path, leaf) -> PartitionSpec | None, e.g. "
+                f"somax_plug._src.sharding.shard_large_2d('model'); got {param_sharding!r}"
+            )
+        self.mesh = mesh
+        self.data_axis = data_axis
+        self.param_sharding = param_sharding
+        self.batch = NamedSharding(mesh, PartitionSpec(data_axis))
+        self.replicated = replicated(mesh)
+        self.params_shardings: PyTree = None
+        self.state_shardings: PyTree = None
+
+    @property
+    def data_size(self) -> int:
+        """Number of devices along the data axis (the batch size must be a multiple)."""
+        return int(dict(self.mesh.shape)[self.data_axis])
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise :class:`InputError` unless ``batch_size`` splits evenly over the data axis."""
+        n = self.data_size
+        if batch_size % n:
+            lower = batch_size - batch_size % n or n
+            raise InputError(
+                f"batch size {batch_size} is not divisible by the {n} devices of the mesh's "
+                f"data axis {self.data_axis!r}; use a batch size that is a multiple of {n} "
+                f"(e.g. {lower} or {lower + n}), or a mesh with fewer devices"
+            )
+
+    def tree_shardings(self, tree: PyTree, what: str = "params") -> PyTree:
+        """A ``NamedSharding`` for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+        if self.param_sharding is None:
+            return jax.tree_util.tree_map(lambda _: self.replicated, tree)
+        sizes = dict(self.mesh.shape)
+
+        def one(path: Any, x: Any) -> NamedSharding:
+            leaf = _spec_of(x)
+            spec = self.param_sharding(path, leaf)
+            if spec is None:
+                return self.replicated
+            if not isinstance(spec, PartitionSpec) or len(spec) > len(leaf.shape):
+                raise InputError(
+                    f"param_sharding returned {spec!r} for {what}{jax.tree_util.keystr(path)} "
+                    f"of shape {leaf.shape}; expected a PartitionSpec with at most "
+                    f"{len(leaf.shape)} entries, or None"
+                )
+            for dim, names in zip(leaf.shape, spec, strict=False):
+                group = () if names is None else (names if isinstance(names, tuple) else (names,))
+                count = 1
+                for name in group:
+                    if name not in sizes:
+                        raise InputError(
+                            f"param_sharding: {what}{jax.tree_util.keystr(path)} uses mesh "
+                            f"axis {name!r}, which the mesh {tuple(sizes)} does not have"
+                        )
+                    count *= sizes[name]
+                if dim % count:
+                    if getattr(self.param_sharding, "replicate_indivisible", False):
+                        return self.replicated
+                    raise InputError(
+                        f"param_sharding: {what}{jax.tree_util.keystr(path)} has shape "
+                        f"{leaf.shape}; dimension {dim} does not split over {count} devices "
+                        f"({spec!r}); replicate it (return None) or use another axis"
+                    )
+            return NamedSharding(self.mesh, spec)
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    def bind(self, params: PyTree, state: PyTree) -> None:
+        """Fix the layouts of ``params`` and ``state`` (arrays or ShapeDtypeStructs)."""
+        self.params_shardings = self.tree_shardings(params, "params")
+        self.state_shardings = self.tree_shardings(state, "state")
+
+    def jit(self, fn: Callable[..., Any]) -> Any:
+        """``jax.jit(fn)`` for ``fn(params, state, batch, key) -> (params, state, info)``.
+
+        Uses the layouts fixed by :meth:`bind`; the outputs keep the inputs'
+        layouts, so a step's outputs feed the next step without a copy or a
+        recompilation.
+        """
+        p_sh, s_sh = self.params_shardings, self.state_shardings
+        return jax.jit(
+            fn,
+            in_shardings=(p_sh, s_sh, self.batch, self.replicated),
+            out_shardings=(p_sh, s_sh, self.replicated),
+        )
+
+    def place(self, params: PyTree, state: PyTree, batch: PyTree, key: Any) -> tuple:
+        """Put the step's arguments where the sharded step expects them.
+
+        ``jax.device_put`` returns arrays that already have the target sharding as
+        they are, so after the first step this costs no copy.
+        """
+        return (
+            jax.device_put(params, self.params_shardings),
+            jax.device_put(state, self.state_shardings),
+            jax.device_put(batch, self.batch),
+            jax.device_put(key, self.replicated),
+        )

@@ -1,0 +1,202 @@
+"""The step builder: a :class:`~somax_plug._src.plan.Plan` -> one jitted step.
+
+``Method.step(params, state, batch, key) -> (params, state, info)`` runs, inside a
+single ``jax.jit``, the pure functions of :mod:`somax_plug._src.step_core` (which
+the Optax bridge runs too):
+
+1. the plan's every-step resources, each traced once into one shared
+   :class:`~somax_plug._src.resources.Resources` context (planned mode); in unplanned
+   mode each consumer gets a fresh context and recomputes what it reads, and the
+   operator is rebuilt at every product;
+2. the estimators, each under ``lax.cond`` at its cadence (between ticks the
+   last statistics, kept in its state, are reused);
+3. the preconditioner's update (at its cadence) and the solve of
+   ``(C + lam I) s = g`` with ``lam`` from the damping policy;
+4. the update ``u = tx(s)`` (by default ``-learning_rate * s``), then the plan's
+   ``after_update`` resources (the loss after the step, the predicted decrease
+   ``-(g.u + u.Cu / 2)``) at their consumers' cadence;
+5. the damping update, which may reject the step. A rejected or non-finite step
+   returns the parameters and the estimator, preconditioner, solver and
+   optimizer states unchanged (only lambda and the step count move).
+
+The state is a :class:`MethodState` pytree whose shapes never change, so the
+step also runs inside ``lax.scan``. ``info`` has the fixed schema
+:data:`INFO_KEYS`.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from somax_plug import compose
+    >>> method = compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse")
+    >>> params = jnp.zeros(3)
+    >>> state = method.init(params)
+    >>> x, y = jnp.eye(3), jnp.ones(3)
+    >>> params, state, info = method.step(params, state, (x, y), jax.random.key(0))
+    >>> sorted(info)[:3]
+    ['accepted', 'direction_norm', 'finite']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from somax_plug._src import step_core as core
+from somax_plug._src import tree
+from somax_plug._src.plan import Plan
+from somax_plug._src.step_core import INFO_KEYS, MethodState, default_key
+from somax_plug._src.validation import InputValidator
+
+__all__ = ["INFO_KEYS", "Method", "MethodState"]
+
+class Method:
+    """A planned composition bound to a model: ``init`` and a jitted ``step``.
+
+    Build it with :func:`somax_plug.compose`. ``trace_counts`` counts, per
+    resource, how many times a provider was traced (one per step per resource in
+    planned mode), which the tests and benchmarks read.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        model: Any,
+        tx: Any = None,
+        mesh: Any = None,
+        param_sharding: Any = None,
+    ) -> None:
+        self.plan = plan
+        self.model = model
+        self.tx = tx if tx is not None else optax.scale_by_learning_rate(plan.learning_rate)
+        self.mesh = mesh
+        self.data_parallel = None
+        if mesh is not None:
+            from somax_plug._src.sharding import DataParallel
+
+            self.data_parallel = DataParallel(mesh, param_sharding=param_sharding)
+        elif param_sharding is not None:
+            from somax_plug._src.errors import InputError
+
+            raise InputError("param_sharding needs a mesh: pass mesh= as well")
+        self.core = core.StepCore(plan, model)
+        self.trace_counts = self.core.trace_counts
+        self._validator = InputValidator(model, self.data_parallel)
+        self._step_jit = jax.jit(self._step)
+        self._step_default_key = jax.jit(
+            lambda params, state, batch: self._step(
+                params, state, batch, default_key(state.count)
+            )
+        )
+        self._example_key: Any = None
+
+    # ------------------------------------------------------------------ state
+    def init(self, params: Any) -> MethodState:
+        """Initial state for ``params`` (shapes never change afterwards).
+
+        Records the parameters' and the state's shapes and dtypes, which
+        :meth:`step` checks its arguments against; with a mesh, the state comes
+        back laid out over it.
+        """
+        state = self._init_state(params)
+        self._bind(params, state)
+        if self.data_parallel is not None:
+            state = jax.device_put(state, self.data_parallel.state_shardings)
+        return state
+
+    def _init_state(self, params: Any) -> MethodState:
+        return self.core.init(params, self.tx)
+
+    def state_spec(self, params: Any) -> Any:
+        """The ``jax.ShapeDtypeStruct`` tree of ``init(params)`` (no FLOPs, no side effect)."""
+        return jax.eval_shape(self._init_state, params)
+
+    def resume(self, params: Any, state: Any) -> tuple[Any, Any]:
+        """Adopt ``params`` and a ``state`` made elsewhere (e.g. restored from a checkpoint).
+
+        Records their shapes and dtypes as :meth:`init` does (so :meth:`step` checks
+        against them) and, with a mesh, lays them out over it. Returns them.
+        """
+        self._bind(params, state)
+        if self.data_parallel is not None:
+            params = jax.device_put(params, self.data_parallel.params_shardings)
+            state = jax.device_put(state, self.data_parallel.state_shardings)
+        return params, state
+
+    def _bind(self, params: Any, state: Any) -> None:
+        """Fix the shapes and dtypes (and, with a mesh, the layouts) the step expects."""
+        before = (self._validator.params_spec, self._validator.state_spec)
+        self._validator.bind(params, state)
+        after = (self._validator.params_spec, self._validator.state_spec)
+        if self.data_parallel is not None and (
+            self.data_parallel.params_shardings is None or before != after
+        ):
+            self.data_parallel.bind(params, state)
+            self._step_jit = self.data_parallel.jit(self._step)
+
+    # ------------------------------------------------------------------- step
+    def direction(
+        self, params: Any, state: MethodState, batch: Any, key: Any, rhs: Any = None
+    ) -> core.Direction:
+        """Compute ``s ~ (C + lam I)^-1 g`` (``g`` = the gradient, or ``rhs``); traceable."""
+        return self.core.direction(params, state, batch, key, rhs)
+
+    def _step(self, params: Any, state: MethodState, batch: Any, key: Any) -> Any:
+        c = self.core
+        d = c.direction(params, state, batch, key)
+        ok = core.finite(d)
+        updates, tx_state = self.tx.update(tree.where(ok, d.s, tree.zeros_like(d.s)), state.tx, params)
+        ok = ok & tree.all_finite(updates)  # a tx (schedule, chain) may overflow
+        candidate = optax.apply_updates(params, updates)
+        after = c.after_update(d, state.count, updates, candidate)
+        damping_state, accept = c.update_damping(
+            state.damping, core.step_stats(d, after, ok), state.count
+        )
+        accept = accept & ok
+        new_state = core.commit(accept, d.state._replace(tx=tx_state), state, damping_state)
+        return tree.where(accept, candidate, params), new_state, core.info(d, after, accept, ok)
+
+    def step(self, params: Any, state: MethodState, batch: Any, key: Any = None) -> Any:
+        """One jitted step: ``(params, state, info)``. ``key`` defaults to one per count.
+
+        Before tracing, the arguments are checked against what :meth:`init` saw
+        (:class:`~somax_plug._src.errors.InputError` on a mismatch; see
+        :mod:`somax_plug._src.validation`), once per input signature. With a mesh, the
+        arguments are placed on it (the batch sharded over the data axis).
+        """
+        if not isinstance(state, MethodState):
+            from somax_plug._src.errors import InputError
+
+            raise InputError(
+                f"state must be the MethodState from method.init or a previous step, got "
+                f"{type(state).__name__}; the arguments are step(params, state, batch, key)"
+            )
+        if not self._validator.bound:  # a state restored or built elsewhere
+            self._bind(params, self._checked_state_spec(params))
+        if key is None and self.data_parallel is None:
+            # the default key is derived inside the jitted step: no eager dispatches
+            if self._example_key is None:
+                self._example_key = jax.random.key(0)
+            self._validator.check(params, state, batch, self._example_key)
+            return self._step_default_key(params, state, batch)
+        if key is None:
+            key = default_key(state.count)
+        self._validator.check(params, state, batch, key)
+        if self.data_parallel is not None:
+            params, state, batch, key = self.data_parallel.place(params, state, batch, key)
+        return self._step_jit(params, state, batch, key)
+
+    def _checked_state_spec(self, params: Any) -> Any:
+        from somax_plug._src.errors import InputError
+
+        try:
+            return self.state_spec(params)
+        except Exception as exc:
+            raise InputError(
+                f"cannot build this method's state for the given parameters: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def explain(self) -> str:
+        """The plan's explanation."""
+        return self.plan.explain()

@@ -1,0 +1,344 @@
+"""The step core: the pure functions one step is made of.
+
+:class:`~somax_plug.Method` (``method.step``) and the Optax bridge
+(:func:`~somax_plug.as_optax`) are two thin wrappers around the same
+:class:`StepCore`:
+
+1. :meth:`StepCore.direction`: the plan's every-step resources (each traced once,
+   shared, in planned mode), the estimators and the preconditioner update at their
+   cadences (``lax.cond``), and the solve of ``(C + lam I) s = rhs`` with ``lam``
+   from the damping state;
+2. :func:`finite`: whether the loss, the right-hand side and the direction are
+   finite;
+3. :meth:`StepCore.after_update`: the resources of phase ``after_update``
+   (``loss_after``, ``predicted_decrease``) at their cadences, once the update is
+   known (only ``method.step`` knows it: the bridge's final update is made by the
+   transformations after it, so there they are NaN);
+4. :meth:`StepCore.update_damping`: the damping policy's update at its cadence,
+   which may reject the step;
+5. :func:`commit`: the new state where the step is accepted, the old one (except
+   the count and the damping state) where it is not: rollback;
+6. :func:`info`: the fixed :data:`INFO_KEYS` schema, identical for both wrappers.
+
+Everything here is traceable and shape-stable (the step runs inside ``lax.scan``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import attrs
+import jax
+import jax.numpy as jnp
+
+from somax_plug._src import tree
+from somax_plug._src.kinds import LinearOperator, RowFactors, SolverInfo, StepStats
+from somax_plug._src.plan import Plan
+from somax_plug._src.resources import Resources
+
+INFO_KEYS = (
+    "loss",
+    "loss_after",
+    "grad_norm",
+    "direction_norm",
+    "lam",
+    "solver_iterations",
+    "solver_residual",
+    "solver_converged",
+    "predicted_decrease",
+    "rho",
+    "accepted",
+    "finite",
+)
+"""The fixed schema of ``info`` (NaN where a value was not computed this step)."""
+
+
+class MethodState(NamedTuple):
+    """State of a composed method (a pytree with fixed shapes)."""
+
+    count: jax.Array
+    estimators: tuple
+    preconditioner: Any
+    solver: Any
+    damping: Any
+    tx: Any
+
+
+class Direction(NamedTuple):
+    """What one direction computation produced.
+
+    ``rhs`` is what was solved for (the gradient, or the bridge's incoming updates);
+    ``state`` has the new estimator, preconditioner and solver states (count,
+    damping and tx unchanged); ``res`` is the step's resource context.
+    """
+
+    s: Any
+    loss: jax.Array
+    rhs: Any
+    stats: dict
+    lam: jax.Array
+    solver_info: SolverInfo
+    state: MethodState
+    res: Resources
+
+
+class _Unshared(LinearOperator):
+    """Unplanned ablation: every product rebuilds the operator from its own resources.
+
+    This is what a composition without a plan does when a solver calls a curvature
+    operator that computes what it needs itself (``jax.jvp`` / ``jax.vjp`` from
+    scratch per product). The parameters pass an ``optimization_barrier`` tied to
+    ``v``, so XLA can neither merge the recomputation with the step's own forward
+    pass nor hoist it out of the solver's loop: the ablation measures the work a
+    plan saves, and gives the same numbers.
+    """
+
+    def __init__(self, res: Resources, build: Any) -> None:
+        self._res = res
+        self._build = build
+        self._first = build(res)
+        self.tags = self._first.tags
+        self.primal = self._first.primal
+
+    def mv(self, v: Any) -> Any:
+        params, v = jax.lax.optimization_barrier((self._res.params, v))
+        return self._build(self._res.fresh(params)).mv(v)
+
+    def diag(self) -> Any:
+        return self._first.diag()
+
+    def row_factors(self) -> Any:
+        first = self._first.row_factors()
+        if first is None:
+            return None
+
+        def fresh_factors(x: Any) -> Any:
+            params, x = jax.lax.optimization_barrier((self._res.params, x))
+            return self._build(self._res.fresh(params)).row_factors(), x
+
+        def matvec(v: Any) -> Any:
+            factors, v = fresh_factors(v)
+            return factors.matvec(v)
+
+        def rmatvec(r: Any) -> Any:
+            factors, r = fresh_factors(r)
+            return factors.rmatvec(r)
+
+        return RowFactors(matvec, rmatvec, first.num_rows)
+
+
+def _isolated(res: Resources) -> Resources:
+    """A fresh context behind an optimization barrier (unplanned mode)."""
+    return res.fresh(jax.lax.optimization_barrier(res.params))
+
+
+def default_key(count: jax.Array) -> jax.Array:
+    """The key a step uses when none is given: ``fold_in(key(0), count)``."""
+    return jax.random.fold_in(jax.random.key(0), count)
+
+
+def cadenced(every_k: int, count: jax.Array, run: Any, skip: Any, operand: Any) -> Any:
+    """``run(operand)`` every ``every_k`` steps, else ``skip(operand)`` (via ``lax.cond``)."""
+    if every_k == 1:
+        return run(operand)
+    return jax.lax.cond((count % every_k) == 0, run, skip, operand)
+
+
+class StepCore:
+    """A plan bound to a model: the pure pieces of a step (see the module docstring).
+
+    ``trace_counts`` counts, per resource, how many times a provider was traced
+    (one per step per resource in planned mode); the tests and benchmarks read it.
+    """
+
+    def __init__(self, plan: Plan, model: Any) -> None:
+        self.plan = plan
+        self.model = model
+        self.trace_counts: dict[str, int] = {}
+        self.providers = {r.name: r.provider for r in plan.resources}
+        if plan.unplanned and "operator" in self.providers:
+            build = self.providers["operator"].compute
+            self.providers["operator"] = attrs.evolve(
+                self.providers["operator"], compute=lambda res: _Unshared(res, build)
+            )
+        self._after = tuple(r for r in plan.resources if r.phase == "after_update")
+
+    # ------------------------------------------------------------------ state
+    def init(self, params: Any, tx: Any) -> MethodState:
+        plan = self.plan
+        pc = plan.component("preconditioner")
+        return MethodState(
+            count=jnp.zeros((), jnp.int32),
+            estimators=tuple(e.instance.init(params) for e in plan.estimators),
+            preconditioner=pc.instance.init(params) if pc is not None else (),
+            solver=plan.component("solver").instance.init(params),
+            damping=plan.component("damping").instance.init(),
+            tx=tx.init(params),
+        )
+
+    def context(self, params: Any, batch: Any, key: Any) -> Resources:
+        return Resources(
+            self.model,
+            params,
+            batch,
+            key,
+            self.providers,
+            planned=self.plan.resource_names,
+            counts=self.trace_counts,
+        )
+
+    def _own(self, res: Resources) -> Resources:
+        """What a consumer reads from: the shared context, or its own (unplanned)."""
+        return _isolated(res) if self.plan.unplanned else res
+
+    def _branch(self, res: Resources) -> Resources:
+        """The context of a ``lax.cond`` branch (values traced inside stay inside)."""
+        return _isolated(res) if self.plan.unplanned else res.child()
+
+    # -------------------------------------------------------------- direction
+    def direction(
+        self, params: Any, state: MethodState, batch: Any, key: Any, rhs: Any = None
+    ) -> Direction:
+        """``s ~ (C + lam I)^-1 rhs``, ``rhs`` the gradient unless given.
+
+        Runs the estimators and the preconditioner update at their cadences;
+        ``state.count`` is not advanced here.
+        """
+        plan = self.plan
+        res = self.context(params, batch, key)
+        if not plan.unplanned:
+            for node in plan.resources:
+                if node.every_k == 1 and node.phase == "step":
+                    res[node.name]
+        step_ctx = self._own(res)
+        loss = step_ctx["loss"]
+        g = step_ctx["grad"] if rhs is None else rhs
+        count = state.count
+
+        stats: dict[str, Any] = {}
+        est_states = []
+        for comp, est_state in zip(plan.estimators, state.estimators, strict=True):
+            ekey = res.key_for(comp.role)
+
+            def run(es: Any, comp: Any = comp, ekey: Any = ekey) -> Any:
+                return comp.instance.estimate(self._branch(res), ekey, es)
+
+            out, new_es = cadenced(
+                comp.every_k, count, run, lambda es: (es["stats"], es), est_state
+            )
+            stats.update(out)
+            est_states.append(new_es)
+
+        lam = jnp.asarray(plan.component("damping").instance.value(state.damping))
+
+        pc = plan.component("preconditioner")
+        pc_state = state.preconditioner
+        precond = None
+        if pc is not None:
+            pkey = res.key_for("preconditioner")
+
+            def update(p: Any) -> Any:
+                return pc.instance.update(self._branch(res), stats, lam, pkey, p)
+
+            pc_state = cadenced(pc.every_k, count, update, lambda p: p, pc_state)
+            precond = lambda v, _s=pc_state: pc.instance.apply(_s, v, lam)
+
+        op = self._own(res)["operator"] if plan.reads("solver", "operator") else None
+        s, solver_info, solver_state = plan.component("solver").instance.solve(
+            op, g, lam, precond, stats, state.solver
+        )
+        new_state = state._replace(
+            estimators=tuple(est_states), preconditioner=pc_state, solver=solver_state
+        )
+        return Direction(s, loss, g, stats, lam, solver_info, new_state, res)
+
+    # ----------------------------------------------------------- after update
+    def after_update(
+        self, d: Direction, count: jax.Array, update: Any, params_after: Any
+    ) -> dict[str, jax.Array]:
+        """The ``after_update`` resources this step (NaN off their cadence)."""
+        nan = jnp.full((), jnp.nan, jnp.result_type(d.loss))
+        d.res.set("update", update)
+        d.res.set("params_after", params_after)
+        out = {}
+        for node in self._after:
+
+            def compute(_: Any, name: str = node.name) -> Any:
+                return jnp.asarray(self._branch(d.res)[name], nan.dtype)
+
+            out[node.name] = cadenced(node.every_k, count, compute, lambda _: nan, 0)
+        return out
+
+    # ---------------------------------------------------------------- damping
+    def update_damping(
+        self, damping_state: Any, stats: StepStats, count: jax.Array
+    ) -> tuple[Any, jax.Array]:
+        """``(new damping state, accept)`` at the policy's cadence (else kept, accepted)."""
+        damping = self.plan.component("damping")
+
+        def damp(ds: Any) -> Any:
+            new_ds, ok = damping.instance.update(ds, stats)
+            return new_ds, jnp.asarray(ok, bool)
+
+        return cadenced(
+            damping.every_k, count, damp, lambda ds: (ds, jnp.asarray(True)), damping_state
+        )
+
+
+def finite(d: Direction) -> jax.Array:
+    """Whether the loss, the right-hand side and the direction are all finite."""
+    return jnp.isfinite(d.loss) & tree.all_finite(d.rhs) & tree.all_finite(d.s)
+
+
+def commit(
+    accept: jax.Array, new: MethodState, old: MethodState, damping_state: Any
+) -> MethodState:
+    """``new`` where accepted, else ``old``; the count advances and lambda moves either way."""
+    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new, old)
+    return kept._replace(count=old.count + 1, damping=damping_state)
+
+
+def step_stats(d: Direction, after: dict[str, jax.Array], ok: jax.Array) -> StepStats:
+    """What the damping policy sees (NaN for what was not computed)."""
+    nan = jnp.full((), jnp.nan, jnp.result_type(d.loss))
+    return StepStats(
+        d.loss,
+        after.get("loss_after", nan),
+        after.get("predicted_decrease", nan),
+        d.solver_info,
+        ok,
+    )
+
+
+def info(
+    d: Direction, after: dict[str, jax.Array], accept: jax.Array, ok: jax.Array
+) -> dict[str, jax.Array]:
+    """The :data:`INFO_KEYS` record of one step."""
+    dtype = jnp.result_type(d.loss)
+    nan = jnp.full((), jnp.nan, dtype)
+    la = after.get("loss_after", nan)
+    pd = after.get("predicted_decrease", nan)
+    return {
+        "loss": jnp.asarray(d.loss, dtype),
+        "loss_after": la,
+        "grad_norm": tree.norm(d.rhs).astype(dtype),
+        "direction_norm": tree.norm(d.s).astype(dtype),
+        "lam": jnp.asarray(d.lam, dtype),
+        "solver_iterations": jnp.asarray(d.solver_info.iterations, jnp.int32),
+        "solver_residual": jnp.asarray(d.solver_info.residual, dtype),
+        "solver_converged": jnp.asarray(d.solver_info.converged, bool),
+        "predicted_decrease": pd,
+        "rho": ((d.loss - la) / pd).astype(dtype),
+        "accepted": jnp.asarray(accept, bool),
+        "finite": jnp.asarray(ok, bool),
+    }
+
+
+def empty_info(dtype: Any) -> dict[str, jax.Array]:
+    """An :data:`INFO_KEYS` record before any step (NaN, 0, False)."""
+    nan = jnp.full((), jnp.nan, dtype)
+    out = {k: nan for k in INFO_KEYS}
+    out["solver_iterations"] = jnp.zeros((), jnp.int32)
+    for k in ("solver_converged", "accepted", "finite"):
+        out[k] = jnp.asarray(False)
+    return out
