@@ -167,7 +167,8 @@ def test_pip_installed_examples_and_the_cli_json_contract(tmp_path):
     listed = _run([*cli, "list", "--json"], env, tmp_path)
     assert listed.returncode == 0, listed.stderr[-3000:]
     rows = json.loads(listed.stdout)
-    keys = {"kind", "name", "qualified_name", "plugin", "provides", "requires", "summary"}
+    keys = {"kind", "name", "qualified_name", "plugin", "provides", "requires", "summary",
+            "options", "every_k", "cadence", "preconditioned"}
     assert all(set(row) == keys for row in rows)
     by_plugin: dict[str, set[str]] = {}
     for row in rows:
@@ -179,7 +180,16 @@ def test_pip_installed_examples_and_the_cli_json_contract(tmp_path):
     xdiag = next(r for r in rows if r["qualified_name"] == "xdiag:xdiag")
     assert xdiag["provides"] == ["diag"]
     assert xdiag["requires"] == {"tags": ["symmetric"], "statistics": [],
-                                 "resources": ["operator"]}
+                                 "resources": ["operator"], "losses": []}
+    assert xdiag["options"][0]["name"] == "num_probes"
+    assert xdiag["options"][0]["allowed"] == "an int >= 2"
+
+    # the plugins declare on their classes and import JAX lazily: listing stays light
+    light = _run([py, "-c", "import sys; from somax_plug._src.cli import main; "
+                  "main(['list', '--json']); "
+                  "assert not [m for m in sys.modules if m.split('.')[0] in "
+                  "('jax', 'lineax', 'optax')], 'heavy import'"], env, tmp_path)
+    assert light.returncode == 0, light.stderr[-3000:]
 
     doctor = _run([*cli, "doctor", "--json"], env, tmp_path)
     assert doctor.returncode == 0, doctor.stderr[-3000:]

@@ -3,8 +3,7 @@
 import pytest
 import somax_plug_broken
 
-from somax_plug._src.composition import compose
-from somax_plug._src.errors import CompositionError
+from somax_plug import CompositionError, compose
 
 
 def test_half_registration_is_rolled_back(somax_registry, register_plugin):

@@ -11,11 +11,16 @@ name                 lineax solver                  requires
 ``lineax_cg``        ``lineax.CG``                  a ``psd`` operator
 ===================  =============================  ==============================
 
-A solver that reads the operator must declare it: a tag requirement implies it,
-otherwise ``Requires(resources={"operator"})``, or the planner passes ``op=None``.
+Each solver is declared once, on its class in :mod:`somax_plug_lineax.solvers`
+(``@somax_plug.declare`` with ``somax_plug.option`` fields), and registered with
+``register(Class)``; ``somax-plug list``, ``show``, the planner and the conformance
+kit read that one record. A solver that reads the operator must declare it: a tag
+requirement implies it, otherwise ``requires={"resources": {"operator"}}``, or the
+planner passes ``op=None``. The three apply the composition's preconditioner
+(``preconditioned=True``).
 
-The module is light: it imports neither JAX nor lineax; the factories are lazy
-``"module:attribute"`` strings, so ``somax-plug list`` stays fast.
+The solvers module imports JAX and lineax lazily (``somax_plug.lazy_import``), so
+registering the classes imports neither and ``somax-plug list`` stays fast.
 
 Example:
     >>> import somax_plug
@@ -27,42 +32,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from somax_plug import ComponentSpec, Requires, hookimpl
+from somax_plug import hookimpl
 
 SOMAX_PLUG_API_VERSION = 1
-
-_COMMON = {"rtol": 1e-6, "atol": 0.0, "max_steps": 100}
-
-SPECS = [
-    ComponentSpec(
-        kind="solver",
-        name="lineax_gmres",
-        summary="lineax restarted GMRES: any (also nonsymmetric) operator",
-        requires=Requires(resources={"operator"}),
-        factory="somax_plug_lineax.solvers:GMRES",
-        defaults={**_COMMON, "restart": 20},
-    ),
-    ComponentSpec(
-        kind="solver",
-        name="lineax_bicgstab",
-        summary="lineax BiCGStab: any (also nonsymmetric) operator",
-        requires=Requires(resources={"operator"}),
-        factory="somax_plug_lineax.solvers:BiCGStab",
-        defaults=_COMMON,
-    ),
-    ComponentSpec(
-        kind="solver",
-        name="lineax_cg",
-        summary="lineax conjugate gradients: psd operators, SPD preconditioner",
-        requires=Requires(tags={"psd"}, resources={"operator"}),
-        factory="somax_plug_lineax.solvers:CG",
-        defaults=_COMMON,
-    ),
-]
 
 
 @hookimpl
 def somax_plug_register(register: Any) -> None:
-    """Register the lineax solvers."""
-    for spec in SPECS:
-        register(spec)
+    """Register the lineax solvers (their declarations live on the classes)."""
+    from somax_plug_lineax import solvers
+
+    for cls in (solvers.GMRES, solvers.BiCGStab, solvers.CG):
+        register(cls)

@@ -1,7 +1,7 @@
 """lineax Krylov solvers behind the somax_plug :class:`~somax_plug.Solver` interface.
 
 Each solver wraps the damped operator ``A = C + lam I`` as a
-``lineax.FunctionLinearOperator`` (:func:`somax_plug._src.operators.to_lineax`, which maps
+``lineax.FunctionLinearOperator`` (:func:`somax_plug.to_lineax`, which maps
 the ``symmetric`` / ``psd`` tags to lineax's), passes the somax_plug preconditioner
 ``precond(v) = M^-1 v`` as lineax's ``preconditioner`` option, and solves with
 ``lineax.linear_solve(..., throw=False)`` so that a solve that does not converge
@@ -22,7 +22,7 @@ what they mean in lineax.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from somax_plug._src.operators import MatrixOperator
+    >>> from somax_plug import MatrixOperator
     >>> op = MatrixOperator(jnp.diag(jnp.array([1.0, 4.0])), jnp.zeros(2), tags={"psd"})
     >>> s, info, _ = CG(rtol=1e-8).solve(op, jnp.array([1.0, 1.0]), 1.0, None, {}, ())
     >>> [round(float(x), 3) for x in s]
@@ -37,28 +37,27 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import jax
-import jax.numpy as jnp
-import lineax as lx
 
-from somax_plug._src import tree
-from somax_plug._src.kinds import LinearOperator, Solver, SolverInfo
-from somax_plug._src.operators import damp, damped_mv, to_lineax
-from somax_plug._src.spec import Requires
+from somax_plug import (
+    LinearOperator,
+    Solver,
+    SolverInfo,
+    damp,
+    damped_mv,
+    declare,
+    lazy_import,
+    option,
+    to_lineax,
+    tree,
+)
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+lx = lazy_import("lineax")
 
 PyTree = Any
 
 __all__ = ["CG", "GMRES", "BiCGStab", "LineaxSolver"]
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{type(instance).__name__}: {attribute.name} must be an int >= 1")
-
-
-def _nonneg(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value >= 0:
-        raise ValueError(f"{type(instance).__name__}: {attribute.name} must be >= 0")
 
 
 @attrs.frozen
@@ -70,15 +69,9 @@ class LineaxSolver(Solver):
         max_steps: at most this many iterations.
     """
 
-    rtol: float = attrs.field(default=1e-6, validator=_nonneg)
-    atol: float = attrs.field(default=0.0, validator=_nonneg)
-    max_steps: int = attrs.field(default=100, validator=_positive_int)
-
-    @property
-    def requires(self) -> Requires:
-        # no tag needed, but the solve reads the operator: declare it, or the planner
-        # hands this solver op=None (the conformance kit catches exactly that)
-        return Requires(resources={"operator"})
+    rtol: float = option(1e-6, ge=0, doc="lineax's relative tolerance")
+    atol: float = option(0.0, ge=0, doc="lineax's absolute tolerance")
+    max_steps: int = option(100, ge=1, doc="at most this many iterations")
 
     def lineax_solver(self) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -117,6 +110,14 @@ class LineaxSolver(Solver):
         return s, info, state
 
 
+# No tag needed, but the solves read the operator: declare it, or the planner hands
+# the solver op=None (the conformance kit catches exactly that).
+@declare(
+    "lineax_gmres",
+    summary="lineax restarted GMRES: any (also nonsymmetric) operator",
+    requires={"resources": {"operator"}},
+    preconditioned=True,
+)
 @attrs.frozen
 class GMRES(LineaxSolver):
     """Restarted GMRES (``lineax.GMRES``); any nonsingular operator.
@@ -125,13 +126,19 @@ class GMRES(LineaxSolver):
     between restarts, default 20).
     """
 
-    restart: int = attrs.field(default=20, validator=_positive_int)
+    restart: int = option(20, ge=1, doc="Krylov subspace size between restarts")
 
     def lineax_solver(self) -> Any:
         return lx.GMRES(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
                         restart=self.restart)
 
 
+@declare(
+    "lineax_bicgstab",
+    summary="lineax BiCGStab: any (also nonsymmetric) operator",
+    requires={"resources": {"operator"}},
+    preconditioned=True,
+)
 @attrs.frozen
 class BiCGStab(LineaxSolver):
     """Stabilised biconjugate gradients (``lineax.BiCGStab``); any nonsingular operator."""
@@ -140,13 +147,15 @@ class BiCGStab(LineaxSolver):
         return lx.BiCGStab(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
 
 
+@declare(
+    "lineax_cg",
+    summary="lineax conjugate gradients: psd operators, SPD preconditioner",
+    requires={"tags": {"psd"}, "resources": {"operator"}},
+    preconditioned=True,
+)
 @attrs.frozen
 class CG(LineaxSolver):
     """Conjugate gradients (``lineax.CG``); needs a psd operator (lineax checks the tag)."""
-
-    @property
-    def requires(self) -> Requires:
-        return Requires(tags={"psd"}, resources={"operator"})
 
     def lineax_solver(self) -> Any:
         return lx.CG(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)

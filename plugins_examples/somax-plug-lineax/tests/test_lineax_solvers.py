@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 import somax_plug_lineax
 
-from somax_plug._src.composition import compose
+from somax_plug import CompositionError, OptionError, compose
 from somax_plug.testing.conformance import check_solver
 
 CONVERGE = {"rtol": 1e-11, "atol": 1e-12, "max_steps": 400}
@@ -40,10 +40,24 @@ def test_cg_conforms(lineax_plugin):
 
 
 def test_cg_is_refused_on_an_indefinite_curvature(lineax_plugin):
-    from somax_plug._src.errors import CompositionError
-
     with pytest.raises(CompositionError, match="psd"):
         compose("hessian", "lineax_cg", predict_fn=lambda p, x: x @ p, loss="mse")
+
+
+@pytest.mark.parametrize(
+    ("options", "expect"),
+    [
+        ({"max_steps": "ten"}, "option 'max_steps' = 'ten' is not allowed: expected an int >= 1"),
+        ({"max_steps": 2.5}, "option 'max_steps' = 2.5"),
+        ({"rtol": -1.0}, "option 'rtol' = -1.0"),
+        ({"restart": True}, "option 'restart' = True"),
+    ],
+)
+def test_options_are_checked_at_compose_time(lineax_plugin, options, expect):
+    with pytest.raises(OptionError, match="solver 'lineax:lineax_gmres'") as info:
+        compose("ggn", {"name": "lineax_gmres", **options}, predict_fn=lambda p, x: x @ p,
+                loss="mse")
+    assert expect in str(info.value)
 
 
 def test_composed_training_decreases_the_loss(lineax_plugin):

@@ -25,8 +25,7 @@ paper downdates one QR instead of m small ones; the result is the same.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> from somax_plug._src.operators import MatrixOperator
-    >>> from somax_plug._src.resources import Resources, ResourceProvider
+    >>> from somax_plug import MatrixOperator, ResourceProvider, Resources
     >>> u = jnp.array([[1.0, 2.0, 0.0, -1.0]])
     >>> op = MatrixOperator(u.T @ u, jnp.zeros(4), tags={"psd"})
     >>> res = Resources(None, None, None, None,
@@ -43,15 +42,14 @@ most of every sample in stochastic trace estimation", SIAM J. Matrix Anal. Appl.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
-import jax
-import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from somax_plug._src.kinds import Estimator
-from somax_plug._src.spec import Requires
+from somax_plug import Estimator, declare, lazy_import, option, tree
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
 
 PyTree = Any
 
@@ -66,7 +64,7 @@ def _zeros(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), _stat_dtype(x)), params)
 
 
-def xdiag(mv: Any, n: int, m: int, key: Any, dtype: Any) -> jax.Array:
+def xdiag(mv: Any, n: int, m: int, key: Any, dtype: Any) -> Any:
     """The XDiag estimate ``[n]`` of ``diag(C)`` for a symmetric ``mv: [n] -> [n]``."""
     omega = jax.random.rademacher(key, (n, m), dtype=jnp.int8).astype(dtype)
     mvs = jax.vmap(mv, in_axes=1, out_axes=1)
@@ -74,7 +72,7 @@ def xdiag(mv: Any, n: int, m: int, key: Any, dtype: Any) -> jax.Array:
     q, r = jnp.linalg.qr(y)  # [n, k], [k, m], k = min(n, m)
     z = mvs(q)  # C Q, [n, k]
 
-    def leave_out(i: jax.Array) -> jax.Array:
+    def leave_out(i: Any) -> Any:
         keep = jnp.arange(m - 1)
         keep = keep + (keep >= i)
         w, _ = jnp.linalg.qr(r[:, keep])  # [k, min(k, m-1)]
@@ -87,6 +85,12 @@ def xdiag(mv: Any, n: int, m: int, key: Any, dtype: Any) -> jax.Array:
     return jnp.mean(jax.vmap(leave_out)(jnp.arange(m)), axis=0)
 
 
+@declare(
+    "xdiag",
+    summary="XDiag exchangeable diagonal estimator (Epperly-Tropp-Webber 2024), 2m matvecs",
+    provides={"diag"},
+    requires={"tags": {"symmetric"}, "resources": {"operator"}},
+)
 @attrs.frozen
 class XDiag(Estimator):
     """XDiag diagonal estimator of a symmetric curvature operator (statistic ``diag``).
@@ -96,15 +100,7 @@ class XDiag(Estimator):
             estimate); the estimate is exact when the operator's rank is below m.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"diag"})
-    requires: ClassVar[Requires] = Requires(tags={"symmetric"}, resources={"operator"})
-
-    num_probes: int = attrs.field(default=10)
-
-    @num_probes.validator
-    def _check(self, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"xdiag: num_probes must be an int >= 2, got {value!r}")
+    num_probes: int = option(10, ge=2, doc="random sign vectors m (2m matvecs)")
 
     def init(self, params: PyTree) -> dict[str, Any]:
         return {"stats": {"diag": _zeros(params)}}
@@ -112,12 +108,12 @@ class XDiag(Estimator):
     def estimate(self, res: Any, key: Any, state: Any) -> tuple[dict[str, Any], Any]:
         op = res["operator"]
         primal = op.primal
-        flat, unravel = ravel_pytree(primal)
+        flat, unravel = tree.ravel(primal)
         zeros = _zeros(primal)
         dtype = jnp.promote_types(flat.dtype, jnp.float32)
 
-        def mv(x: jax.Array) -> jax.Array:
-            out = ravel_pytree(op.mv(unravel(x.astype(flat.dtype))))[0]
+        def mv(x: Any) -> Any:
+            out = tree.ravel(op.mv(unravel(x.astype(flat.dtype))))[0]
             return out.astype(dtype)
 
         d = xdiag(mv, int(flat.shape[0]), self.num_probes, key, dtype)

@@ -6,8 +6,7 @@ import optax
 import pytest
 import somax_plug_xdiag
 
-from somax_plug._src.composition import compose
-from somax_plug._src.optax_bridge import as_optax
+from somax_plug import as_optax, compose
 from somax_plug.testing.conformance import check_estimator
 
 
