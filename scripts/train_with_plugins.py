@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from somax_plug._src.composition import compose
-from somax_plug._src.optax_bridge import as_optax
-from somax_plug._src.registry import get_registry
+from somax_plug import as_optax, compose, get_registry
 
 
 def make_data(key: jax.Array, n: int = 256) -> tuple[jax.Array, jax.Array]:

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 import somax_plug
 from somax_plug import hookimpl
-from somax_plug.testing.references import ProbeSolver
 from somax_plug._src.cli import main as cli_main
 from somax_plug._src.composition import Composition, compose, load_composition
 from somax_plug._src.errors import CompositionError, PlanVetoed
@@ -26,6 +25,7 @@ from somax_plug._src.planner import make_plan
 from somax_plug._src.registry import get_registry
 from somax_plug._src.resources import ResourceProvider
 from somax_plug._src.spec import ComponentSpec, Requires
+from somax_plug.testing.references import ProbeSolver
 
 
 # ----------------------------------------------------------------- a small model
@@ -122,7 +122,8 @@ def test_missing_statistic_names_estimators():
 
 
 def test_gnb_with_another_loss_is_refused_by_its_declared_loss_requirement():
-    with pytest.raises(CompositionError, match="'gnb_diag' needs loss 'softmax_cross_entropy'.*'mse'"):
+    expect = "'gnb_diag' needs loss 'softmax_cross_entropy'.*'mse'"
+    with pytest.raises(CompositionError, match=expect):
         compose(preset="sophia_g", predict_fn=mlp, loss="mse")
 
 

@@ -1,7 +1,7 @@
 """Checkpoints: parameters and method state in one ``.npz``, tied to the plan.
 
 :func:`save` writes one NumPy ``.npz`` file (no pickle): the flattened leaves of
-the parameters and of the :class:`~somax_plug._src.step.MethodState`, and a JSON
+the parameters and of the :class:`~somax_plug.MethodState`, and a JSON
 header with
 
 * the plan fingerprint, the registry (plugin set) fingerprint and the plan's
@@ -12,7 +12,7 @@ header with
 * the library and JAX versions and optional user ``metadata``.
 
 :func:`restore` rebuilds ``(params, state)`` bitwise. It refuses, with a
-:class:`~somax_plug._src.errors.CheckpointError` naming both fingerprints and the
+:class:`~somax_plug.CheckpointError` naming both fingerprints and the
 differing components, a checkpoint written under another plan; and one written
 under another plugin set unless ``allow_plugin_change=True`` (which still refuses
 a different plan).
@@ -217,8 +217,8 @@ def save(
 
     Args:
         path: the file to write (used as given; ``.npz`` is a good suffix).
-        params, state: what :meth:`~somax_plug._src.step.Method.step` returned.
-        method: the :class:`~somax_plug._src.step.Method` they belong to.
+        params, state: what :meth:`~somax_plug.Method.step` returned.
+        method: the :class:`~somax_plug.Method` they belong to.
         metadata: JSON-serialisable extras (epoch, data position, ...), returned by
             :func:`read_header`.
 
@@ -338,7 +338,7 @@ def restore(
 
     Args:
         path: the checkpoint file.
-        method: a :class:`~somax_plug._src.step.Method` built from the same composition
+        method: a :class:`~somax_plug.Method` built from the same composition
             (same plan); it need not have been initialised.
         params_like: parameters (or ``jax.ShapeDtypeStruct`` s) with the saved
             structure; needed only for parameters with custom pytree nodes (plain

@@ -4,7 +4,7 @@ A :class:`Composition` names a curvature, a solver, any estimators, an optional
 preconditioner and a damping policy, each as a registry name with options or as
 a ready instance. It can come from keyword arguments, a dict, a TOML file or a
 preset; :func:`compose` plans it and returns a runnable
-:class:`~somax_plug._src.step.Method`.
+:class:`~somax_plug.Method`.
 
 Component arguments accept:
 
@@ -254,7 +254,7 @@ def compose(
     mesh: Any = None,
     param_sharding: Any = None,
 ) -> Any:
-    """Plan a composition and return a :class:`~somax_plug._src.step.Method`.
+    """Plan a composition and return a :class:`~somax_plug.Method`.
 
     Args:
         curvature, solver, estimators, preconditioner, damping: components (see the
@@ -281,10 +281,10 @@ def compose(
             leading axis over the mesh's ``"data"`` axis (its first axis if it has
             no ``"data"`` axis), parameters and state are replicated, and the step
             is jitted with those in/out shardings. Build one with
-            :func:`somax_plug._src.sharding.data_parallel_mesh`.
+            :func:`somax_plug.data_parallel_mesh`.
         param_sharding: with ``mesh``, a rule ``(path, leaf) -> PartitionSpec | None``
             that shards parameter and state leaves along another mesh axis, e.g.
-            :func:`somax_plug._src.sharding.shard_large_2d` (None: replicate all).
+            :func:`somax_plug.shard_large_2d` (None: replicate all).
 
     Example:
         >>> import jax.numpy as jnp

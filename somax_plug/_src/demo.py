@@ -217,7 +217,7 @@ class Runner(Protocol):
 
 
 class MethodRunner:
-    """A composed :class:`~somax_plug._src.step.Method` (its public jitted ``step``)."""
+    """A composed :class:`~somax_plug.Method` (its public jitted ``step``)."""
 
     def __init__(self, method: Any, seed: int = 0) -> None:
         self.method = method

@@ -45,3 +45,20 @@ class CheckpointError(SomaxPlugError, ValueError):
 
 class OptionError(CompositionError):
     """A component option has a wrong name, type or value (raised at compose time)."""
+
+
+for _error in (
+    SomaxPlugError,
+    RegistryError,
+    UnknownComponentError,
+    AmbiguousComponentError,
+    ConflictError,
+    PluginError,
+    CompositionError,
+    PlanVetoed,
+    InputError,
+    CheckpointError,
+    OptionError,
+):
+    _error.__module__ = "somax_plug"  # their public home (tracebacks, docs, pickling)
+del _error

@@ -50,9 +50,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def somax_plug_register(register: Registrar) -> None:
     """Register this plugin's components and presets.
 
-    Call ``register(spec)`` with a :class:`~somax_plug._src.spec.ComponentSpec` (or
-    ``register(kind=..., name=..., ...)`` with its fields) once per component, and
-    ``register.preset(name, composition, summary=...)`` once per preset. The
+    Call ``register(MyClass)`` with a class declared by :func:`~somax_plug.declare`
+    (or ``register(spec)`` with a :class:`~somax_plug.ComponentSpec`, or
+    ``register(kind=..., name=..., ...)`` with its fields) once per component,
+    ``register.preset(name, composition, summary=...)`` once per preset, and
+    ``register.default(kind, name)`` to make one of its components the default of its
+    kind (the built-in plugin makes ``constant`` the default damping). The
     registry attributes every registration to the calling plugin. The call is a
     transaction: if the hook raises, or a record is invalid, everything this
     plugin registered is rolled back and the plugin is reported ``failed``.
@@ -62,7 +65,7 @@ def somax_plug_register(register: Registrar) -> None:
 
 @hookspec(firstresult=True)
 def somax_plug_provide_resource(name: str, registry: Any) -> ResourceProvider | None:
-    """Return a :class:`~somax_plug._src.resources.ResourceProvider` for ``name``, or None.
+    """Return a :class:`~somax_plug.ResourceProvider` for ``name``, or None.
 
     The planner asks for every resource a component requires (and, recursively,
     every resource a provider requires). The first non-None answer wins; plugins
@@ -77,7 +80,7 @@ def somax_plug_validate_plan(plan: Plan) -> str | list[str] | None:
 
     Runs after the planner matched every requirement and before anything is
     traced. Any message makes :func:`somax_plug.compose` raise
-    :class:`~somax_plug._src.errors.PlanVetoed`, quoting the plugin and its message.
+    :class:`~somax_plug.PlanVetoed`, quoting the plugin and its message.
     """
 
 

@@ -258,7 +258,7 @@ def kind_of(cls: type) -> Kind | None:
 def instance_requires(component: Any) -> Requires | None:
     """Requirements an instance declares for its options, or None for the spec's.
 
-    A component may define ``requires`` (a :class:`~somax_plug._src.spec.Requires`) as an
+    A component may define ``requires`` (a :class:`~somax_plug.Requires`) as an
     attribute or property when its requirements depend on its options (``cg`` with
     its negative-curvature guard needs only a symmetric operator).
     """

@@ -16,7 +16,7 @@ Environment variables, read before any plugin is imported:
 * ``SOMAX_PLUG_DISABLE=a,b``: skip these plugins (status ``disabled``);
 * ``SOMAX_PLUG_ONLY=a,b``: load only these third-party plugins (``builtin`` is
   always loaded unless it is named in ``SOMAX_PLUG_DISABLE``);
-* ``SOMAX_PLUG_STRICT=1``: raise :class:`~somax_plug._src.errors.PluginError` for a
+* ``SOMAX_PLUG_STRICT=1``: raise :class:`~somax_plug.PluginError` for a
   failed plugin or a name conflict instead of warning (for CI).
 
 Example:

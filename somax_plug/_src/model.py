@@ -1,7 +1,7 @@
 """The model: a prediction function and a loss, as one hashable record.
 
 A :class:`Model` pairs ``predict_fn(params, inputs) -> outputs`` with a
-:class:`~somax_plug._src.losses.Loss`. The training objective on a batch
+:class:`~somax_plug.Loss`. The training objective on a batch
 ``(inputs, targets)`` (pytrees with a leading batch axis of size B) is::
 
     L(params) = loss(predict_fn(params, inputs), targets)
@@ -44,7 +44,7 @@ Batch = tuple[PyTree, PyTree]
 
 @attrs.frozen
 class Model:
-    """``predict_fn(params, inputs)`` and a :class:`~somax_plug._src.losses.Loss`.
+    """``predict_fn(params, inputs)`` and a :class:`~somax_plug.Loss`.
 
     Attributes:
         predict_fn: maps parameters and batched inputs to batched outputs (an array or
@@ -86,7 +86,7 @@ def make_model(
     **loss_options: Any,
 ) -> Model:
     """Build a :class:`Model`; ``loss`` and ``reduction`` go through
-    :func:`~somax_plug._src.losses.get_loss` (None: ``"mean"``, or a Loss instance's own)."""
+    :func:`~somax_plug.get_loss` (None: ``"mean"``, or a Loss instance's own)."""
     if not callable(predict_fn):
         raise TypeError(f"predict_fn must be callable, got {type(predict_fn).__name__}")
     return Model(predict_fn, get_loss(loss, reduction, **loss_options))

@@ -1,13 +1,13 @@
 """Operator algebra over parameter pytrees.
 
-Every class here is a :class:`~somax_plug._src.kinds.LinearOperator` and a JAX pytree
+Every class here is a :class:`~somax_plug.LinearOperator` and a JAX pytree
 (arrays are children, tags are static), so an operator can be passed through
 ``jax.jit`` as an argument.
 
 ==========================  ===========================================  ==========================
 operator                    maths                                        tags it keeps
 ==========================  ===========================================  ==========================
-``MatrixOperator(M, x)``    ``v -> M v`` in ``flatten_util.ravel_pytree(x)`` order    the tags given, plus diag
+``MatrixOperator(M, x)``    ``v -> M v`` in ``ravel_pytree(x)`` order    the tags given, plus diag
 ``SumOperator(A, B)``       ``A + B``                                    sym, psd, diag, row_space
                                                                          when both operands have it
 ``ScaledOperator(c, A)``    ``c A``                                      sym, diag; psd, row_space
@@ -166,7 +166,7 @@ class PytreeOperator(LinearOperator):
 
 
 class MatrixOperator(PytreeOperator):
-    """A dense ``[n, n]`` matrix acting on pytrees in ``flatten_util.ravel_pytree(primal)`` order.
+    """A dense ``[n, n]`` matrix acting on pytrees in ``ravel_pytree(primal)`` order.
 
     ``mv(v) = unravel(M @ ravel(v))``. The exact diagonal is always available, so
     ``diag`` is always among the tags; ``psd`` implies ``symmetric``. The tags are

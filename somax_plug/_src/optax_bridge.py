@@ -3,7 +3,7 @@
 ``as_optax(...)`` returns an :class:`optax.GradientTransformationExtraArgs` whose
 ``update(updates, state, params, *, batch, key=None)`` maps the incoming
 gradient ``g`` (the ``updates``) to the direction ``s ~ (C + lam I)^-1 g``,
-computed by the same planned step as :class:`~somax_plug._src.step.Method`. Chain
+computed by the same planned step as :class:`~somax_plug.Method`. Chain
 momentum, weight decay, clipping and the learning rate after it::
 
     tx = optax.chain(
@@ -141,7 +141,9 @@ def as_optax(
         new_inner = core.commit(accept, d.state, inner, damping_state)
         out = tree.where(accept, d.s, jax.tree_util.tree_map(lambda x: jnp.full_like(x, fill), d.s))
         info = jax.tree_util.tree_map(
-            lambda new, old: jnp.asarray(new, old.dtype), core.info(d, after, accept, ok), state.info
+            lambda new, old: jnp.asarray(new, old.dtype),
+            core.info(d, after, accept, ok),
+            state.info,
         )
         return tree.cast_like(out, updates), BridgeState(new_inner, info)
 

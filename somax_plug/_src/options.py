@@ -23,12 +23,12 @@ Type rules (``type``):
 
 Example:
     >>> from somax_plug import Option
-    >>> Option("maxiter", 50, type=int, ge=1).check("solver 'cg'", 10)
+    >>> Option("n", 50, type=int, ge=1).check("solver 'cg'", 10)
     10
-    >>> Option("maxiter", 50, type=int, ge=1).check("solver 'cg'", "ten")
+    >>> Option("n", 50, type=int, ge=1).check("solver 'cg'", "ten")
     Traceback (most recent call last):
     ...
-    somax_plug.OptionError: solver 'cg': option 'maxiter' = 'ten' is not allowed: expected an int >= 1
+    somax_plug.OptionError: solver 'cg': option 'n' = 'ten' is not allowed: expected an int >= 1
 """
 
 from __future__ import annotations
@@ -112,7 +112,11 @@ class Option:
         return f"{self.name}: {self.allowed()} ({default})"
 
     def check(self, owner: str, value: Any) -> Any:
-        """``value`` if allowed (ints given for a float become floats), else :class:`OptionError`."""
+        """``value`` if allowed (an int given for a float becomes a float).
+
+        Raises:
+            OptionError: naming ``owner``, the option, the value and what is allowed.
+        """
         problem = self._problem(value)
         if problem is not None:
             raise OptionError(

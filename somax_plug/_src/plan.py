@@ -166,7 +166,7 @@ class Plan:
         components: the resolved components, in step order.
         resources: the resource graph, in topological order.
         hooks: which plugin implementation took part in which hook.
-        registry_fingerprint: :meth:`~somax_plug._src.registry.Registry.fingerprint`.
+        registry_fingerprint: :meth:`~somax_plug.Registry.fingerprint`.
         unplanned: every component recomputes its own resources (ablation).
         loss: the loss name the composition was planned for (None: any).
         learning_rate: float or schedule applied to the direction.

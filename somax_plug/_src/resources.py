@@ -27,7 +27,7 @@ Built-in resource names and value types (see ``somax_plug.builtin.resources``):
 =====================  ====================================================
 
 ``loss_after`` and ``predicted_decrease`` are computed by the step builder after
-the solve and handed to the damping policy in :class:`~somax_plug._src.kinds.StepStats`.
+the solve and handed to the damping policy in :class:`~somax_plug.StepStats`.
 
 Example:
     >>> from somax_plug._src.resources import ResourceProvider
@@ -121,7 +121,7 @@ class Resources:
     """Lazy, memoised per-step resources (lives only inside one traced step).
 
     Args:
-        model: the :class:`~somax_plug._src.model.Model` (predict_fn and loss).
+        model: the :class:`~somax_plug.Model` (predict_fn and loss).
         params: current parameters.
         batch: ``(inputs, targets)``.
         key: this step's PRNG key.

@@ -12,7 +12,7 @@
   cross-device collectives. There is no hand-written reduction anywhere.
 
 Batch sizes must be divisible by the number of devices along the data axis
-(checked before tracing, :class:`~somax_plug._src.errors.InputError` otherwise).
+(checked before tracing, :class:`~somax_plug.InputError` otherwise).
 
 Parameter sharding (for large 2-D layers): ``param_sharding`` is a rule
 ``rule(path, leaf) -> PartitionSpec | None`` called for every leaf of the
@@ -160,7 +160,7 @@ def _spec_of(x: Any) -> jax.ShapeDtypeStruct:
 
 
 class DataParallel:
-    """How one :class:`~somax_plug._src.step.Method` is laid out over a mesh.
+    """How one :class:`~somax_plug.Method` is laid out over a mesh.
 
     Args:
         mesh: a ``jax.sharding.Mesh``.

@@ -1,11 +1,11 @@
-"""The step builder: a :class:`~somax_plug._src.plan.Plan` -> one jitted step.
+"""The step builder: a :class:`~somax_plug.Plan` -> one jitted step.
 
 ``Method.step(params, state, batch, key) -> (params, state, info)`` runs, inside a
 single ``jax.jit``, the pure functions of :mod:`somax_plug._src.step_core` (which
 the Optax bridge runs too):
 
 1. the plan's every-step resources, each traced once into one shared
-   :class:`~somax_plug._src.resources.Resources` context (planned mode); in unplanned
+   :class:`~somax_plug.Resources` context (planned mode); in unplanned
    mode each consumer gets a fresh context and recomputes what it reads, and the
    operator is rebuilt at every product;
 2. the estimators, each under ``lax.cond`` at its cadence (between ticks the
@@ -145,7 +145,8 @@ class Method:
         c = self.core
         d = c.direction(params, state, batch, key)
         ok = core.finite(d)
-        updates, tx_state = self.tx.update(tree.where(ok, d.s, tree.zeros_like(d.s)), state.tx, params)
+        safe = tree.where(ok, d.s, tree.zeros_like(d.s))
+        updates, tx_state = self.tx.update(safe, state.tx, params)
         ok = ok & tree.all_finite(updates)  # a tx (schedule, chain) may overflow
         candidate = optax.apply_updates(params, updates)
         after = c.after_update(d, state.count, updates, candidate)
@@ -160,7 +161,7 @@ class Method:
         """One jitted step: ``(params, state, info)``. ``key`` defaults to one per count.
 
         Before tracing, the arguments are checked against what :meth:`init` saw
-        (:class:`~somax_plug._src.errors.InputError` on a mismatch; see
+        (:class:`~somax_plug.InputError` on a mismatch; see
         :mod:`somax_plug._src.validation`), once per input signature. With a mesh, the
         arguments are placed on it (the batch sharded over the data axis).
         """

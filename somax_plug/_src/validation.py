@@ -1,6 +1,6 @@
 """Checks of a step's arguments, run before tracing, once per input signature.
 
-:meth:`somax_plug._src.step.Method.step` calls :meth:`InputValidator.check` before the
+:meth:`somax_plug.Method.step` calls :meth:`InputValidator.check` before the
 jitted step. The first time a *signature* (the pytree structures, shapes and
 dtypes of params, state, batch and key) is seen it checks:
 
@@ -15,7 +15,7 @@ dtypes of params, state, batch and key) is seen it checks:
   of ``predict_fn`` and of the loss (no FLOPs), whose failures are reported with
   the shapes involved.
 
-Each failure is an :class:`~somax_plug._src.errors.InputError` that names the
+Each failure is an :class:`~somax_plug.InputError` that names the
 offending leaf and says what would be right. Later calls with a known signature
 cost one pytree flatten and a set lookup.
 
@@ -148,7 +148,7 @@ class InputValidator:
     """Checks ``(params, state, batch, key)`` before tracing; caches per signature.
 
     Args:
-        model: the :class:`~somax_plug._src.model.Model` (``predict_fn`` and the loss).
+        model: the :class:`~somax_plug.Model` (``predict_fn`` and the loss).
         data_parallel: a :class:`~somax_plug._src.sharding.DataParallel`, or None.
     """
 

@@ -4,17 +4,16 @@ Notation: ``f`` the model, ``z = f(params, x)`` the outputs (B examples, K numbe
 each), ``J = dz/d params``, ``L = c sum_b l_b`` the reduced loss (``c = 1/B`` for
 "mean", 1 for "sum"), ``H_out = d^2 L/dz^2 = blockdiag(H_b)``.
 
-====================  ===============================================  ======================
-name                  C                                                tags
-====================  ===============================================  ======================
-``hessian``           ``d^2 L / d params^2`` (forward-over-reverse)    symmetric
-``ggn``               ``J^T H_out J``                                  symmetric, psd,
-                                                                       row_space
-``fisher``            ``J^T blockdiag_b(F_b) J``, MC estimate          symmetric, psd,
-                                                                       row_space
-``empirical_fisher``  ``c sum_b g_b g_b^T``, ``g_b = d l_b/d params``  symmetric, psd,
-                                                                       row_space, diag
-====================  ===============================================  ======================
+====================  ===============================================
+name                  C
+====================  ===============================================
+``hessian``           ``d^2 L / d params^2`` (forward-over-reverse)
+``ggn``               ``J^T H_out J``
+``fisher``            ``J^T blockdiag_b(F_b) J``, MC estimate
+``empirical_fisher``  ``c sum_b g_b g_b^T``, ``g_b = d l_b/d params``
+====================  ===============================================
+
+The tags each provides and the resources each reads are declared on its class.
 
 Scaling convention: every operator is a curvature of the *reduced* loss, so for the
 mean reduction they all carry the factor ``1/B`` (``empirical_fisher`` equals
@@ -30,8 +29,7 @@ terms), which makes the estimate psd with ``S * B`` row factors.
 Example:
     >>> import jax.numpy as jnp
     >>> from somax_plug.builtin.resources import PROVIDERS
-    >>> from somax_plug._src.model import make_model
-    >>> from somax_plug._src.resources import Resources
+    >>> from somax_plug import Resources, make_model
     >>> model = make_model(lambda p, x: x @ p, "mse", reduction="sum")
     >>> x, y = jnp.array([[1.0, 0.0], [0.0, 2.0]], jnp.float32), jnp.zeros((2, 1), jnp.float32)
     >>> res = Resources(model, jnp.zeros((2, 1), jnp.float32), (x, y), None, PROVIDERS)
@@ -42,7 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 
@@ -304,8 +302,8 @@ class GGN(Curvature):
     """Generalised Gauss-Newton ``J^T H_out J`` from the shared linearization.
 
     One ``jax.linearize`` of the model serves every product (jvp, closed-form output
-    Hessian, transpose). For a :class:`~somax_plug._src.losses.CallableLoss` without
-    ``convex=True`` the psd part of ``H_out`` is used (see :mod:`somax_plug._src.losses`).
+    Hessian, transpose). For a :class:`~somax_plug.losses.CallableLoss` without
+    ``convex=True`` the psd part of ``H_out`` is used (see :mod:`somax_plug.losses`).
 
     Example:
         >>> from somax_plug import spec_of

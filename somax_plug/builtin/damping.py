@@ -2,7 +2,7 @@
 
 A policy's state is a :class:`DampingState` of fixed-shape scalars (so it runs inside
 ``lax.scan``); ``value(state)`` is the lambda of the coming step and
-``update(state, stats) -> (state, accept)`` reads the :class:`~somax_plug._src.kinds.StepStats`
+``update(state, stats) -> (state, accept)`` reads the :class:`~somax_plug.StepStats`
 of the step just taken. A rejected step is undone by the step builder.
 
 =======================  ================================================  =================

@@ -1,18 +1,20 @@
 """Built-in estimators: statistics of a curvature operator C from a few matvecs.
 
-================  =====================  ==========================================  ==============
-name              statistic              estimate                                    resources
-================  =====================  ==========================================  ==============
-hutchinson_diag   ``diag``               ``(1/N) sum_j z_j * C z_j``                 operator
-hutchinson_trace  ``trace``              ``(1/N) sum_j z_j . C z_j``                 operator
-hutchpp_trace     ``trace``              Hutch++: ``tr(Q^T C Q)`` + Hutchinson on     operator
+================  =====================  ==========================================
+name              statistic              estimate
+================  =====================  ==========================================
+hutchinson_diag   ``diag``               ``(1/N) sum_j z_j * C z_j``
+hutchinson_trace  ``trace``              ``(1/N) sum_j z_j . C z_j``
+hutchpp_trace     ``trace``              Hutch++: ``tr(Q^T C Q)`` + Hutchinson on
                                          ``(I - QQ^T) C (I - QQ^T)``
-gnb_diag          ``diag``               Gauss-Newton-Bartlett (Sophia-G)            linearization
-exact_diag        ``diag``               ``op.diag()`` or the dense matrix           operator
-lanczos           ``eigenvalues``,       Lanczos with full reorthogonalisation,      operator
+gnb_diag          ``diag``               Gauss-Newton-Bartlett (Sophia-G)
+exact_diag        ``diag``               ``op.diag()`` or the dense matrix
+lanczos           ``eigenvalues``,       Lanczos with full reorthogonalisation,
                   ``eigenvectors``,      Gaussian-smoothed Ritz values (stochastic
                   ``spectral_density``   Lanczos quadrature)
-================  =====================  ==========================================  ==============
+================  =====================  ==========================================
+
+The resources and losses each requires are declared on its class (``@declare``).
 
 All of them are unbiased where they are random (Rademacher or Gaussian probes
 ``z`` with ``E[z z^T] = I``), take their randomness from the ``key`` passed to
@@ -33,15 +35,15 @@ Dtypes: statistics are in ``promote_types(param dtype, float32)`` (float32 for b
 and float32 parameters, float64 for float64), and so are the accumulations.
 
 Example:
-    >>> est = HutchinsonDiag(num_probes=4)
-    >>> est.provides
+    >>> from somax_plug import spec_of
+    >>> spec_of(HutchinsonDiag).provides
     frozenset({'diag'})
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 
@@ -131,7 +133,8 @@ def _stats_state(stats: Stats) -> dict[str, Stats]:
 @declare(
     "hutchinson_diag",
     summary="Hutchinson diagonal E[z * Cz] from random probes",
-    provides={"diag"}, requires={"resources": {"operator"}},
+    provides={"diag"},
+    requires={"resources": {"operator"}},
 )
 @attrs.frozen
 class HutchinsonDiag(Estimator):
@@ -172,7 +175,8 @@ class HutchinsonDiag(Estimator):
 @declare(
     "hutchinson_trace",
     summary="Hutchinson trace E[z . Cz] from random probes",
-    provides={"trace"}, requires={"resources": {"operator"}},
+    provides={"trace"},
+    requires={"resources": {"operator"}},
 )
 @attrs.frozen
 class HutchinsonTrace(Estimator):
@@ -211,7 +215,8 @@ class HutchinsonTrace(Estimator):
 @declare(
     "hutchpp_trace",
     summary="Hutch++ trace: low-rank sketch plus Hutchinson on the deflated rest",
-    provides={"trace"}, requires={"resources": {"operator"}},
+    provides={"trace"},
+    requires={"resources": {"operator"}},
 )
 @attrs.frozen
 class HutchppTrace(Estimator):
@@ -262,7 +267,8 @@ class HutchppTrace(Estimator):
 @declare(
     "gnb_diag",
     summary="Gauss-Newton-Bartlett GGN diagonal (Sophia-G; softmax cross-entropy only)",
-    provides={"diag"}, requires={"resources": {"linearization"}, "losses": {"softmax_cross_entropy"}},
+    provides={"diag"},
+    requires={"resources": {"linearization"}, "losses": {"softmax_cross_entropy"}},
 )
 @attrs.frozen
 class GNBDiag(Estimator):
@@ -313,7 +319,8 @@ class GNBDiag(Estimator):
 @declare(
     "exact_diag",
     summary="exact diagonal (op.diag() or the dense matrix; small models only)",
-    provides={"diag"}, requires={"resources": {"operator"}},
+    provides={"diag"},
+    requires={"resources": {"operator"}},
 )
 @attrs.frozen
 class ExactDiag(Estimator):
@@ -374,7 +381,8 @@ def _operator_diag(op: LinearOperator) -> PyTree | None:
 @declare(
     "lanczos",
     summary="leading eigenpairs and spectral density by Lanczos (full reorthogonalisation)",
-    provides={"eigenvalues", "eigenvectors", "spectral_density"}, requires={"resources": {"operator"}},
+    provides={"eigenvalues", "eigenvectors", "spectral_density"},
+    requires={"resources": {"operator"}},
 )
 @attrs.frozen
 class Lanczos(Estimator):

@@ -5,16 +5,18 @@ cadence (the planner wraps it in ``lax.cond``); ``apply(state, v, lam)`` runs at
 every solve and is handed to the solver as ``precond(v)``. States are dicts of
 fixed-shape arrays, so they run inside ``lax.scan``.
 
-===============  ===================================================  ======================
-preconditioner   ``M^-1 v``                                           requires
-===============  ===================================================  ======================
-``identity``     ``v``                                                nothing
-``jacobi``       ``v / max(d + lam, eps)``, ``d = diag`` (or |diag|)  statistic ``diag``
-``diag_ema``     ``clip(v / max(h_hat^power + lam, eps))``, ``h`` an   statistic ``diag``
+===============  ===================================================
+preconditioner   ``M^-1 v``
+===============  ===================================================
+``identity``     ``v``
+``jacobi``       ``v / max(d + lam, eps)``, ``d = diag`` (or |diag|)
+``diag_ema``     ``clip(v / max(h_hat^power + lam, eps))``, ``h`` an
                  EMA of the diagonal with bias correction
-``nystrom``      ``U (L + lam)^-1 U^T v + (v - U U^T v)/(l_min + lam)``  ``psd``, resource
-                 from a rank-r randomized Nystrom sketch of C          ``operator``
-===============  ===================================================  ======================
+``nystrom``      ``U (L + lam)^-1 U^T v + (v - U U^T v)/(l_min + lam)``
+                 from a rank-r randomized Nystrom sketch of C
+===============  ===================================================
+
+What each requires and its options are declared on its class (``@declare``).
 
 Example:
     >>> import jax.numpy as jnp

@@ -16,20 +16,9 @@ and returns ``(s, SolverInfo, new_state)`` with a fixed schema:
   direction is finite; for ``row_cg``: the row-space system met its tolerance (see
   :class:`RowCG`).
 
-================  ==================================  ====================================
-solver            method                              requires
-================  ==================================  ====================================
-``cg``            (preconditioned) conjugate          ``symmetric`` with the negative-
-                  gradients, negative-curvature guard curvature guard, ``psd`` without
-``minres``        Paige-Saunders MINRES               ``symmetric`` (SPD preconditioner)
-``direct``        dense Cholesky / eigendecomposition ``symmetric``
-``row_cholesky``  Woodbury identity, R x R Cholesky   ``row_space``
-``row_cg``        Woodbury identity, R x R CG         ``row_space``
-``diagonal``      ``rhs / (d + lam)``                 statistic ``diag``
-``identity``      ``precond(rhs)`` (first order)      nothing
-``neumann``       truncated Neumann series            ``psd``
-``steihaug``      Steihaug-Toint trust-region CG      ``symmetric``
-================  ==================================  ====================================
+Each class carries its declaration (``@declare`` and its ``option`` fields): what it
+requires, whether it applies the preconditioner, its options and their ranges.
+``somax-plug list --kind solver``, ``somax-plug show NAME`` and the docs tables read it.
 
 Why not ``jax.scipy.sparse.linalg.cg`` or lineax: they report neither iterations nor
 the residual in a fixed schema, cannot stop on negative curvature and return the last
@@ -454,7 +443,7 @@ class Direct(Solver):
     )
 
     def check_size(self, n: int) -> None:
-        """Raise :class:`~somax_plug._src.errors.InputError` when ``n > max_size``."""
+        """Raise :class:`~somax_plug.InputError` when ``n > max_size``."""
         if n > self.max_size:
             raise InputError(
                 f"solver 'direct' refuses a dense solve of size n = {n} > max_size = "

@@ -28,11 +28,11 @@ from jax.flatten_util import ravel_pytree
 from somax_plug._src.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC
 from somax_plug._src.planner import close_tags
 from somax_plug._src.spec import Requires
+from somax_plug._src.tree import dense_from_mv
 from somax_plug.testing import _harness as H
 from somax_plug.testing._numeric import fro, min_sym_eig
 from somax_plug.testing.references import REFERENCES, ProbeSolver, dense_reference
 from somax_plug.testing.strategies import LOSSES, make_problem, problems
-from somax_plug._src.tree import dense_from_mv
 
 
 @attrs.frozen

@@ -1,6 +1,6 @@
 """Conformance of damping policies (private; see ``conformance.check_damping``).
 
-On random sequences of :class:`~somax_plug._src.kinds.StepStats` (finite and non-finite
+On random sequences of :class:`~somax_plug.StepStats` (finite and non-finite
 steps, positive and negative gain ratios):
 
 * ``init()`` gives a lambda ``value(state)`` that is a finite scalar ``>= 0``, and so

@@ -26,6 +26,7 @@ from jax.flatten_util import ravel_pytree
 
 from somax_plug._src.kinds import Curvature
 from somax_plug._src.spec import Requires
+from somax_plug._src.tree import dense_from_mv
 from somax_plug.testing import _harness as H
 from somax_plug.testing._numeric import fro, min_sym_eig, same_avals
 from somax_plug.testing.references import (
@@ -35,7 +36,6 @@ from somax_plug.testing.references import (
     exact_statistics,
 )
 from somax_plug.testing.strategies import LOSSES, make_problem, problems
-from somax_plug._src.tree import dense_from_mv
 
 PrecondReference = Callable[[np.ndarray, dict, float], np.ndarray]
 

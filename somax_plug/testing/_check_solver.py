@@ -1,7 +1,7 @@
 """Conformance of solver components (private; see ``conformance.check_solver``).
 
 Random float64 systems ``(C + lam I) s = rhs`` wrapped in
-:class:`~somax_plug._src.operators.MatrixOperator` over random pytree layouts, with and
+:class:`~somax_plug.MatrixOperator` over random pytree layouts, with and
 without a Jacobi preconditioner. The family follows what the solver declares:
 
 =====================================  =============================================

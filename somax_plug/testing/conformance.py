@@ -1,7 +1,7 @@
 """The conformance kit: property checks that a component honours its kind's contract.
 
 One function per kind. Each takes the component as a
-:class:`~somax_plug._src.spec.ComponentSpec`, a registered name, a factory (a class or a
+:class:`~somax_plug.ComponentSpec`, a registered name, a factory (a class or a
 callable returning an instance, called with ``options``) or an instance, and runs:
 
 1. **properties** -- Hypothesis property checks (``hypothesis.given`` inside, under

@@ -12,9 +12,9 @@ fixtures twice, which pytest accepts, the later definition winning).
 Fixtures:
 
 ``somax_registry``
-    A fresh :class:`~somax_plug._src.registry.Registry` holding only the built-in
+    A fresh :class:`~somax_plug.Registry` holding only the built-in
     components, installed as the process-wide registry for the duration of the test
-    (:func:`somax_plug._src.registry.use_registry`), so ``compose("ggn", "my_solver",
+    (:func:`somax_plug.use_registry`), so ``compose("ggn", "my_solver",
     ...)`` resolves names in it.
 ``register_plugin``
     ``register_plugin(plugin, name=None) -> PluginRecord``: register a plugin object

@@ -19,7 +19,7 @@ name                reference
 Reference components (used by the kit to run a component inside a real composed
 step, and by plugin authors as test doubles):
 
-* :class:`DenseCurvature`: builds a :class:`~somax_plug._src.operators.MatrixOperator` of
+* :class:`DenseCurvature`: builds a :class:`~somax_plug.MatrixOperator` of
   one of the references above, reading no resource (its ``ggn`` carries row factors
   ``U = diag(sqrt(e)) Q^T J`` from ``H_out = Q diag(e) Q^T``, so it is tagged
   ``psd``, ``row_space`` and ``diag``);

@@ -57,7 +57,7 @@ class Problem(NamedTuple):
     """A drawn model problem (float64).
 
     Attributes:
-        model: a :class:`~somax_plug._src.model.Model` (``predict_fn`` and loss).
+        model: a :class:`~somax_plug.Model` (``predict_fn`` and loss).
         params: the parameter pytree.
         batch: ``(inputs, targets)``.
         seed: the seed everything was drawn from.

@@ -13,7 +13,7 @@ cross-entropy (mean). Three contenders, each a jitted function of
   ``value_and_grad`` (forward + backward) and one jvp through it (forward-over-reverse).
 
 Fairness: the same inputs, the same library code paths a step uses (the built-in
-providers through :class:`~somax_plug._src.resources.Resources`), outputs blocked with
+providers through :class:`~somax_plug.Resources`), outputs blocked with
 ``block_until_ready``; every function is compiled and run 3 times before timing; each
 repeat round times the contenders one after the other, in an order that rotates from
 round to round, and the reported time is the median over rounds. The ratios divide
@@ -33,10 +33,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from somax_plug.builtin.curvature import GGN, Hessian
-from somax_plug.builtin.resources import PROVIDERS
 from somax_plug._src.model import make_model
 from somax_plug._src.resources import Resources
+from somax_plug.builtin.curvature import GGN, Hessian
+from somax_plug.builtin.resources import PROVIDERS
 
 SIZES = (784, 256, 10)
 BATCH = 128
