@@ -18,7 +18,14 @@ import jax.numpy as jnp
 import pytest
 
 from somax_plug._src import tree
-from somax_plug._src.kinds import Curvature, Damping, Estimator, LinearOperator, Preconditioner
+from somax_plug._src.kinds import (
+    Curvature,
+    Damping,
+    Estimator,
+    LinearOperator,
+    Preconditioner,
+    Solver,
+)
 from somax_plug._src.spec import Requires
 from somax_plug.builtin.curvature import GGN
 from somax_plug.builtin.damping import Constant
@@ -259,3 +266,32 @@ def test_the_good_originals_pass():
     check_solver(CG, options={"tol": 1e-10, "maxiter": 200}, indefinite="finite",
                  max_examples=1)
     check_damping(Constant, max_examples=1)
+
+
+# ---------------------------------------------------------------------------- options
+
+
+@attrs.frozen
+class LooseCG(Solver):
+    """CG behind options it never checks (a hand-written spec without types)."""
+
+    maxiter: Any = 50
+    tol: Any = 1e-5
+
+    def solve(self, op, rhs, lam, precond, stats, state):
+        return CG(maxiter=self.maxiter, tol=self.tol).solve(op, rhs, lam, precond, stats, state)
+
+
+def test_an_untyped_option_that_accepts_anything_fails():
+    from somax_plug import ComponentSpec, Option
+
+    spec = ComponentSpec(
+        kind="solver",
+        name="loose_cg",
+        factory=LooseCG,
+        requires={"tags": {"symmetric"}},
+        preconditioned=True,
+        options=[Option("maxiter", 50), Option("tol", 1e-5, type=float, ge=0)],
+    )
+    with pytest.raises(ConformanceError, match="'loose_cg' violates option checks.*maxiter"):
+        make_conformance_tests("solver", spec)().test_options()

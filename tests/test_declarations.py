@@ -365,3 +365,31 @@ def test_method_step_and_the_optax_bridge_agree_over_10_steps(composition):
         # linearization's transpose; they agree to rounding, which 10 steps amplify
         assert jnp.allclose(a, b, rtol=1e-4, atol=1e-5), float(jnp.max(jnp.abs(a - b)))
     assert int(s1.count) == int(s2[0].inner.count) == 10
+
+
+# --------------------------------------------------------------- public API
+
+
+def test_every_public_name_resolves_and_lives_in_the_namespace():
+    for name in somax_plug.__all__:
+        assert getattr(somax_plug, name) is not None, name
+    assert somax_plug.OptionError.__module__ == "somax_plug"
+    for module in ("tree", "losses", "checkpoint", "testing", "builtin"):
+        assert getattr(somax_plug, module).__name__ == f"somax_plug.{module}"
+
+
+def test_plugins_and_builtins_import_only_the_public_namespace():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    private = re.compile(r"somax_plug\._src|somax_plug\.(kinds|spec|operators|registry|planner"
+                         r"|composition|step|resources|loader|optax_bridge)\b")
+    offenders = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for folder in ("plugins_examples", "somax_plug/builtin")
+        for path in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert offenders == []

@@ -175,10 +175,19 @@ class Option:
         return out
 
     def wrong_value(self) -> Any:
-        """A value this option must refuse (for the conformance kit), or a sentinel None."""
+        """A wrongly typed value this option must refuse (the conformance kit's probe).
+
+        For an untyped option with a typed default (``Option("maxiter", 10)``) it is
+        a value of another type, which such an option accepts: the kit reports it,
+        since a user's ``maxiter="ten"`` would then fail only inside tracing. None
+        when no wrong type is known (an untyped option whose default is None).
+        """
         if self.choices is not None:
             return "__not_a_choice__"
-        return {int: "ten", float: "0.1", bool: "no", str: 3}.get(self.type)
+        kind = self.type
+        if kind is None and self.default is not None:
+            kind = next((t for t in (bool, int, float, str) if isinstance(self.default, t)), None)
+        return {int: "ten", float: "0.1", bool: "no", str: 3}.get(kind)
 
 
 def _same(a: Any, b: Any) -> bool:
