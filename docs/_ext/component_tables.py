@@ -54,7 +54,9 @@ def component_table(kind: str, plugin: str | None = "builtin") -> str:
                     f"`{row['name']}`",
                     summary,
                     ", ".join(row["provides"]) or "-",
-                    _requires(row["requires"]),
+                    _requires(row["requires"])
+                    + (" (for the default options; depends on the options)"
+                       if spec.requires_for is not None else ""),
                     options or "-",
                 )
             )

@@ -36,7 +36,7 @@ TOML layout (``somax-plug plan FILE.toml``)::
     lam = 1e-3
 
 Example:
-    >>> from somax_plug._src.composition import Composition
+    >>> from somax_plug import Composition
     >>> c = Composition.from_dict({"curvature": "ggn", "solver": {"name": "cg", "maxiter": 5}})
     >>> c.solver.name, dict(c.solver.options)
     ('cg', {'maxiter': 5})
@@ -105,7 +105,9 @@ def as_ref(kind: Kind, value: Any, role: str) -> ComponentRef:
                 f"got {dict(value)!r}"
             )
         every_k = options.pop("every_k", None)
-        if every_k is not None and (not isinstance(every_k, int) or every_k < 1):
+        if every_k is not None and (
+            isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1
+        ):
             raise CompositionError(
                 f"{role} {name!r}: every_k must be a positive int, got {every_k!r}"
             )

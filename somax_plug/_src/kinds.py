@@ -22,7 +22,7 @@ Operator tags are plain strings so that they travel through JSON unchanged:
 :data:`SYMMETRIC`, :data:`PSD`, :data:`ROW_SPACE`, :data:`DIAG`.
 
 Example:
-    >>> from somax_plug._src.kinds import Kind, PSD
+    >>> from somax_plug import Kind, PSD
     >>> Kind("solver").value, PSD
     ('solver', 'psd')
 """

@@ -20,7 +20,7 @@ Environment variables, read before any plugin is imported:
   failed plugin or a name conflict instead of warning (for CI).
 
 Example:
-    >>> from somax_plug._src.loader import load_registry
+    >>> from somax_plug import load_registry
     >>> reg = load_registry(env={"SOMAX_PLUG_ONLY": "builtin"})
     >>> reg.plugins["builtin"].status
     'ok'

@@ -48,7 +48,7 @@ stay in the computation dtype.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from somax_plug._src.losses import get_loss
+    >>> from somax_plug import get_loss
     >>> ce = get_loss("softmax_cross_entropy")
     >>> z, y = jnp.zeros((2, 3)), jnp.array([0, 2])
     >>> round(float(ce(z, y)), 4)  # log(3)

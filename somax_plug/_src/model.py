@@ -20,7 +20,7 @@ and float64 for float64 parameters; gradients keep the parameters' dtypes.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from somax_plug._src.model import make_model
+    >>> from somax_plug import make_model
     >>> model = make_model(lambda p, x: x @ p["w"], "mse")
     >>> params = {"w": jnp.ones((3, 2))}
     >>> batch = (jnp.ones((4, 3)), jnp.zeros((4, 2)))

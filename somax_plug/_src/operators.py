@@ -37,7 +37,7 @@ Tag rules, with the reason for each:
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from somax_plug import operators as ops
+    >>> import somax_plug as ops
     >>> primal = {"w": jnp.zeros(2), "b": jnp.zeros(())}
     >>> A = ops.MatrixOperator(jnp.diag(jnp.array([1.0, 2.0, 3.0])), primal, tags={"psd"})
     >>> B = ops.damp(ops.scale(2.0, A), 0.5)

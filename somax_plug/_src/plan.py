@@ -6,7 +6,7 @@ produces it, who consumes it and how often it is needed (``every_k``, the finest
 cadence of its consumers). The step builder executes exactly this graph.
 
 Example:
-    >>> from somax_plug._src.planner import make_plan
+    >>> from somax_plug import make_plan
     >>> plan = make_plan("sgn")                           # doctest: +SKIP
     >>> print(plan.explain())                             # doctest: +SKIP
 """
@@ -101,8 +101,11 @@ class Consumer:
     """Who reads a resource: a component (by role), another resource, the step, or info.
 
     Attributes:
-        kind: ``"component"``, ``"resource"``, ``"step"`` (the loss and gradient the
-            step reports and solves with) or ``"info"`` (telemetry such as ``rho``).
+        kind: ``"component"``, ``"resource"``, ``"share"`` (a resource whose provider
+            reuses this one on the steps where it is computed anyway, and computes
+            its own value otherwise: it does not make this one more frequent),
+            ``"step"`` (the loss and gradient the step reports and solves with) or
+            ``"info"`` (telemetry such as ``rho``).
         name: the role (``"solver"``, ``"estimator[0]"``), the resource name, or the
             info key.
         every_k: how often it reads.
@@ -117,6 +120,8 @@ class Consumer:
     def __str__(self) -> str:
         if self.kind == "info":
             return f"info:{self.name}"
+        if self.kind == "share":
+            return f"{self.name} (shared when due)"
         return f"{self.name}:{self.component}" if self.component else self.name
 
 
@@ -257,6 +262,7 @@ class Plan:
                     ("tags", c.requires_tags),
                     ("statistics", c.requires_statistics),
                     ("resources", c.requires_resources),
+                    ("losses", c.requires_losses),
                 )
                 if v
             ]

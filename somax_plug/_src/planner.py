@@ -86,7 +86,7 @@ def check_requirements(
         if c.kind != Kind.CURVATURE:
             _check_tags(c, curvature, registry, frozenset(provided))
     _check_statistics(components, provided, registry)
-    _check_losses(components, composition)
+    _check_losses(components, composition, registry)
     _check_preconditioner(components, registry)
 
 
@@ -177,18 +177,24 @@ def _check_statistics(
             )
 
 
-def _check_losses(components: list[PlannedComponent], composition: Composition) -> None:
+def _check_losses(
+    components: list[PlannedComponent], composition: Composition, registry: Any
+) -> None:
     loss = composition.loss
     for c in components:
         if not c.requires_losses or loss is None or loss in c.requires_losses:
             continue
+        others = [
+            repr(s.name)
+            for s in registry.list(c.kind)
+            if c.provides <= s.provides
+            and (not s.requires.losses or loss in s.requires.losses)
+            and s.name != c.short_name
+        ]
         raise CompositionError(
             f"{c.label} needs loss {' or '.join(map(repr, sorted(c.requires_losses)))}, the "
-            f"composition uses {loss!r}; use that loss, or another {c.kind.value} "
-            "(for a diagonal on any loss: estimator 'hutchinson_diag')"
-            if c.kind == Kind.ESTIMATOR
-            else f"{c.label} needs loss {' or '.join(map(repr, sorted(c.requires_losses)))}, "
-            f"the composition uses {loss!r}"
+            f"composition uses {loss!r}; use that loss"
+            + (f", or {c.kind.value} " + " or ".join(others) if others else "")
         )
 
 
@@ -292,7 +298,7 @@ def resource_graph(
             queue.append(dep)
     for name, (provider, _) in list(providers.items()):  # sharing edges
         for shared in sorted(provider.reuses & set(providers)):
-            reads[shared].append(Consumer("resource", name))
+            reads[shared].append(Consumer("share", name))
     return _nodes(providers, reads), tuple(hooks)
 
 
@@ -309,9 +315,15 @@ def _nodes(
         if name not in every:
             if name in seen:
                 raise CompositionError(f"resource cycle: {' -> '.join((*seen, name))}")
+            # a sharing edge reads the resource only on steps it is computed anyway,
+            # so it does not make it more frequent (the cheapest provider per phase)
             every[name] = min(
-                cadence(c.name, (*seen, name)) if c.kind == "resource" else c.every_k
-                for c in reads[name]
+                (
+                    cadence(c.name, (*seen, name)) if c.kind == "resource" else c.every_k
+                    for c in reads[name]
+                    if c.kind != "share"
+                ),
+                default=1,
             )
         return every[name]
 

@@ -11,11 +11,11 @@ The process-wide registry is built lazily on first use by
 their own with :class:`Registry` and :func:`use_registry`.
 
 Example:
-    >>> from somax_plug._src.registry import Registry
-    >>> from somax_plug._src.spec import ComponentSpec
+    >>> from somax_plug import Registry
+    >>> from somax_plug import ComponentSpec
     >>> reg = Registry()
     >>> with reg.transaction("demo") as register:
-    ...     register(kind="solver", name="noop", factory=dict)
+    ...     _ = register(kind="solver", name="noop", factory=dict)
     >>> reg.get("solver", "noop").qualified_name
     'demo:noop'
 """

@@ -26,11 +26,13 @@ Built-in resource names and value types (see ``somax_plug.builtin.resources``):
 ``operator``           the composition's curvature operator C
 =====================  ====================================================
 
-``loss_after`` and ``predicted_decrease`` are computed by the step builder after
-the solve and handed to the damping policy in :class:`~somax_plug.StepStats`.
+``loss_after`` and ``predicted_decrease`` read the step inputs ``update`` and
+``params_after`` (:data:`AFTER_UPDATE_INPUTS`), so the plan computes them after the
+solve (phase ``after_update``); the damping policy receives them in
+:class:`~somax_plug.StepStats`.
 
 Example:
-    >>> from somax_plug._src.resources import ResourceProvider
+    >>> from somax_plug import ResourceProvider
     >>> p = ResourceProvider("double_loss", lambda res: 2 * res["loss"], requires={"loss"})
     >>> p.requires
     frozenset({'loss'})
@@ -54,7 +56,6 @@ INPUT_RESOURCES = frozenset({"params", "batch", "key"})
 AFTER_UPDATE_INPUTS = frozenset({"update", "params_after"})
 """Inputs the step sets once the direction is known: the update ``u`` it applies and
 the parameters ``params + u``. A resource that reads one is computed after the solve."""
-"""Resources that are the step's own inputs."""
 
 
 class Linearization(NamedTuple):
@@ -212,15 +213,19 @@ class Resources:
         """Store a value computed outside a provider (the step builder's own)."""
         self._cache[name] = value
 
-    def child(self) -> Resources:
-        """A context that reads this one's values but keeps new ones to itself."""
+    def child(self, planned: frozenset[str] | None = None) -> Resources:
+        """A context that reads this one's values but keeps new ones to itself.
+
+        ``planned`` replaces the names the plan computes in it (a cadence phase in
+        which fewer resources are due).
+        """
         return Resources(
             self.model,
             self.params,
             self.batch,
             self.key,
             self.providers,
-            self.planned_names,
+            self.planned_names if planned is None else planned,
             parent=self,
             counts=self.counts,
         )

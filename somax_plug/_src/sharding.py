@@ -28,7 +28,7 @@ mesh from :func:`data_parallel_mesh` then spans every process's devices (see
 
 Example:
     >>> import jax
-    >>> from somax_plug._src.sharding import data_parallel_mesh
+    >>> from somax_plug import data_parallel_mesh
     >>> mesh = data_parallel_mesh()          # every local device on one "data" axis
     >>> mesh.axis_names
     ('data',)

@@ -176,6 +176,13 @@ class ComponentSpec:
         for o in self.options:
             if not o.required:
                 o.check(self._owner(), o.default)
+        from somax_plug._src.kinds import KIND_BASES
+
+        if self.cadence and not KIND_BASES[self.kind].cadence:
+            raise ValueError(
+                f"{self._owner()} declares cadence=True, but the step runs every "
+                f"{self.kind.value} every step (the kind has no cadence); remove cadence="
+            )
 
     @every_k.validator
     def _check_every_k(self, attribute: attrs.Attribute, value: int) -> None:

@@ -162,6 +162,8 @@ class StepCore:
                 self.providers["operator"], compute=lambda res: _Unshared(res, build)
             )
         self._after = tuple(r for r in plan.resources if r.phase == "after_update")
+        self._after_names = frozenset(r.name for r in self._after)
+        self._phases()
 
     # ------------------------------------------------------------------ state
     def init(self, params: Any, tx: Any) -> MethodState:
@@ -183,7 +185,7 @@ class StepCore:
             batch,
             key,
             self.providers,
-            planned=self.plan.resource_names,
+            planned=self._always,
             counts=self.trace_counts,
         )
 
@@ -192,8 +194,29 @@ class StepCore:
         return _isolated(res) if self.plan.unplanned else res
 
     def _branch(self, res: Resources) -> Resources:
-        """The context of a ``lax.cond`` branch (values traced inside stay inside)."""
+        """The context of a branch (values traced inside stay inside)."""
         return _isolated(res) if self.plan.unplanned else res.child()
+
+    # ----------------------------------------------------------------- phases
+    def _phases(self) -> None:
+        """Split the plan's resources by cadence (see :meth:`direction`)."""
+        plan = self.plan
+        nodes = [r for r in plan.resources if r.phase == "step"]
+        varying: set[str] = set()
+        for r in nodes:  # topological order: a node varies if it is cadenced or reuses one
+            if r.every_k > 1 or set(r.requires) & varying:
+                varying.add(r.name)
+        self._always = frozenset(r.name for r in nodes if r.name not in varying)
+        self._varying = tuple(r for r in nodes if r.name in varying)
+        cadences = {r.every_k for r in nodes if r.every_k > 1}
+        cadences |= {c.every_k for c in plan.components if c.cadence and c.every_k > 1}
+        self.cadences = tuple(sorted(cadences))
+
+    def _due(self, ticks: frozenset[int]) -> frozenset[str]:
+        """The resources a phase computes: the every-step ones and those whose cadence ticks."""
+        return self._always | {
+            r.name for r in self._varying if r.every_k == 1 or r.every_k in ticks
+        }
 
     # -------------------------------------------------------------- direction
     def direction(
@@ -201,46 +224,68 @@ class StepCore:
     ) -> Direction:
         """``s ~ (C + lam I)^-1 rhs``, ``rhs`` the gradient unless given.
 
-        Runs the estimators and the preconditioner update at their cadences;
-        ``state.count`` is not advanced here.
+        The resources that every phase needs are computed once, outside any branch.
+        The rest of the step before the solve (the resources with a cadence, those
+        whose provider shares one of them when it is due, such as the loss and the
+        gradient read from an HVP linearization, the estimators and the
+        preconditioner update) runs in one ``lax.switch`` branch per combination of
+        ticking cadences, so each step pays only for what is due: between two
+        Hessian estimates of Sophia the gradient is a plain ``value_and_grad``. One
+        compilation, fixed shapes. ``state.count`` is not advanced here.
         """
         plan = self.plan
         res = self.context(params, batch, key)
         if not plan.unplanned:
-            for node in plan.resources:
-                if node.every_k == 1 and node.phase == "step":
-                    res[node.name]
-        step_ctx = self._own(res)
-        loss = step_ctx["loss"]
-        g = step_ctx["grad"] if rhs is None else rhs
-        count = state.count
-
-        stats: dict[str, Any] = {}
-        est_states = []
-        for comp, est_state in zip(plan.estimators, state.estimators, strict=True):
-            ekey = res.key_for(comp.role)
-
-            def run(es: Any, comp: Any = comp, ekey: Any = ekey) -> Any:
-                return comp.instance.estimate(self._branch(res), ekey, es)
-
-            out, new_es = cadenced(
-                comp.every_k, count, run, lambda es: (es["stats"], es), est_state
-            )
-            stats.update(out)
-            est_states.append(new_es)
-
+            for name in sorted(self._always):
+                if name not in self._after_names:
+                    res[name]
         lam = jnp.asarray(plan.component("damping").instance.value(state.damping))
-
+        count = state.count
         pc = plan.component("preconditioner")
-        pc_state = state.preconditioner
+
+        def phase(ticks: frozenset[int]) -> Any:
+            def run(carry: Any) -> Any:
+                est_states, pc_state = carry
+                ctx = res.child(planned=self._due(ticks)) if self._varying else res
+                own = self._own(ctx)
+                loss, grad = own["loss"], own["grad"]
+                stats: dict[str, Any] = {}
+                new_est = []
+                for comp, es in zip(plan.estimators, est_states, strict=True):
+                    if comp.every_k == 1 or comp.every_k in ticks:
+                        out, es = comp.instance.estimate(
+                            self._branch(ctx), res.key_for(comp.role), es
+                        )
+                    else:
+                        out = es["stats"]
+                    stats.update(out)
+                    new_est.append(es)
+                if pc is not None and (pc.every_k == 1 or pc.every_k in ticks):
+                    pc_state = pc.instance.update(
+                        self._branch(ctx), stats, lam, res.key_for("preconditioner"), pc_state
+                    )
+                return (loss, grad, stats, tuple(new_est), pc_state)
+
+            return run
+
+        carry = (state.estimators, state.preconditioner)
+        patterns = [
+            frozenset(k for i, k in enumerate(self.cadences) if bits >> i & 1)
+            for bits in range(2 ** len(self.cadences))
+        ]
+        if len(patterns) == 1:
+            out = phase(patterns[0])(carry)
+        else:
+            index = sum(
+                ((count % k) == 0).astype(jnp.int32) << i for i, k in enumerate(self.cadences)
+            )
+            out = jax.lax.switch(index, [phase(p) for p in patterns], carry)
+        loss, grad, stats, est_states, pc_state = out
+        res.set("loss", loss)
+        res.set("grad", grad)
+        g = grad if rhs is None else rhs
         precond = None
         if pc is not None:
-            pkey = res.key_for("preconditioner")
-
-            def update(p: Any) -> Any:
-                return pc.instance.update(self._branch(res), stats, lam, pkey, p)
-
-            pc_state = cadenced(pc.every_k, count, update, lambda p: p, pc_state)
             precond = lambda v, _s=pc_state: pc.instance.apply(_s, v, lam)
 
         op = self._own(res)["operator"] if plan.reads("solver", "operator") else None
@@ -248,7 +293,7 @@ class StepCore:
             op, g, lam, precond, stats, state.solver
         )
         new_state = state._replace(
-            estimators=tuple(est_states), preconditioner=pc_state, solver=solver_state
+            estimators=est_states, preconditioner=pc_state, solver=solver_state
         )
         return Direction(s, loss, g, stats, lam, solver_info, new_state, res)
 

@@ -21,7 +21,7 @@ cost one pytree flatten and a set lookup.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> from somax_plug._src.model import make_model
+    >>> from somax_plug import make_model
     >>> from somax_plug._src.validation import InputValidator
     >>> v = InputValidator(make_model(lambda p, x: x @ p, "mse"))
     >>> params = jnp.zeros((3, 2))

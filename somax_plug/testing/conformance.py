@@ -4,11 +4,14 @@ One function per kind. Each takes the component as a
 :class:`~somax_plug.ComponentSpec`, a registered name, a factory (a class or a
 callable returning an instance, called with ``options``) or an instance, and runs:
 
-1. **properties** -- Hypothesis property checks (``hypothesis.given`` inside, under
+1. **options** -- every declared option refuses a wrongly typed value at compose
+   time, through the planner's own resolution (an untyped option whose default has
+   a type is reported: it would let ``maxiter="ten"`` through to tracing);
+2. **properties** -- Hypothesis property checks (``hypothesis.given`` inside, under
    the active settings profile: ``max_examples`` and ``derandomize`` come from it;
    the kit turns off the deadline and shrinking, because every example compiles JAX
    code) against dense float64 references on small random models and systems;
-2. **in step** -- the component composed with reference components through the real
+3. **in step** -- the component composed with reference components through the real
    :func:`somax_plug.compose` planner, its jitted step run twice inside
    ``lax.scan`` (with cadence ``every_k=2`` for estimators, preconditioners and
    damping, so both ``lax.cond`` branches must agree): planning and tracing must
@@ -276,7 +279,8 @@ def make_conformance_tests(kind: Kind | str, component: Any, **kwargs: Any) -> t
 
         TestMyCG = make_conformance_tests("solver", MyCG, options={"tol": 1e-10})
 
-    gives ``TestMyCG::test_properties`` and ``TestMyCG::test_in_step``.
+    gives ``TestMyCG::test_options``, ``TestMyCG::test_properties`` and
+    ``TestMyCG::test_in_step``.
     """
     kind = Kind(kind)
     inspect.signature(_BY_KIND[kind]).bind(component, **kwargs)  # unknown options fail now
