@@ -61,7 +61,16 @@ ROLES: dict[str, Kind] = {
     "preconditioner": Kind.PRECONDITIONER,
     "damping": Kind.DAMPING,
 }
-TOP_LEVEL = {"preset", "loss", "reduction", "learning_rate", "rho_every_k", "estimators", *ROLES}
+TOP_LEVEL = {
+    "preset",
+    "loss",
+    "reduction",
+    "learning_rate",
+    "rho_every_k",
+    "curvature_batch",
+    "estimators",
+    *ROLES,
+}
 
 
 @attrs.frozen
@@ -132,6 +141,7 @@ class Composition:
     learning_rate: Any = 1.0
     preset: str | None = None
     rho_every_k: int = 0
+    curvature_batch: int | None = None
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], registry: Any = None) -> Composition:
@@ -176,6 +186,7 @@ class Composition:
             learning_rate=config.get("learning_rate", 1.0),
             preset=preset,
             rho_every_k=int(config.get("rho_every_k") or 0),
+            curvature_batch=_curvature_batch(config.get("curvature_batch")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,12 +199,25 @@ class Composition:
             out["estimators"] = [e.to_dict() for e in self.estimators]
         if self.rho_every_k:
             out["rho_every_k"] = self.rho_every_k
+        if self.curvature_batch:
+            out["curvature_batch"] = self.curvature_batch
         for key in ("loss", "reduction", "preset"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         lr = self.learning_rate
         out["learning_rate"] = lr if isinstance(lr, int | float) else repr(lr)
         return out
+
+
+def _curvature_batch(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CompositionError(
+            f"curvature_batch must be a positive int (the number of rows of each step's "
+            f"batch the curvature products use), got {value!r}; omit it for the whole batch"
+        )
+    return value
 
 
 def loss_name(loss: Any) -> str | None:
@@ -251,6 +275,7 @@ def compose(
     tx: Any = None,
     reduction: str = "mean",
     rho_every_k: int | None = None,
+    curvature_batch: int | None = None,
     unplanned: bool = False,
     registry: Any = None,
     mesh: Any = None,
@@ -275,6 +300,11 @@ def compose(
         rho_every_k: report the gain ratio rho (which needs the loss after the step
             and the predicted decrease) every k steps; damping policies that need
             them get them every step regardless.
+        curvature_batch: compute the curvature (the operator and every resource it
+            reads) on the first ``curvature_batch`` rows of each step's batch, while
+            the loss and the gradient use the whole batch (Martens 2010, sec. 4.3:
+            a smaller curvature batch makes each product cheaper). On minibatches
+            drawn at random, the first rows are a random sub-batch.
         unplanned: build the ablation in which every component recomputes its own
             resources (same numbers, more work).
         registry: a registry to resolve names in (default: the process-wide one).
@@ -313,6 +343,7 @@ def compose(
         "damping": damping,
         "learning_rate": learning_rate,
         "rho_every_k": rho_every_k,
+        "curvature_batch": curvature_batch,
     }
     data.update({k: v for k, v in given.items() if v is not None})
     data["loss"] = loss

@@ -176,6 +176,8 @@ class Plan:
         loss: the loss name the composition was planned for (None: any).
         learning_rate: float or schedule applied to the direction.
         annotations: free-form (key, value) pairs added by amend-plan hooks.
+        curvature_batch: rows of the step's batch the curvature uses (None: all);
+            the resources computed on them are named ``name@sub``.
     """
 
     components: tuple[PlannedComponent, ...]
@@ -186,6 +188,7 @@ class Plan:
     loss: str | None = None
     learning_rate: Any = attrs.field(default=1.0, eq=False, hash=False)
     annotations: tuple[tuple[str, Any], ...] = ()
+    curvature_batch: int | None = None
 
     # ----------------------------------------------------------------- access
     def component(self, role: str) -> PlannedComponent | None:
@@ -229,6 +232,7 @@ class Plan:
             "registry_fingerprint": self.registry_fingerprint,
             "unplanned": self.unplanned,
             "loss": self.loss,
+            "curvature_batch": self.curvature_batch,
             "annotations": {k: _jsonable(v) for k, v in self.annotations},
         }
 
@@ -246,6 +250,7 @@ class Plan:
             "registry": self.registry_fingerprint,
             "unplanned": self.unplanned,
             "loss": self.loss,
+            "curvature_batch": self.curvature_batch,
         }
 
     def explain(self) -> str:
@@ -270,12 +275,20 @@ class Plan:
                 need.insert(0, f"provides: {', '.join(sorted(c.provides))}")
             if need:
                 lines.append(f"  {'':<15}   " + "; ".join(need))
+            rule = getattr(c.instance, "deferred_rule", "")
+            if isinstance(rule, str) and rule:  # a choice made when the step is traced
+                lines.append(f"  {'':<15}   chosen when the step is traced, by the rule: {rule}")
         how = (
             "each consumer recomputes what it reads"
             if self.unplanned
             else "each computed once per step and shared"
         )
         lines.append(f"resources ({how}):")
+        if self.curvature_batch:
+            lines.append(
+                f"  (name@sub: computed on the first {self.curvature_batch} rows of the "
+                "step's batch; every other resource on the whole batch)"
+            )
         for r in self.resources:
             cadence = "every step" if r.every_k == 1 else f"every {r.every_k} steps"
             phase = ", after the update" if r.phase == "after_update" else ""

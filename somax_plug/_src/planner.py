@@ -36,12 +36,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 from somax_plug._src.composition import ComponentRef, Composition, load_composition
 from somax_plug._src.errors import CompositionError, PlanVetoed
 from somax_plug._src.kinds import Kind
 from somax_plug._src.plan import Consumer, Plan, PlannedComponent, ResourceNode
 from somax_plug._src.resolution import close_tags, resolve
-from somax_plug._src.resources import AFTER_UPDATE_INPUTS, INPUT_RESOURCES, ResourceProvider
+from somax_plug._src.resources import (
+    AFTER_UPDATE_INPUTS,
+    INPUT_RESOURCES,
+    SUB,
+    ResourceProvider,
+)
 
 STEP_READS = ("loss", "grad")
 """What the step itself reads every step: the loss it reports and the right-hand side."""
@@ -234,19 +241,44 @@ def _consumers(
     return reads
 
 
-def _component_providers(components: list[PlannedComponent]) -> dict[str, tuple[Any, str]]:
-    """Resources a component of the composition provides: the curvature's ``operator``."""
+def _component_providers(
+    components: list[PlannedComponent], composition: Composition
+) -> dict[str, tuple[Any, str]]:
+    """Resources a component of the composition provides: the curvature's ``operator``.
+
+    With ``curvature_batch`` the operator is built on the sub-batch context, so the
+    resources it reads are its ``name@sub`` versions.
+    """
     curvature = _one(components, Kind.CURVATURE)
     if curvature is None:
         return {}
+    build = curvature.instance.build
+    requires = curvature.requires_resources
+    if composition.curvature_batch:
+        requires = frozenset(r + SUB for r in requires)
+        compute = lambda res: build(res.subbatch())  # noqa: E731
+    else:
+        compute = build
     provider = ResourceProvider(
         "operator",
-        compute=curvature.instance.build,
-        requires=curvature.requires_resources,
+        compute=compute,
+        requires=requires,
         plugin=curvature.plugin,
         summary=f"{curvature.name}.build",
     )
     return {"operator": (provider, f"curvature:{curvature.short_name}")}
+
+
+def _on_subbatch(found: tuple[ResourceProvider, str], name: str) -> tuple[ResourceProvider, str]:
+    """The provider of ``name@sub``: the same computation, its edges renamed."""
+    provider, label = found
+    sub = attrs.evolve(
+        provider,
+        name=name,
+        requires=frozenset(r + SUB for r in provider.requires),
+        reuses=frozenset(r + SUB for r in provider.reuses),
+    )
+    return sub, label
 
 
 def _hook_provider(name: str, registry: Any) -> tuple[ResourceProvider, str] | None:
@@ -269,15 +301,19 @@ def resource_graph(
 ) -> tuple[tuple[ResourceNode, ...], tuple[tuple[str, str], ...]]:
     """The resource nodes in topological order, and the provide-resource hooks used."""
     reads = _consumers(components, composition)
-    own = _component_providers(components)
+    own = _component_providers(components, composition)
     providers: dict[str, tuple[ResourceProvider, str]] = {}
     hooks: list[tuple[str, str]] = []
+    hooked: set[str] = set()
     queue = sorted(reads)
     while queue:
         name = queue.pop(0)
         if name in providers or name in INPUT_RESOURCES | AFTER_UPDATE_INPUTS:
             continue
-        found = own.get(name) or _hook_provider(name, registry)
+        base = name.removesuffix(SUB)
+        found = own.get(base) or _hook_provider(base, registry)
+        if found is not None and base != name:
+            found = _on_subbatch(found, name)
         if found is None:
             users = ", ".join(map(str, reads[name]))
             hint = (
@@ -291,8 +327,9 @@ def resource_graph(
                 f"installed plugins provides it; {hint}"
             )
         providers[name] = found
-        if name not in own:
-            hooks.append((f"provide_resource({name})", found[1].partition(":")[0]))
+        if base not in own and base not in hooked:
+            hooks.append((f"provide_resource({base})", found[1].partition(":")[0]))
+            hooked.add(base)
         for dep in sorted(found[0].requires):
             reads.setdefault(dep, []).append(Consumer("resource", name))
             queue.append(dep)
@@ -422,6 +459,7 @@ def make_plan(
     nodes, hooks = resource_graph(components, composition, registry)
     rho_every = composition.rho_every_k
     plan = Plan(
+        curvature_batch=composition.curvature_batch,
         components=tuple(components),
         resources=nodes,
         hooks=hooks,

@@ -53,6 +53,8 @@ PyTree = Any
 
 INPUT_RESOURCES = frozenset({"params", "batch", "key"})
 """Inputs of every step (not computed by a provider)."""
+SUB = "@sub"
+"""Suffix of the resources computed on the curvature's sub-batch (``curvature_batch``)."""
 AFTER_UPDATE_INPUTS = frozenset({"update", "params_after"})
 """Inputs the step sets once the direction is known: the update ``u`` it applies and
 the parameters ``params + u``. A resource that reads one is computed after the solve."""
@@ -144,6 +146,8 @@ class Resources:
         planned: frozenset[str] | None = None,
         parent: Resources | None = None,
         counts: dict[str, int] | None = None,
+        subbatch: tuple[int, Mapping[str, ResourceProvider]] | None = None,
+        count_suffix: str = "",
     ) -> None:
         self.model = model
         self.params = params
@@ -153,7 +157,10 @@ class Resources:
         self.planned_names = frozenset(providers) if planned is None else frozenset(planned)
         self.parent = parent
         self.counts = {} if counts is None else counts
+        self.subbatch_spec = subbatch
+        self._count_suffix = count_suffix
         self._cache: dict[str, Any] = {}
+        self._sub: Resources | None = None
 
     @property
     def inputs(self) -> Any:
@@ -185,6 +192,8 @@ class Resources:
             return self.batch
         if name == "key":
             return self.key
+        if name.endswith(SUB) and self.subbatch_spec is not None:
+            return self.subbatch()[name.removesuffix(SUB)]
         found, value = self._lookup(name)
         if not found and name in AFTER_UPDATE_INPUTS:
             raise CompositionError(
@@ -203,8 +212,43 @@ class Resources:
             )
         value = provider.compute(self)
         self._cache[name] = value
-        self.counts[name] = self.counts.get(name, 0) + 1
+        counted = name + self._count_suffix
+        self.counts[counted] = self.counts.get(counted, 0) + 1
         return value
+
+    def subbatch(self) -> Resources:
+        """The context of the curvature's sub-batch: the first rows of the batch.
+
+        Its resources (the plan's ``name@sub`` nodes) have their own cache; a child
+        context's sub-batch context is a child of its parent's, so values traced in
+        a branch stay in it.
+        """
+        if self.subbatch_spec is None:
+            raise CompositionError(
+                "this step has no curvature sub-batch; set curvature_batch= in the composition"
+            )
+        if self._sub is None:
+            rows, providers = self.subbatch_spec
+            planned = frozenset(
+                n.removesuffix(SUB) for n in self.planned_names if n.endswith(SUB)
+            )
+            if self.parent is not None:
+                self._sub = self.parent.subbatch().child(planned=planned)
+            else:
+                import jax
+
+                batch = jax.tree_util.tree_map(lambda x: x[:rows], self.batch)
+                self._sub = Resources(
+                    self.model,
+                    self.params,
+                    batch,
+                    self.key,
+                    providers,
+                    planned,
+                    counts=self.counts,
+                    count_suffix=SUB,
+                )
+        return self._sub
 
     def __contains__(self, name: str) -> bool:
         return name in INPUT_RESOURCES or name in self.providers or self.computed(name)
@@ -228,6 +272,8 @@ class Resources:
             self.planned_names if planned is None else planned,
             parent=self,
             counts=self.counts,
+            subbatch=self.subbatch_spec,
+            count_suffix=self._count_suffix,
         )
 
     def fresh(self, params: PyTree = None) -> Resources:
@@ -245,6 +291,8 @@ class Resources:
             self.providers,
             self.planned_names,
             counts=self.counts,
+            subbatch=self.subbatch_spec,
+            count_suffix=self._count_suffix,
         )
         for name in AFTER_UPDATE_INPUTS:
             found, value = self._lookup(name)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from somax_plug._src import tree
 from somax_plug._src.kinds import LinearOperator, RowFactors, SolverInfo, StepStats
 from somax_plug._src.plan import Plan
-from somax_plug._src.resources import Resources
+from somax_plug._src.resources import SUB, Resources
 
 INFO_KEYS = (
     "loss",
@@ -163,6 +163,14 @@ class StepCore:
             )
         self._after = tuple(r for r in plan.resources if r.phase == "after_update")
         self._after_names = frozenset(r.name for r in self._after)
+        self._subbatch = None
+        if plan.curvature_batch:
+            subs = {
+                r.name.removesuffix(SUB): r.provider
+                for r in plan.resources
+                if r.name.endswith(SUB)
+            }
+            self._subbatch = (plan.curvature_batch, subs)
         self._phases()
 
     # ------------------------------------------------------------------ state
@@ -187,6 +195,7 @@ class StepCore:
             self.providers,
             planned=self._always,
             counts=self.trace_counts,
+            subbatch=self._subbatch,
         )
 
     def _own(self, res: Resources) -> Resources:
@@ -248,7 +257,8 @@ class StepCore:
                 est_states, pc_state = carry
                 ctx = res.child(planned=self._due(ticks)) if self._varying else res
                 own = self._own(ctx)
-                loss, grad = own["loss"], own["grad"]
+                grad = own["grad"]  # before the loss: a value_and_grad gives both
+                loss = own["loss"]
                 stats: dict[str, Any] = {}
                 new_est = []
                 for comp, es in zip(plan.estimators, est_states, strict=True):

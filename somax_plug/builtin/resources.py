@@ -113,7 +113,10 @@ def _grad(res: Resources) -> PyTree:
         else:
             g_out = res.model.loss.output_grad(lin.outputs, res.targets)
         return lin.vjp(g_out)
-    return jax.grad(res.model.loss_value)(res.params, res.batch)
+    value, grad = jax.value_and_grad(res.model.loss_value)(res.params, res.batch)
+    if not res.computed("loss"):  # one forward pass serves both (read grad first)
+        res.set("loss", value)
+    return grad
 
 
 def _output_hessian(res: Resources) -> OutputHessian:
