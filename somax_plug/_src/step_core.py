@@ -163,6 +163,8 @@ class StepCore:
             )
         self._after = tuple(r for r in plan.resources if r.phase == "after_update")
         self._after_names = frozenset(r.name for r in self._after)
+        self.force_ticks: frozenset[int] | None = None
+        """Benchmarks only: run this phase (the cadences that tick) on every step."""
         self._subbatch = None
         if plan.curvature_batch:
             subs = {
@@ -283,7 +285,9 @@ class StepCore:
             frozenset(k for i, k in enumerate(self.cadences) if bits >> i & 1)
             for bits in range(2 ** len(self.cadences))
         ]
-        if len(patterns) == 1:
+        if self.force_ticks is not None:  # benchmarks compile one phase at a time
+            out = phase(frozenset(self.force_ticks))(carry)
+        elif len(patterns) == 1:
             out = phase(patterns[0])(carry)
         else:
             index = sum(
