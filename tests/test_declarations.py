@@ -307,7 +307,7 @@ def test_hints_live_on_the_spec():
 @pytest.mark.parametrize(
     "composition",
     [
-        {"preset": "sgn"},
+        {"preset": "sgn", "damping": {"name": "constant", "lam": 1e-2}},
         {"preset": "sophia_h"},
         {
             "curvature": "ggn",

@@ -63,6 +63,7 @@ def counting(fn):
 
 
 PARAMS = init_params(jax.random.key(0))
+CONSTANT = {"name": "constant", "lam": 1e-2}
 BATCH = make_batch(jax.random.key(1))
 
 
@@ -399,7 +400,8 @@ def test_optax_bridge_chains_and_trains():
 def test_optax_bridge_under_inject_hyperparams():
     def make(learning_rate):
         return optax.chain(
-            as_optax(preset="sgn", predict_fn=mlp, loss="softmax_cross_entropy"),
+            as_optax(preset="sgn", predict_fn=mlp, loss="softmax_cross_entropy",
+                     damping=CONSTANT),  # the preset's LM damping needs step rejection
             optax.scale_by_learning_rate(learning_rate),
         )
 
@@ -424,7 +426,11 @@ def test_optax_bridge_with_apply_if_finite_keeps_everything_on_a_bad_batch():
     tx = optax.apply_if_finite(
         optax.chain(
             as_optax(
-                preset="sgn", predict_fn=mlp, loss="softmax_cross_entropy", on_nonfinite="propagate"
+                preset="sgn",
+                predict_fn=mlp,
+                loss="softmax_cross_entropy",
+                on_nonfinite="propagate",
+                damping=CONSTANT,
             ),
             optax.trace(decay=0.9),
             optax.scale_by_learning_rate(0.5),

@@ -9,13 +9,20 @@ Parts (each ``run(quick) -> dict``; the modules document their protocols):
   ``ggnvp_over_grad``, ``hvp_over_grad``;
 * :mod:`somax_plug._src.benchmarks.flops`: ``flops_over_minimum``;
 * :mod:`somax_plug._src.benchmarks.time_to_accuracy`: ``time_to_97_over_adam``,
-  ``time_to_97_over_somax``.
+  ``time_to_97_over_somax``;
+* :mod:`somax_plug._src.benchmarks.workloads`, only with ``--workloads cnn,lm`` (the
+  real workloads, minutes each): ``cnn_time_to_target_over_adam``, ``..._somax``,
+  ``..._kfac`` and the same for ``lm``; it also writes ``<workload>_results.json`` and
+  ``<workload>_training.png`` to ``--out`` (default ``bench_out``).
+
+``--workloads`` alone runs only that part; with ``--only`` it runs those parts too.
 
 ``--json`` prints one object::
 
     {"ratios": {name: value or null, ...},
      "cases": {"planning": ..., "peers": ..., "matvec": ..., "flops": ...,
-               "time_to_accuracy": ..., "machine": {...}, "runtime_s": {...},
+               "time_to_accuracy": ..., "workloads": ... (with --workloads),
+               "machine": {...}, "runtime_s": {...},
                "cpu_time_ratios": {...}, "mode": "full" | "quick" | "smoke"},
      "targets": {name: {"op": "<=", "value": v}, ...}}
 
@@ -35,6 +42,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 RATIOS = (
@@ -46,8 +54,17 @@ RATIOS = (
     "flops_over_minimum",
     "time_to_97_over_adam",
     "time_to_97_over_somax",
+    "cnn_time_to_target_over_adam",
+    "cnn_time_to_target_over_somax",
+    "cnn_time_to_target_over_kfac",
+    "lm_time_to_target_over_adam",
+    "lm_time_to_target_over_somax",
+    "lm_time_to_target_over_kfac",
 )
 """Every ratio ``--json`` reports (lower is better for all)."""
+
+WORKLOAD_RATIOS = RATIOS[-6:]
+"""The ratios of the ``workloads`` part (shown in the table only when it ran)."""
 
 TARGETS: dict[str, dict[str, Any]] = {
     "planned_over_unplanned": {"op": "<=", "value": 0.7},
@@ -55,6 +72,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     "flops_over_minimum": {"op": "<=", "value": 1.05},
     "time_to_97_over_adam": {"op": "<=", "value": 1.0},
     "time_to_97_over_somax": {"op": "<=", "value": 1.0},
+    **{name: {"op": "<=", "value": 1.0} for name in WORKLOAD_RATIOS},
 }
 """Targets (ratios without one are reported for information)."""
 
@@ -67,6 +85,7 @@ PART_OF = {
     "flops_over_minimum": "flops",
     "time_to_97_over_adam": "time_to_accuracy",
     "time_to_97_over_somax": "time_to_accuracy",
+    **{name: "workloads" for name in WORKLOAD_RATIOS},
 }
 """Which part reports each ratio."""
 
@@ -95,6 +114,9 @@ def collect(
     smoke: bool = False,
     only: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    workloads: Sequence[str] | None = None,
+    out: Path | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run the parts and assemble ``{"ratios", "cases", "targets"}``.
 
@@ -103,12 +125,24 @@ def collect(
         smoke: tiny models and budgets, for the schema test (numbers meaningless).
         only: run only these parts (the others' ratios are null).
         log: called with a line before each part (progress).
+        workloads: run the ``workloads`` part on these (``"cnn"``, ``"lm"``); without
+            ``only``, that part alone.
+        out: where the workloads part writes its JSON and plots (None: not written).
+        seeds: the workloads part's seeds (default: 3, or 1 with quick / smoke).
     """
     from somax_plug._src.demo import machine_info
 
     cases: dict[str, Any] = {}
     runtime: dict[str, float] = {}
-    for name, part in _parts().items():
+    parts = _parts()
+    if workloads:
+        from somax_plug._src.benchmarks import workloads as wl
+
+        parts["workloads"] = lambda q, s: wl.run(
+            quick=q, smoke=s, workloads=workloads, out=out, seeds=seeds,
+            log=None if log is None else (lambda line: log(f"  {line}")))
+        only = ["workloads", *only] if only is not None else ["workloads"]
+    for name, part in parts.items():
         if only is not None and name not in only:
             continue
         if log is not None:
@@ -153,7 +187,36 @@ def _why_null(name: str, cases: dict[str, Any]) -> str:
         return str(case["details"]["somax"])
     if name.startswith("time_to_97"):
         return "97% test accuracy not reached within the budget"
+    if name in WORKLOAD_RATIOS:
+        return _why_null_workload(name, case)
     return str(case.get("note") or "")
+
+
+def _why_null_workload(name: str, case: dict[str, Any]) -> str:
+    workload, _, kind = name.partition("_time_to_target_over_")
+    report = case.get("details", {}).get(workload)
+    if report is None:
+        return f"workload {workload} not run"
+    summary, best = report["summary"], report["best"]
+    other = {"adam": best.get("adam"), "somax": "python-somax sgn_ce",
+             "kfac": "kfac-jax"}[kind]
+    why = []
+    for who in (best.get("preset"), other):
+        s = summary.get(who) if who else None
+        if s is None:
+            why.append(f"{who or kind}: not run")
+        elif s["median_time_to_target_s"] is None:
+            err = f" ({s['errors'][0]})" if s["errors"] else ""
+            why.append(f"{who}: {s['status']}{err}")
+    return "; ".join(why)
+
+
+def _workload_ran(name: str, cases: dict[str, Any]) -> bool:
+    """Whether the workloads part ran (or failed) for this ratio's workload."""
+    case = cases.get("workloads")
+    if case is None:
+        return False
+    return "error" in case or name.split("_", 1)[0] in case.get("details", {})
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -161,6 +224,8 @@ def print_table(report: dict[str, Any]) -> None:
     rows = []
     cpu = report["cases"].get("cpu_time_ratios", {})
     for name in RATIOS:
+        if name in WORKLOAD_RATIOS and not _workload_ran(name, report["cases"]):
+            continue
         value = report["ratios"][name]
         target = TARGETS.get(name)
         rows.append([
@@ -203,7 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fewer repeats, smaller budgets (about 2-3 minutes)")
     parser.add_argument("--only", nargs="+", choices=list(_part_names()),
                         help="run only these parts")
+    parser.add_argument("--workloads", type=_workload_list, default=None,
+                        metavar="cnn,lm",
+                        help="run the real workloads (comma-separated: cnn, lm; minutes each); "
+                        "alone, only them; with --only, those parts too")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"),
+                        help="where --workloads writes its JSON and plots (default bench_out)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds of --workloads (default 3; 1 with --quick)")
     return parser
+
+
+def _workload_list(text: str) -> list[str]:
+    from somax_plug._src.workloads import NAMES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(NAMES)
+    bad = [n for n in names if n not in NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload(s) {', '.join(bad) or text!r}; choose from {', '.join(NAMES)}")
+    return names
 
 
 def _part_names() -> tuple[str, ...]:
@@ -213,12 +299,29 @@ def _part_names() -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     log = None if args.json else (lambda name: print(f"running {name} ...", flush=True))
-    report = collect(quick=args.quick, only=args.only, log=log)
+    seeds = None if args.seeds is None else list(range(args.seeds))
+    report = collect(quick=args.quick, only=args.only, log=log, workloads=args.workloads,
+                     out=args.out if args.workloads else None, seeds=seeds)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
         print_table(report)
+        _print_workloads(report)
     return 0
+
+
+def _print_workloads(report: dict[str, Any]) -> None:
+    case = report["cases"].get("workloads")
+    if not case or "details" not in case:
+        return
+    from somax_plug._src.workloads.runner import print_report
+
+    for sub in case["details"].values():
+        print()
+        print_report(sub)
+        files = sub.get("files")
+        if files:
+            print(f"wrote {files['json']} and {files['plot']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

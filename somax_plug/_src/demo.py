@@ -18,6 +18,15 @@ evaluations (full training loss, test accuracy) are not timed. The job writes
 ``DIR/training.png`` (loss and accuracy against wall-clock and against steps), and
 prints a summary table.
 
+``--workload lm`` runs the second main job instead: the character-level transformer
+language model on the Python standard library's sources
+(:mod:`somax_plug._src.workloads.lm`), one seed, ``optax.adam`` (:data:`WORKLOAD_ADAM_LR`)
+and every somax_plug preset with its defaults, each for at most
+:data:`WORKLOAD_SECONDS` seconds of training clock (stopping at the target); it shows
+progress bars, prints the summary table and writes ``DIR/lm_results.json`` and
+``DIR/lm_training.png`` (``--workload cnn``: the same for the digits CNN). ``--quick``
+keeps Adam and ``sgn`` only.
+
 ``--devices N`` trains data-parallel over a ``jax.sharding.Mesh`` of N devices (the
 batch is sharded over the mesh's ``"data"`` axis); on CPU, N devices come from
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``.
@@ -552,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data-parallel over a mesh of N devices")
     parser.add_argument("--seed", type=int, default=0,
                         help="initialisation and minibatch seed")
+    parser.add_argument("--workload", choices=("mlp", "cnn", "lm"), default="mlp",
+                        help="mlp: the MLP on digits (default); lm: the stdlib character-level "
+                        "transformer LM (a few minutes); cnn: the digits CNN")
     return parser
 
 
@@ -567,6 +579,97 @@ def make_mesh(n: int) -> Any:
 QUICK_STEPS = {"sgn": 60, "adam": 400}
 
 
+WORKLOAD_ADAM_LR = {"cnn": 1e-2, "lm": 1e-3}
+"""Adam's learning rate in ``--workload`` runs (the grid's best in docs/workloads.md)."""
+
+WORKLOAD_SECONDS = {"cnn": 10.0, "lm": 12.0}
+"""Training-clock budget per contender in ``--workload`` runs (``--quick``: half)."""
+
+
+def workload_job(name: str, *, out: Path, seed: int = 0, quick: bool = False,
+                 console: Any = None, progress: bool = True, size: str = "full",
+                 presets: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``--workload`` job: Adam and the presets on one workload, one seed.
+
+    Writes ``out/<name>_results.json`` and ``out/<name>_training.png``; returns the
+    report of :func:`somax_plug._src.workloads.runner.run`.
+    """
+    from dataclasses import replace
+
+    from somax_plug._src.workloads import contenders as roster
+    from somax_plug._src.workloads import make
+    from somax_plug._src.workloads import runner as wrunner
+
+    w = make(name, size)
+    if presets is None:
+        presets = ["sgn"] if quick else roster.preset_names()
+    cs = [roster.adam(WORKLOAD_ADAM_LR[name])] + [roster.preset(p, size == "full")
+                                                  for p in presets]
+    budget = w.budget
+    if size == "full":
+        budget = replace(budget, max_seconds=WORKLOAD_SECONDS[name] / (2 if quick else 1))
+    bar = None
+    tasks: dict[str, Any] = {}
+    if progress and console is not None:
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        bar = Progress(TextColumn("{task.description:<18}"), BarColumn(),
+                       TextColumn("{task.fields[info]}"), console=console, transient=False)
+        bar.start()
+
+    def on_start(cname: str, s: int) -> None:
+        if bar is not None:
+            tasks[cname] = bar.add_task(cname, total=budget.max_seconds,
+                                        info="compiling ...")
+
+    def on_eval(cname: str, s: int, h: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.update(tasks[cname], completed=min(h["wall_clock_s"], budget.max_seconds),
+                       info=f"step {h['step']:>5}  {h['wall_clock_s']:6.1f} s  "
+                            f"loss {h['loss']:.4f}  acc {h['accuracy']:.4f}")
+
+    def on_run(rec: dict[str, Any]) -> None:
+        if bar is not None and rec["name"] in tasks:
+            extra = f"  {rec['error']}" if rec["error"] else ""
+            bar.update(tasks[rec["name"]], completed=budget.max_seconds,
+                       info=bar.tasks[tasks[rec["name"]]].fields["info"]
+                       + f"  ({rec['status']}){extra}")
+
+    try:
+        report = wrunner.run(w, cs, seeds=(seed,), budget=budget, on_eval=on_eval,
+                             on_run=on_run, on_start=on_start)
+    finally:
+        if bar is not None:
+            bar.stop()
+    report["job"] = f"somax-plug demo --workload {name}" + (" --quick" if quick else "")
+    js, png = wrunner.write(report, out)
+    report["files"] = {"json": str(js), "plot": str(png)}
+    return report
+
+
+def _main_workload(args: argparse.Namespace, console: Any) -> int:
+    from rich.panel import Panel
+
+    from somax_plug._src.workloads import make
+    from somax_plug._src.workloads import runner as wrunner
+
+    w = make(args.workload)
+    console.print(Panel.fit(
+        f"[bold]somax-plug second main job: {w.title}[/bold]\n"
+        f"target: {w.target.describe()}   seed: {args.seed}   budget per method: "
+        f"{WORKLOAD_SECONDS[args.workload] / (2 if args.quick else 1):g} s of training "
+        "(compilation and evaluation excluded)" + ("   (--quick)" if args.quick else ""),
+        border_style="cyan",
+    ))
+    t0 = time.perf_counter()
+    report = workload_job(args.workload, out=args.out, seed=args.seed, quick=args.quick,
+                          console=console)
+    wrunner.print_report(report, console)
+    console.print(f"wrote {report['files']['json']} and {report['files']['plot']} "
+                  f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -580,6 +683,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)
+    if args.workload != "mlp":
+        if args.devices != 1:
+            console.print("[red]--devices applies to the MLP job only[/red]")
+            return 2
+        return _main_workload(args, console)
     available = len(jax.devices())
     if args.devices < 1 or args.devices > available:
         console.print(

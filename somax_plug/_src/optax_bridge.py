@@ -106,8 +106,9 @@ def as_optax(
         raise CompositionError(
             f"damping {damping_c.name!r} needs {', '.join(needs)}, i.e. the loss after "
             "the full update, which an Optax transformation cannot see; use "
-            "somax_plug.compose(...).step for step rejection, or damping 'constant' or 'schedule' "
-            "inside an Optax chain"
+            "somax_plug.compose(...).step for step rejection, or pass damping= 'constant' or "
+            "'schedule' inside an Optax chain (for example damping={'name': 'constant', "
+            "'lam': 1e-2} with a preset whose default damping is Levenberg-Marquardt)"
         )
     step = method.core
     fill = 0.0 if on_nonfinite == "zero" else jnp.nan

@@ -40,6 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from somax_plug._src import step_core as core
@@ -147,7 +148,7 @@ class Method:
         ok = core.finite(d)
         safe = tree.where(ok, d.s, tree.zeros_like(d.s))
         updates, tx_state = self.tx.update(safe, state.tx, params)
-        ok = ok & tree.all_finite(updates)  # a tx (schedule, chain) may overflow
+        ok = ok & jnp.isfinite(tree.norm(updates))  # a tx (schedule, chain) may overflow
         candidate = optax.apply_updates(params, updates)
         after = c.after_update(d, state.count, updates, candidate)
         damping_state, accept = c.update_damping(
@@ -199,5 +200,26 @@ class Method:
             ) from exc
 
     def explain(self) -> str:
-        """The plan's explanation."""
-        return self.plan.explain()
+        """The plan's explanation, then the choices components made when the step was traced.
+
+        A component that decides something from static shapes while tracing (solver
+        ``auto``: which solve; ``cg``: which loop form) records the decision and its
+        reason in ``recorded_choices()``; they appear here once a step (or the Optax
+        bridge's update) has been traced, and the plan's rule is printed before that.
+        """
+        text = self.plan.explain()
+        chosen, pending = [], []
+        for c in self.plan.components:
+            recorded = getattr(c.instance, "recorded_choices", None)
+            lines = list(recorded()) if callable(recorded) else []
+            chosen += [f"  {c.role:<15} {line}" for line in lines]
+            if not lines and getattr(c.instance, "deferred_rule", ""):
+                pending.append(c.role)
+        if chosen:
+            text += "\nchosen when the step was traced:\n" + "\n".join(chosen)
+        if pending:
+            text += (
+                f"\nnot traced yet: the choices of {', '.join(pending)} are made (and shown "
+                "here) at the first step"
+            )
+        return text

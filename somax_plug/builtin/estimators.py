@@ -113,14 +113,33 @@ def _probes(key: Array, shape: tuple[int, ...], kind: str, dtype: Any) -> Array:
     return jax.random.normal(key, shape, dtype)
 
 
-def _probe_like(key: Array, primal: PyTree, kind: str) -> PyTree:
-    """One probe with the structure of ``primal``, drawn as a single flat vector.
+def _probe_like(key: Array, primal: PyTree, kind: str, draw: str = "flat") -> PyTree:
+    """One probe with the structure of ``primal``.
 
-    One random draw for the whole pytree (not one per leaf) keeps the traced step small.
+    ``draw="flat"``: a single draw for the flattened pytree (one random op keeps the
+    traced step small). ``draw="per_leaf"``: the key split into one key per leaf (in
+    ``tree_leaves`` order) and each leaf drawn with its own shape in float32 (float64
+    for float64 leaves), exactly as ``optax.tree.random_like`` draws the probes of
+    ``optax.contrib.hutchinson_estimator_diag_hessian``.
     """
+    if draw == "per_leaf":
+        leaves, treedef = jax.tree_util.tree_flatten(primal)
+        keys = jax.random.split(key, len(leaves))
+        out = [
+            _probes(keys[i], jnp.shape(x), kind, compute_dtype(jnp.result_type(x))).astype(
+                jnp.result_type(x)
+            )
+            for i, x in enumerate(leaves)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, out)
     flat, unravel = tree.ravel(primal)
     z = _probes(key, flat.shape, kind, compute_dtype(flat.dtype))
     return tree.cast_like(unravel(z.astype(flat.dtype)), primal)
+
+
+def _probe_keys(key: Array, n: int) -> Array:
+    """``n`` probe keys: the key itself for one probe (as optax), else ``split(key, n)``."""
+    return key[None] if n == 1 else jax.random.split(key, n)
 
 
 def _stats_state(stats: Stats) -> dict[str, Stats]:
@@ -141,35 +160,65 @@ class HutchinsonDiag(Estimator):
     """Hutchinson's diagonal estimator ``diag(C) ~ (1/N) sum_j z_j * C z_j``.
 
     Unbiased for ``E[z z^T] = I``; with Rademacher probes the variance of entry i is
-    ``sum_{j != i} C_ij^2 / N`` (Bekas, Kokiopoulou & Saad, 2007).
+    ``sum_{j != i} C_ij^2 / N`` (Bekas, Kokiopoulou & Saad, 2007). Sophia-H and
+    AdaHessian use one Rademacher probe (``num_probes=1``).
+
+    Probe keys: one probe is drawn from the key itself, N > 1 from ``split(key, N)``.
+    The key is the step's (``Resources.key_for`` of the estimator's role), or, with
+    ``seed`` set, the estimator's own stream: the state holds
+    ``jax.random.PRNGKey(seed)`` and every estimate draws from
+    ``key, sub = jax.random.split(key)``, as ``optax.contrib.sophia``'s default
+    Hutchinson estimator does. With ``draw="per_leaf"`` and ``seed`` set the probes
+    are exactly optax's (see ``tests/test_paper_presets.py``).
 
     Attributes:
         num_probes: N, matvecs per estimate.
         probe: ``"rademacher"`` or ``"normal"``.
+        draw: ``"flat"`` (one draw for the flattened parameters) or ``"per_leaf"``
+            (one key per leaf, ``optax.tree.random_like``'s layout).
+        seed: None (probes from the step's key) or the seed of the estimator's own
+            key stream (state ``{"stats", "key"}``).
     """
 
 
     num_probes: int = option(10, ge=1, doc="probes per estimate (matvecs)")
     probe: str = option("rademacher", choices=PROBES, doc="probe distribution")
+    draw: str = option(
+        "flat", choices=("flat", "per_leaf"), doc="one draw for all, or one key per leaf (optax)"
+    )
+    seed: int | None = option(
+        None, ge=0, doc="own key stream PRNGKey(seed), split per estimate (None: the step's key)"
+    )
 
     def init(self, params: PyTree) -> dict[str, Stats]:
-        return _stats_state({"diag": _stat_zeros(params)})
+        state = _stats_state({"diag": _stat_zeros(params)})
+        if self.seed is not None:
+            state["key"] = jax.random.PRNGKey(self.seed)
+        return state
 
     def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[Stats, PyTree]:
         op = res["operator"]
         primal = op.primal
-        keys = jax.random.split(key, self.num_probes)
+        if self.seed is not None:
+            next_key, key = jax.random.split(state["key"])
+        keys = _probe_keys(key, self.num_probes)
 
         def body(i: Array, acc: PyTree) -> PyTree:
-            z = _probe_like(keys[i], primal, self.probe)
+            z = _probe_like(keys[i], primal, self.probe, self.draw)
             cz = op.mv(z)
             return jax.tree_util.tree_map(
                 lambda a, zi, ci: a + zi.astype(a.dtype) * ci.astype(a.dtype), acc, z, cz
             )
 
-        acc = jax.lax.fori_loop(0, self.num_probes, body, _stat_zeros(primal))
-        stats = {"diag": tree.scale(1.0 / self.num_probes, acc)}
-        return stats, _stats_state(stats)
+        if self.num_probes == 1:  # no loop: the product fuses with what reads it
+            stats = {"diag": body(0, _stat_zeros(primal))}
+        else:
+            acc = jax.lax.fori_loop(0, self.num_probes, body, _stat_zeros(primal))
+            stats = {"diag": tree.scale(1.0 / self.num_probes, acc)}
+        new_state = _stats_state(stats)
+        if self.seed is not None:
+            new_state["key"] = next_key
+        return stats, new_state
 
 
 @declare(
@@ -308,7 +357,10 @@ class GNBDiag(Estimator):
             g = lin.vjp(loss.output_grad(outputs, labels[i]))
             return jax.tree_util.tree_map(lambda a, x: a + jnp.square(x.astype(a.dtype)), acc, g)
 
-        acc = jax.lax.fori_loop(0, self.num_samples, body, _stat_zeros(primal))
+        if self.num_samples == 1:  # no loop: the square fuses with what reads it
+            acc = body(0, _stat_zeros(primal))
+        else:
+            acc = jax.lax.fori_loop(0, self.num_samples, body, _stat_zeros(primal))
         stats = {"diag": tree.scale(1.0 / (c * self.num_samples), acc)}
         return stats, _stats_state(stats)
 

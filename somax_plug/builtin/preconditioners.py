@@ -10,8 +10,9 @@ preconditioner   ``M^-1 v``
 ===============  ===================================================
 ``identity``     ``v``
 ``jacobi``       ``v / max(d + lam, eps)``, ``d = diag`` (or |diag|)
-``diag_ema``     ``clip(v / max(h_hat^power + lam, eps))``, ``h`` an
-                 EMA of the diagonal with bias correction
+``diag_ema``     ``clip(v / max(scale h_hat^power + lam, eps))``,
+                 ``h`` an EMA of the diagonal (bias correction,
+                 spatial averaging, refresh cadence, lag: options)
 ``nystrom``      ``U (L + lam)^-1 U^T v + (v - U U^T v)/(l_min + lam)``
                  from a rank-r randomized Nystrom sketch of C
 ===============  ===================================================
@@ -40,6 +41,7 @@ from somax_plug import (
     PSD,
     CompositionError,
     InputError,
+    OptionError,
     Preconditioner,
     declare,
     lazy_import,
@@ -125,32 +127,63 @@ class Jacobi(Preconditioner):
 
 @declare(
     "diag_ema",
-    summary="bias-corrected EMA of a diagonal, power and clip (AdaHessian, Sophia)",
+    summary="EMA of a diagonal, scaled, powered, floored and clipped (AdaHessian, Sophia)",
     requires={"statistics": {"diag"}},
 )
 @attrs.frozen
 class DiagEMA(Preconditioner):
     """Exponential moving average of a diagonal statistic, as in AdaHessian and Sophia.
 
-    At each update, with ``d = stats["diag"]``, ``u = d^2`` (``square=True``), ``|d|``
-    (``abs=True``) or ``d``::
+    At each refresh, with ``d = stats["diag"]``::
 
-        h_t = beta h_{t-1} + (1 - beta) u_t,   h_hat = h_t / (1 - beta^t)
+        a = |d| (abs=True) or d;  a = spatial_mean(a) (spatial_average);
+        u = a^2 (square=True) or a
+        h_t = beta h_{t-1} + (1 - beta) u_t,   h_hat = h_t / (1 - beta^t) (bias_correction)
 
-    and at each solve ``M^-1 v = clip(v / max(sign(h_hat)|h_hat|^power + lam, eps))``,
+    with t the number of refreshes so far, and at each solve::
+
+        M^-1 v = clip(v / max(scale * sign(h_hat) |h_hat|^power + lam, eps))
+
     the clip elementwise to ``[-clip, clip]`` (``clip=None``: off).
 
-    * AdaHessian: ``square=True, power=0.5`` (RMS of the Hutchinson diagonal); its
-      additive epsilon is the damping ``lam``.
-    * Sophia: ``power=1, clip=1`` with a Gauss-Newton-Bartlett or Hutchinson diagonal
-      and ``eps`` as its floor; the solver ``identity`` applies it to the (momentum)
-      gradient.
+    * ``spatial_average``: leaves of rank >= 3 are taken as convolution kernels and
+      ``a`` is averaged over their spatial axes (``"hwio"``, flax's layout: all axes
+      but the last two; ``"oihw"``, PyTorch's: all axes after the first two), as
+      AdaHessian does; rank 0-2 leaves (dense weights, biases) are left alone.
+    * ``refresh_every = n``: only every n-th ``update`` call folds the diagonal in
+      (calls 0, n, 2n, ...; the others keep ``h`` and cost a ``lax.cond`` only). Use
+      it with the preconditioner updated every step (``every_k=1``) and ``n`` = the
+      estimator's ``every_k``, which ``lag`` needs.
+    * ``lag=True`` (needs ``refresh_every >= 2``): the fold happens one call later
+      (calls 1, n + 1, 2n + 1, ...), from the estimate the estimator still holds, so
+      the step that computes a new estimate is preconditioned by the previous EMA:
+      the order of ``optax.contrib.sophia`` (update with the old EMA, then refresh
+      it), at no extra memory. With ``every_k=1, refresh_every=k`` and the estimator
+      at ``every_k=k`` this is optax's Sophia exactly (the paper, and ``lag=False``,
+      use the fresh estimate at once).
 
-    Before the first update the state is zero and ``M^-1 v = v / max(lam, eps)``. State:
-    ``{"ema": pytree (float32 at least), "count": int32}``.
+    The call counter is part of the state, so a rejected (rolled back) step does not
+    advance it while the step count (which the estimator's cadence follows) does:
+    after r rejected steps the fold comes r calls (mod n) after the estimate (still
+    the latest one). With the constant damping of the presets only non-finite steps
+    are rejected.
 
-    Options: ``beta`` (0.99), ``power`` (1.0), ``eps`` (1e-12), ``clip`` (None),
-    ``abs`` (True), ``square`` (False).
+    Presets:
+
+    * AdaHessian: ``square=True, power=0.5, bias_correction=True``, spatial averaging;
+      its additive epsilon is the damping ``lam``.
+    * Sophia: ``power=1, scale=gamma, clip=1, abs=False, bias_correction=False`` with a
+      Hutchinson or Gauss-Newton-Bartlett diagonal and ``eps`` as its floor:
+      ``clip(m / max(gamma h, eps), -1, 1)``; the solver ``identity`` (with momentum)
+      applies it to the gradient EMA ``m``.
+
+    Before the first refresh the state is zero and ``M^-1 v = clip(v / max(lam, eps))``.
+    State: ``{"ema": pytree (float32 at least), "count": int32}`` (``count``: the
+    refreshes so far), plus ``"calls"`` (int32) when ``refresh_every > 1``.
+
+    Options: ``beta`` (0.99), ``power`` (1.0), ``scale`` (1.0), ``eps`` (1e-12),
+    ``clip`` (None), ``abs`` (True), ``square`` (False), ``bias_correction`` (True),
+    ``spatial_average`` ("none"), ``refresh_every`` (1), ``lag`` (False).
     """
 
     beta: float = option(0.99, ge=0, lt=1, doc="EMA decay")
@@ -159,32 +192,77 @@ class DiagEMA(Preconditioner):
     clip: float | None = option(None, gt=0, doc="clip M^-1 v to [-clip, clip] (None: off)")
     abs: bool = option(True, doc="average |diag|")
     square: bool = option(False, doc="average diag^2 (AdaHessian)")
+    scale: float = option(1.0, gt=0, doc="factor of the powered EMA in the denominator (gamma)")
+    bias_correction: bool = option(True, doc="divide the EMA by 1 - beta^t (AdaHessian)")
+    spatial_average: str = option(
+        "none",
+        choices=("none", "hwio", "oihw"),
+        doc="average over the spatial axes of rank >= 3 leaves (conv kernels)",
+    )
+    refresh_every: int = option(1, ge=1, doc="fold the diagonal in on every n-th update only")
+    lag: bool = option(False, doc="fold one update after the estimate (optax Sophia's order)")
+
+    def __attrs_post_init__(self) -> None:
+        if self.lag and self.refresh_every < 2:
+            raise OptionError(
+                "preconditioner 'diag_ema': lag=True needs refresh_every >= 2 (the "
+                "estimator's every_k, with the preconditioner updated every step); got "
+                f"refresh_every={self.refresh_every}"
+            )
 
     def init(self, params: PyTree) -> PyTree:
         ema = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, _state_dtype(x)), params)
-        return {"ema": ema, "count": jnp.zeros((), jnp.int32)}
+        state = {"ema": ema, "count": jnp.zeros((), jnp.int32)}
+        if self.refresh_every > 1:
+            state["calls"] = jnp.zeros((), jnp.int32)
+        return state
+
+    def _spatial_mean(self, a: Array) -> Array:
+        if self.spatial_average == "none" or a.ndim < 3:
+            return a
+        axes = tuple(range(a.ndim - 2)) if self.spatial_average == "hwio" else tuple(
+            range(2, a.ndim)
+        )
+        return jnp.broadcast_to(jnp.mean(a, axis=axes, keepdims=True), a.shape)
+
+    def statistic(self, d: Array) -> Array:
+        """``u`` of one leaf: ``|d|`` or ``d``, spatially averaged, squared or not."""
+        a = jnp.abs(d) if self.abs else d
+        a = self._spatial_mean(a)
+        return a * a if self.square else a
 
     def update(self, res: Any, stats: Stats, lam: Array, key: Array, state: PyTree) -> PyTree:
         diag = tree.cast_like(_diag_stat("diag_ema", stats), state["ema"])
 
-        def stat(d: Array) -> Array:
-            if self.square:
-                return d * d
-            return jnp.abs(d) if self.abs else d
+        def fold(ema: PyTree, count: Array) -> tuple[PyTree, Array]:
+            new = jax.tree_util.tree_map(
+                lambda h, d: self.beta * h + (1 - self.beta) * self.statistic(d), ema, diag
+            )
+            return new, count + 1
 
-        ema = jax.tree_util.tree_map(
-            lambda h, d: self.beta * h + (1 - self.beta) * stat(d), state["ema"], diag
-        )
-        return {"ema": ema, "count": state["count"] + 1}
+        if self.refresh_every == 1:
+            ema, count = fold(state["ema"], state["count"])
+            return {"ema": ema, "count": count}
+        calls = state["calls"]
+        due = (calls % self.refresh_every) == (1 if self.lag else 0)
+        ema, count = jax.lax.cond(due, fold, lambda e, c: (e, c), state["ema"], state["count"])
+        return {"ema": ema, "count": count, "calls": calls + 1}
 
     def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
         count = state["count"]
 
         def leaf(h: Array, x: Array) -> Array:
-            corr = 1 - jnp.asarray(self.beta, h.dtype) ** count.astype(h.dtype)
-            h_hat = h / jnp.where(count > 0, corr, 1)
+            h_hat = h
+            if self.bias_correction:
+                corr = 1 - jnp.asarray(self.beta, h.dtype) ** count.astype(h.dtype)
+                h_hat = h / jnp.where(count > 0, corr, 1)
             if self.power != 1:
-                h_hat = jnp.sign(h_hat) * jnp.abs(h_hat) ** self.power
+                nonneg = self.square or self.abs  # then h >= 0: no sign to keep
+                mag = h_hat if nonneg else jnp.abs(h_hat)
+                mag = jnp.sqrt(mag) if self.power == 0.5 else mag**self.power
+                h_hat = mag if nonneg else jnp.sign(h_hat) * mag
+            if self.scale != 1:
+                h_hat = jnp.asarray(self.scale, h.dtype) * h_hat
             m = jnp.maximum(
                 h_hat + jnp.asarray(lam).astype(h.dtype), jnp.asarray(self.eps, h.dtype)
             )

@@ -44,7 +44,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -75,6 +75,7 @@ Array = Any
 
 __all__ = [
     "CG",
+    "Auto",
     "MINRES",
     "Diagonal",
     "Direct",
@@ -130,21 +131,88 @@ def _matvec(op: LinearOperator, lam: Array) -> Callable[[PyTree], PyTree]:
     return lambda v: damped_mv(op, lam, v)
 
 
+class _CGResult(NamedTuple):
+    """What :func:`_pcg` returns (``rr``, ``bb``: squared norms of ``r`` and ``b``)."""
+
+    x: PyTree
+    r: PyTree
+    rr: Array
+    iterations: Array
+    bb: Array
+    progress_met: Array
+
+
+def _same(c: Any) -> Any:
+    return c
+
+
+def run_loop(
+    cond: Callable[[Any], Array],
+    body: Callable[[Any], Any],
+    init: Any,
+    maxiter: int,
+    form: str = "while",
+    unroll: int = 1,
+) -> Any:
+    """``while cond(c): c = body(c)``, at most ``maxiter`` times, in one of three loop forms.
+
+    ``body`` must count its iterations in the carry and ``cond`` must be False once
+    ``maxiter`` are done (as a ``lax.while_loop`` needs). The forms give the same
+    carry (the same iterates and count, up to XLA's fusion choices) and differ in
+    what XLA compiles and in the work they do after ``cond`` fails:
+
+    * ``"while"``: ``lax.while_loop``; stops as soon as ``cond`` fails.
+    * ``"scan"``: a fixed-length ``lax.scan`` of ``maxiter`` steps, each a ``lax.cond``
+      that skips the body once ``cond`` fails (a skipped step still copies the
+      carry); ``unroll`` is ``lax.scan``'s partial unrolling.
+    * ``"unroll"``: ``maxiter`` copies of the body in straight-line code, each masked
+      (``tree.where(cond(c), body(c), c)``): no loop and no conditional for XLA to
+      compile around the body, so all ``maxiter`` bodies run, and those after
+      ``cond`` fails are discarded. XLA's CPU backend compiles a convolution inside
+      any loop body or conditional branch without its fast layout (measured ~4x
+      slower; ``docs/howto/krylov-solvers.md``), which is why this form exists.
+    """
+    if form == "while":
+        return lax.while_loop(cond, body, init)
+    if form == "scan":
+
+        def step(c: Any, _: Any) -> tuple[Any, None]:
+            return lax.cond(cond(c), body, _same, c), None
+
+        return lax.scan(step, init, None, length=maxiter, unroll=unroll)[0]
+    if form != "unroll":
+        raise ValueError(f"unknown loop form {form!r}; use 'while', 'scan' or 'unroll'")
+    c = init
+    for _ in range(maxiter):
+        c = tree.where(cond(c), body(c), c)
+    return c
+
+
 def _pcg(
     matvec: Callable[[PyTree], PyTree],
     b: PyTree,
     x0: PyTree | None,
     precond: Callable[[PyTree], PyTree],
-    tol: float,
+    tol: Any,
     maxiter: int,
     guard: bool,
-) -> tuple[PyTree, PyTree, Array, Array, Array]:
-    """Preconditioned CG. Returns ``(x, r, rr, iterations, bb)`` (rr, bb squared norms).
+    loop: str = "while",
+    unroll: int = 1,
+    progress_eps: float | None = None,
+) -> _CGResult:
+    """Preconditioned CG (see :class:`CG`); ``tol`` may be a traced scalar.
 
     One matvec per iteration; none for the initial residual unless ``x0`` is given
     and nonzero (checked at run time with ``lax.cond``). With ``guard``, a direction
     with ``p.Ap <= 0`` (or NaN) stops the loop: the last iterate is kept, or on the
     first iteration ``x0 + M r0`` (the preconditioned rhs direction) is returned.
+
+    With ``progress_eps`` the loop also stops on Martens' relative-progress test of
+    the quadratic model ``phi(x) = x.Ax/2 - b.x``, evaluated without a matvec as
+    ``phi(x) = -x.(r + b)/2`` (``Ax = b - r``): at iteration ``i > k`` with
+    ``k = max(10, floor(i/10))``, stop when ``phi_i < 0`` and
+    ``(phi_i - phi_{i-k}) / phi_i < k * eps``. The values ``phi_0..phi_maxiter`` are
+    kept in a fixed-shape buffer in the carry.
     """
     bb = tree.vdot(b, b)
     if x0 is None:
@@ -159,16 +227,18 @@ def _pcg(
             x,
         )
     z = precond(r)
-    rz = tree.vdot(r, z)
-    rr = tree.vdot(r, r)
     thresh = jnp.asarray(tol, bb.dtype) ** 2 * bb
+    track = progress_eps is not None
 
-    def cond(c: tuple) -> Array:
-        i, _, _, _, _, rr, stop = c
-        return (i < maxiter) & (rr > thresh) & ~stop
+    def phi(x: PyTree, r: PyTree) -> Array:
+        return (-0.5 * tree.vdot(x, tree.add(r, b))).astype(bb.dtype)
 
-    def body(c: tuple) -> tuple:
-        i, x, r, p, rz, _, _ = c
+    def cond(c: dict) -> Array:
+        go = (c["i"] < maxiter) & (c["rr"] > thresh) & ~c["stop"]
+        return go & ~c["met"] if track else go
+
+    def body(c: dict) -> dict:
+        i, x, r, p, rz = c["i"], c["x"], c["r"], c["p"], c["rz"]
         ap = matvec(p)
         pap = tree.vdot(p, ap)
         alpha = _safe_div(rz, pap)
@@ -186,11 +256,42 @@ def _pcg(
         z_new = precond(r_new)
         rz_new = tree.vdot(r_new, z_new)
         p_new = _comb((1, z_new), (_safe_div(rz_new, rz), p))
-        return i + 1, x_new, r_new, p_new, rz_new, tree.vdot(r_new, r_new), bad
+        out = {
+            "i": i + 1,
+            "x": x_new,
+            "r": r_new,
+            "p": p_new,
+            "rz": rz_new,
+            "rr": tree.vdot(r_new, r_new),
+            "stop": bad,
+        }
+        if track:
+            j = i + 1
+            phi_j = phi(x_new, r_new)
+            phis = c["phi"].at[j].set(phi_j)
+            k = jnp.maximum(10, j // 10)
+            before = phis[jnp.maximum(j - k, 0)]
+            eps = jnp.asarray(progress_eps, bb.dtype)
+            # (phi_j - phi_{j-k}) / phi_j < k eps, multiplied by phi_j < 0
+            out["met"] = (j > k) & (phi_j < 0) & (phi_j - before > k.astype(bb.dtype) * eps * phi_j)
+            out["phi"] = phis
+        return out
 
-    init = (jnp.asarray(0, jnp.int32), x, r, z, rz, rr, jnp.asarray(False))
-    i, x, r, _, _, rr, _ = lax.while_loop(cond, body, init)
-    return x, r, rr, i, bb
+    init = {
+        "i": jnp.asarray(0, jnp.int32),
+        "x": x,
+        "r": r,
+        "p": z,
+        "rz": tree.vdot(r, z),
+        "rr": tree.vdot(r, r),
+        "stop": jnp.asarray(False),
+    }
+    if track:
+        init["met"] = jnp.asarray(False)
+        init["phi"] = jnp.zeros((maxiter + 1,), bb.dtype).at[0].set(phi(x, r))
+    out = run_loop(cond, body, init, maxiter, loop, unroll)
+    met = out["met"] if track else jnp.asarray(False)
+    return _CGResult(out["x"], out["r"], out["rr"], out["i"], bb, met)
 
 
 def _require_row_factors(name: str, op: LinearOperator) -> Any:
@@ -205,17 +306,82 @@ def _require_row_factors(name: str, op: LinearOperator) -> Any:
 
 
 def _row_gram(factors: Any, dtype: Any) -> Array:
-    """``G = U U^T`` (R x R) by vmapping ``matvec o rmatvec`` over the basis."""
+    """``G = U U^T`` (R x R): the rows ``U^T e_r`` by vmapping ``rmatvec``, then one matmul.
+
+    R transposed products and an ``R x n`` matrix (which vmapping ``matvec o rmatvec``
+    held too, as the intermediate), instead of R products of both kinds: XLA's CPU
+    backend runs a ``matvec`` (a jvp) batched over R tangents up to ~50x slower than R
+    transposed products at R = 560 (``somax_plug._src.benchmarks.krylov``).
+    """
     eye = jnp.eye(factors.num_rows, dtype=dtype)
-    return jax.vmap(lambda e: jnp.ravel(factors.matvec(factors.rmatvec(e))))(eye)
+    cols = jax.tree_util.tree_leaves(jax.vmap(factors.rmatvec)(eye))
+    u = jnp.concatenate([jnp.reshape(c, (factors.num_rows, -1)).astype(dtype) for c in cols], 1)
+    return u @ u.T
 
 
 # --------------------------------------------------------------------------- solvers
 
 
+LOOPS = ("auto", "while", "scan", "unroll")
+"""Loop forms of :class:`CG` (see :func:`run_loop`)."""
+STOPS = ("residual", "eisenstat_walker", "martens")
+"""Stopping rules of :class:`CG`."""
+CONVOLUTIONS = frozenset({"conv_general_dilated"})
+"""Primitives that make ``loop="auto"`` unroll on CPU (see :meth:`CG.choose_loop`)."""
+
+
+def primitives_of(fn: Callable[[PyTree], Any], x: PyTree) -> frozenset[str]:
+    """The primitive names in ``jax.make_jaxpr(fn)(x)``, sub-jaxprs included (trace only)."""
+    seen: set[str] = set()
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            seen.add(eqn.primitive.name)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(x).jaxpr)
+    return frozenset(seen)
+
+
+def _static_float(x: Any) -> float | None:
+    """``float(x)`` when ``x`` is known while tracing (a Python or concrete value), else None."""
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+class _Choices:
+    """Trace-time decisions of a solver, for :meth:`~somax_plug.Method.explain`.
+
+    Kept on the (frozen, hashable) instance outside its options: it takes no part in
+    equality, hashing or the plan's fingerprint. Each distinct decision is recorded
+    once (a step traced again for the same shapes records nothing new).
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[str, None] = {}
+
+    def add(self, text: str) -> None:
+        self.entries.setdefault(text, None)
+
+    def __iter__(self) -> Any:
+        return iter(self.entries)
+
+
+def _choices_field() -> Any:
+    return attrs.field(factory=_Choices, init=False, eq=False, hash=False, repr=False)
+
+
 @declare(
     "cg",
-    summary="(preconditioned) conjugate gradients, negative-curvature guard, warm start",
+    summary="(preconditioned) CG: negative-curvature guard, adaptive stopping, loop forms",
     requires=lambda o: {"tags": {PSD} if o["negative_curvature"] == "none" else {SYMMETRIC}},
     preconditioned=True,
     hints={PSD: "or solver {'name': 'cg', 'negative_curvature': 'guard'} (needs only symmetric)"},
@@ -230,30 +396,157 @@ class CG(Solver):
 
     from ``s0 = 0`` (``r0 = rhs``, no matvec) or, with ``warm_start``, from the last
     solution kept in the state (one matvec for ``r0``, skipped at run time when the
-    state is zero). Exactly one matvec per iteration.
+    state is zero). Exactly one matvec per iteration, whatever the stopping rule;
+    ``info.iterations`` counts them (the ``"unroll"`` loop form runs all ``maxiter``
+    products and discards those after the stop, see below).
+
+    Stopping rules (``stop``), each also bounded by ``maxiter`` and the guard:
+
+    * ``"residual"``: ``||r|| <= tol ||rhs||``.
+    * ``"eisenstat_walker"``: ``||r|| <= eta_k ||rhs||`` with the forcing term of
+      Eisenstat & Walker (1996), choice 2, from the ratio of successive right-hand
+      side (gradient) norms::
+
+          eta_k = gamma (||g_k|| / ||g_{k-1}||)^alpha
+          eta_k = max(eta_k, gamma eta_{k-1}^alpha)   if gamma eta_{k-1}^alpha > 0.1
+          eta_k = min(forcing_max, max(tol, eta_k));  eta_0 = min(0.5, forcing_max)
+
+      The state keeps ``||g_{k-1}||`` and ``eta_{k-1}`` (two scalars); a rejected
+      step keeps the old ones. On minibatches the ratio is noisy (each gradient is
+      of another batch): the rule then mostly sits at its bounds.
+    * ``"martens"``: Martens' (2010, sec. 4.4) relative progress of the quadratic
+      model ``phi(s) = s.As/2 - rhs.s``: stop at iteration ``i > k``,
+      ``k = max(10, floor(i/10))``, when ``phi_i < 0`` and
+      ``(phi_i - phi_{i-k}) / phi_i < k * progress_eps``. ``phi_i = -s_i.(r_i + rhs)/2``
+      costs two dot products and no matvec. ``||r|| <= tol ||rhs||`` still stops it
+      (``tol=0`` leaves Martens' test alone).
+
+    ``info.converged`` is True when the rule in effect was met (the residual below
+    its tolerance, or Martens' test).
+
+    Loop forms (``loop``; all give the same iterates and iteration count, see
+    :func:`run_loop`): ``"while"`` (``lax.while_loop``, stops earliest), ``"scan"``
+    (fixed-length ``lax.scan`` skipping converged iterations with ``lax.cond``),
+    ``"unroll"`` (straight-line code: ``maxiter`` masked copies of the iteration, all
+    of whose products run) and ``"auto"``, decided when the step is traced
+    (:meth:`choose_loop`): ``"unroll"`` on the CPU backend when the curvature product
+    contains a convolution and ``maxiter <= unroll_max``, else ``"while"``. Measured
+    on CPU (jax 0.10, ``docs/howto/krylov-solvers.md``): a conv net's GGN products
+    inside any XLA loop or conditional (while, fori, scan, partially unrolled scan,
+    ``lax.cond``) run 3-4x slower than the same products in straight-line code,
+    because XLA's CPU backend compiles those convolutions without its fast layout;
+    an MLP's products cost the same in every form, so ``"while"`` (which does no
+    work after the stop) is the better choice there. ``"unroll"`` pays in compile
+    time (about ``maxiter`` times the product's) and in the products it runs after
+    the stop: it wins whenever CG runs more than a quarter of ``maxiter``.
 
     Options:
-        tol: stop when ``||r|| <= tol ||rhs||``.
+        tol: stop when ``||r|| <= tol ||rhs||`` (the floor of the forcing term).
         maxiter: at most this many iterations (matvecs).
-        warm_start: start from the previous solution (state ``{"x": pytree}``).
+        warm_start: start from the previous solution (state ``{"x": pytree}``). Off by
+            default: on minibatches the previous solution solves another system and
+            may be a worse start than zero, and it costs one matvec.
         negative_curvature: ``"guard"`` stops on ``p.(C + lam I)p <= 0`` and returns
             the last good iterate, or the preconditioned rhs direction ``M^-1 rhs``
             if it happens on the first iteration (never NaN); needs only a symmetric
             operator. ``"none"`` is textbook CG and needs a psd operator.
+        stop, forcing_gamma, forcing_alpha, forcing_max, progress_eps: the stopping
+            rule and its constants (above).
+        loop, unroll, unroll_max: the loop form; ``unroll`` is ``lax.scan``'s
+            partial unrolling (``loop="scan"``); ``unroll_max`` bounds ``"auto"``.
 
-    Reference: Hestenes & Stiefel (1952); the guard as in Martens (2010), sec. 4.
+    Reference: Hestenes & Stiefel (1952); the guard and the progress test as in
+    Martens (2010), "Deep learning via Hessian-free optimization", sec. 4;
+    Eisenstat & Walker (1996), "Choosing the forcing terms in an inexact Newton
+    method", SIAM J. Sci. Comput. 17(1).
     """
 
     tol: float = option(1e-5, ge=0, doc="stop when ||r|| <= tol ||rhs||")
     maxiter: int = option(50, ge=1, doc="at most this many iterations (matvecs)")
-    warm_start: bool = option(False, doc="start from the previous solution")
+    warm_start: bool = option(
+        False, doc="start from the previous solution (off: unsafe on minibatches, one matvec)"
+    )
     negative_curvature: str = option(
         "guard", choices=("guard", "none"), doc="'guard' stops on p.Ap <= 0; 'none' needs psd"
     )
+    stop: str = option(
+        "residual", choices=STOPS, doc="stopping rule: fixed tol, Eisenstat-Walker, or Martens"
+    )
+    forcing_gamma: float = option(0.9, gt=0, le=1, doc="Eisenstat-Walker gamma")
+    forcing_alpha: float = option(2.0, gt=1, le=2, doc="Eisenstat-Walker exponent alpha")
+    forcing_max: float = option(0.9, gt=0, lt=1, doc="largest Eisenstat-Walker forcing term")
+    progress_eps: float = option(5e-4, gt=0, doc="Martens' relative-progress epsilon")
+    loop: str = option("auto", choices=LOOPS, doc="loop form; 'auto' decides at trace time")
+    unroll: int = option(1, ge=1, doc="lax.scan's partial unrolling (loop='scan')")
+    unroll_max: int = option(32, ge=1, doc="'auto' unrolls only when maxiter <= unroll_max")
+    _choices: _Choices = _choices_field()
 
     def init(self, params: PyTree) -> PyTree:
-        return {"x": tree.zeros_like(params)} if self.warm_start else ()
+        state: dict[str, Any] = {}
+        if self.warm_start:
+            state["x"] = tree.zeros_like(params)
+        if self.stop == "eisenstat_walker":
+            dt = tree.accum_dtype(params)
+            state["forcing"] = {
+                "gnorm": jnp.zeros((), dt),
+                "eta": jnp.asarray(min(0.5, self.forcing_max), dt),
+            }
+        return state or ()
 
+    # ------------------------------------------------------------ trace time
+    @property
+    def deferred_rule(self) -> str:
+        """What is decided when the step is traced (empty when nothing is)."""
+        if self.loop != "auto":
+            return ""
+        return (
+            f"loop form: 'unroll' on the CPU backend when the curvature product contains a "
+            f"convolution and maxiter <= {self.unroll_max}, else 'while'"
+        )
+
+    def recorded_choices(self) -> list[str]:
+        """The decisions made while tracing, with their reasons (see ``Method.explain``)."""
+        return list(self._choices)
+
+    def choose_loop(self, matvec: Callable[[PyTree], PyTree], rhs: PyTree) -> tuple[str, str]:
+        """``(form, reason)`` for this solve; ``loop="auto"`` traces one product to decide."""
+        if self.loop != "auto":
+            return self.loop, "given"
+        backend = jax.default_backend()
+        if backend != "cpu":
+            return "while", f"the {backend} backend (the loop penalty was measured on CPU)"
+        conv = sorted(primitives_of(matvec, rhs) & CONVOLUTIONS)
+        if not conv:
+            return "while", "no convolution in the product: every form costs the same on CPU"
+        if self.maxiter > self.unroll_max:
+            return "while", (
+                f"a convolution in the product, but maxiter = {self.maxiter} > unroll_max = "
+                f"{self.unroll_max} (compile time)"
+            )
+        return "unroll", (
+            f"the product contains {', '.join(conv)}, which XLA's CPU backend runs 3-4x "
+            f"slower inside a loop; maxiter = {self.maxiter} <= unroll_max = {self.unroll_max}"
+        )
+
+    def forcing_term(self, bb: Array, forcing: dict) -> tuple[Array, dict]:
+        """Eisenstat-Walker ``eta_k`` from ``||rhs||^2 = bb`` and the state; the new state."""
+        dt = bb.dtype
+        gnorm = jnp.sqrt(bb)
+        prev = jnp.asarray(forcing["gnorm"]).astype(dt)
+        eta_prev = jnp.asarray(forcing["eta"]).astype(dt)
+        gamma, alpha = self.forcing_gamma, self.forcing_alpha
+        eta = gamma * _safe_div(gnorm, prev) ** alpha
+        guard = gamma * eta_prev**alpha
+        eta = jnp.where(guard > 0.1, jnp.maximum(eta, guard), eta)
+        eta = jnp.where(prev > 0, eta, jnp.asarray(min(0.5, self.forcing_max), dt))
+        eta = jnp.minimum(jnp.maximum(eta, jnp.asarray(self.tol, dt)), self.forcing_max)
+        new = {
+            "gnorm": gnorm.astype(jnp.result_type(forcing["gnorm"])),
+            "eta": eta.astype(jnp.result_type(forcing["eta"])),
+        }
+        return eta, new
+
+    # ----------------------------------------------------------------- solve
     def solve(
         self,
         op: LinearOperator,
@@ -263,22 +556,35 @@ class CG(Solver):
         stats: Stats,
         state: PyTree,
     ) -> tuple[PyTree, SolverInfo, PyTree]:
+        matvec = _matvec(op, lam)
         x0 = tree.cast_like(state["x"], rhs) if self.warm_start else None
-        x, _, rr, i, bb = _pcg(
-            _matvec(op, lam),
+        tol: Any = self.tol
+        new_state: dict[str, Any] = {}
+        if self.stop == "eisenstat_walker":
+            tol, new_state["forcing"] = self.forcing_term(tree.vdot(rhs, rhs), state["forcing"])
+        form, reason = self.choose_loop(matvec, rhs)
+        if self.loop == "auto":
+            self._choices.add(f"cg loop -> {form}: {reason}")
+        res = _pcg(
+            matvec,
             rhs,
             x0,
             precond or _identity,
-            self.tol,
+            tol,
             self.maxiter,
             self.negative_curvature == "guard",
+            loop=form,
+            unroll=self.unroll,
+            progress_eps=self.progress_eps if self.stop == "martens" else None,
         )
-        thresh = jnp.asarray(self.tol, bb.dtype) ** 2 * bb
-        info = _info(i, _relative(rr, bb), rr <= thresh, bb.dtype)
+        thresh = jnp.asarray(tol, res.bb.dtype) ** 2 * res.bb
+        converged = (res.rr <= thresh) | res.progress_met
+        info = _info(res.iterations, _relative(res.rr, res.bb), converged, res.bb.dtype)
         if self.warm_start:
+            x = res.x
             keep = tree.where(tree.all_finite(x), x, tree.zeros_like(x))
-            state = {"x": tree.cast_like(keep, state["x"])}
-        return x, info, state
+            new_state["x"] = tree.cast_like(keep, state["x"])
+        return res.x, info, {**state, **new_state} if new_state else state
 
 
 @declare(
@@ -602,7 +908,7 @@ class RowCG(Solver):
         def row_mv(r: Array) -> Array:
             return lam_ * r + jnp.ravel(factors.matvec(factors.rmatvec(r))).astype(dt)
 
-        c, rho, rr, i, uu = _pcg(row_mv, ub, None, _identity, self.tol, self.maxiter, True)
+        c, rho, rr, i, uu, _ = _pcg(row_mv, ub, None, _identity, self.tol, self.maxiter, True)
         s, info, state = _finish_row(rhs, factors, c, rho, lam_, self.tol, i, state)
         converged = rr <= jnp.asarray(self.tol, rr.dtype) ** 2 * uu
         return s, info._replace(converged=converged), state
@@ -665,17 +971,44 @@ class Diagonal(Solver):
 
 @declare(
     "identity",
-    summary="first-order baseline: precond(rhs), or rhs without a preconditioner",
+    summary="first-order baseline: precond(m), m = rhs or its EMA (momentum)",
     preconditioned=True,
 )
 @attrs.frozen
 class Identity(Solver):
-    """The first-order baseline: ``s = precond(rhs)`` (or ``rhs``); no operator use.
+    """The first-order baseline: ``s = precond(m)`` (or ``m``); no operator use.
 
-    With a ``diag_ema`` preconditioner this is how the Sophia and AdaHessian presets
-    apply their diagonal. Reports ``iterations = 1``, ``residual = NaN`` (computing it
-    would cost a matvec) and ``converged`` = the direction is finite.
+    ``m = rhs``, or with ``momentum = beta`` an exponential moving average of the
+    right-hand side kept in the solver state, taken before the preconditioner::
+
+        m_t = beta m_{t-1} + (1 - beta) rhs_t,   m_hat = m_t / (1 - beta^t)
+
+    (``bias_correction=True``, the default; else ``m_hat = m_t``), t the number of
+    solves so far. With a ``diag_ema`` preconditioner this is how the Sophia
+    (``clip(m / max(gamma h, eps))``) and AdaHessian (``m_hat / (sqrt(v_hat) + eps)``)
+    presets apply their diagonal. A rejected step rolls the state back with the
+    others, so ``m`` only sees accepted steps.
+
+    Reports ``iterations = 1``, ``residual = NaN`` (computing it would cost a matvec)
+    and ``converged`` = the direction is finite. State: ``()``, or with momentum
+    ``{"m": pytree (float32 at least), "count": int32}``.
+
+    Options: ``momentum`` (None: off), ``bias_correction`` (True).
     """
+
+    momentum: float | None = option(
+        None, ge=0, lt=1, doc="EMA decay of the rhs before the preconditioner (None: off)"
+    )
+    bias_correction: bool = option(True, doc="divide the momentum by 1 - beta^t")
+
+    def init(self, params: PyTree) -> PyTree:
+        if self.momentum is None:
+            return ()
+        m = jax.tree_util.tree_map(
+            lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(jnp.result_type(x), jnp.float32)),
+            params,
+        )
+        return {"m": m, "count": jnp.zeros((), jnp.int32)}
 
     def solve(
         self,
@@ -686,9 +1019,22 @@ class Identity(Solver):
         stats: Stats,
         state: PyTree,
     ) -> tuple[PyTree, SolverInfo, PyTree]:
-        s = precond(rhs) if precond is not None else rhs
         dt = tree.accum_dtype(rhs)
-        return s, _info(1, jnp.nan, tree.all_finite(s), dt), state
+        if self.momentum is None:
+            s = precond(rhs) if precond is not None else rhs
+            return s, _info(1, jnp.nan, tree.all_finite(s), dt), state
+        beta = self.momentum
+        m = jax.tree_util.tree_map(
+            lambda g, t: (1 - beta) * g.astype(t.dtype) + beta * t, rhs, state["m"]
+        )
+        count = state["count"] + 1
+        m_hat = m
+        if self.bias_correction:
+            corr = 1 - beta**count
+            m_hat = jax.tree_util.tree_map(lambda t: t / corr.astype(t.dtype), m)
+        s = precond(m_hat) if precond is not None else m_hat
+        s = tree.cast_like(s, rhs)
+        return s, _info(1, jnp.nan, tree.all_finite(s), dt), {"m": m, "count": count}
 
 
 @declare(
@@ -830,3 +1176,146 @@ class Steihaug(Solver):
         init = (jnp.asarray(0, jnp.int32), zeros, rhs, rhs, bb, jnp.asarray(False))
         i, s, _, _, rr, _ = lax.while_loop(cond, body, init)
         return s, _info(i, _relative(rr, bb), rr <= thresh, dt), state
+
+
+@declare(
+    "auto",
+    summary="chooses direct, row_cholesky / row_cg or cg from n, R and lam when traced",
+    requires={"tags": {SYMMETRIC}},
+)
+@attrs.frozen
+class Auto(Solver):
+    """The solve chosen from the problem's shapes when the step is traced.
+
+    Shapes are static under ``jit``, so the choice costs nothing at run time. With
+    ``n`` the number of parameters and ``R`` the operator's rows (``R = B * K`` for a
+    GGN: examples times outputs per example, from :meth:`~somax_plug.LinearOperator.row_factors`)::
+
+        n <= dense_max                          -> direct  (n products, vmapped, and
+                                                            an n x n Cholesky / eigh)
+        row factors, R < n, lam > 0             -> row_cholesky if R <= row_cholesky_max
+                                                   (R products, vmapped, R x R Cholesky),
+                                                   else row_cg (CG on the R x R system)
+        otherwise                               -> cg  (at most maxiter products)
+
+    like lineax's ``AutoLinearSolver.select_solver``, which picks a solver from the
+    operator's structure. The thresholds come from measurements on CPU
+    (``docs/howto/krylov-solvers.md``): building a dense or a Gram matrix costs n or
+    R products *batched* with ``vmap``, which XLA runs far less efficiently than the
+    same number of sequential products (the work of R transposed products on a batch
+    of B examples grows as R * B), so ``direct`` and ``row_cholesky`` pay off only
+    below a few tens of parameters or rows (below the iterations CG would need);
+    ``row_cg`` costs one product per iteration like ``cg`` but needs fewer iterations
+    on the smaller system when R < n. The row-space solves divide by ``lam`` and need
+    ``lam > 0``: when ``lam`` is known while tracing (a Python number or a constant)
+    a ``lam <= 0`` picks ``cg``; when it is traced (a damping state, which is how
+    every built-in damping hands it over) both solves are compiled and ``lax.cond``
+    runs the row-space one when ``lam > 0`` and ``cg`` otherwise (under ``vmap``
+    over ``lam`` both run).
+
+    Requirements: a symmetric operator (``direct`` and guarded ``cg`` need no more);
+    the row-space branch is taken only when the operator has row factors (tag
+    ``row_space``, for example ``ggn`` and ``fisher``), so without them auto
+    falls back to ``cg``. On a symmetric indefinite operator (``hessian``) the dense
+    branch solves the stated system exactly, as ``direct`` does, while ``cg`` stops at
+    negative curvature (its guard). No preconditioner: only the ``cg`` branch could
+    apply one; compose ``cg`` itself to precondition. No state.
+
+    The decision and its reason (for example ``auto -> row_cholesky: R = 20 rows <
+    n = 300 parameters``) are recorded when the step is traced: ``method.explain()``
+    prints them after the first step; ``plan.explain()`` prints the rule.
+
+    Options:
+        dense_max: the dense solve when ``n <= dense_max``.
+        row_cholesky_max: ``row_cholesky`` up to this many rows, ``row_cg`` above.
+        tol, maxiter: of ``cg`` and ``row_cg`` (``tol`` also sets ``row_cholesky``'s
+            ``converged``).
+        loop: ``cg``'s loop form (see :class:`CG`).
+    """
+
+    dense_max: int = option(32, ge=0, doc="the dense solve when n <= dense_max")
+    row_cholesky_max: int = option(32, ge=1, doc="row_cholesky up to this R, row_cg above")
+    tol: float = option(1e-5, ge=0, doc="tolerance of cg and row_cg")
+    maxiter: int = option(50, ge=1, doc="iteration budget of cg and row_cg")
+    loop: str = option("auto", choices=LOOPS, doc="cg's loop form")
+    _choices: _Choices = _choices_field()
+
+    @property
+    def deferred_rule(self) -> str:
+        """The rule applied when the step is traced (printed by ``plan.explain()``)."""
+        rule = (
+            f"solver: 'direct' if n <= {self.dense_max}; else, if the operator has row "
+            f"factors and R = B*K < n: 'row_cholesky' (R <= {self.row_cholesky_max}) or "
+            "'row_cg', when lam > 0 (a traced lam: lax.cond at run time, 'cg' when lam = 0); "
+            "else 'cg'"
+        )
+        inner = self._cg().deferred_rule
+        return f"{rule}; cg {inner}" if inner else rule
+
+    def recorded_choices(self) -> list[str]:
+        """The decisions made while tracing, with their reasons (see ``Method.explain``)."""
+        return list(self._choices)
+
+    def choose(self, n: int, rows: int | None, lam: float | None) -> tuple[str, str]:
+        """``(solver, reason)`` for ``n`` parameters, ``rows`` (None: no row factors) and
+        ``lam`` (None: traced, decided at run time)."""
+        if n <= self.dense_max:
+            return "direct", f"n = {n} parameters <= dense_max = {self.dense_max}"
+        big = f"n = {n} parameters > dense_max = {self.dense_max}"
+        if rows is None:
+            return "cg", f"{big} and the operator has no row factors"
+        if rows >= n:
+            return "cg", f"R = {rows} rows >= n = {n} parameters"
+        row = "row_cholesky" if rows <= self.row_cholesky_max else "row_cg"
+        why = f"R = {rows} rows < n = {n} parameters"
+        if row == "row_cg":
+            why += f", R > row_cholesky_max = {self.row_cholesky_max}"
+        if lam is None:
+            return f"{row} if lam > 0 else cg", f"{why}; lam is traced: lax.cond at run time"
+        if not lam > 0:
+            return "cg", f"{why}, but lam = {lam:g} and the row-space solve needs lam > 0"
+        return row, why
+
+    def _cg(self) -> CG:
+        return CG(tol=self.tol, maxiter=self.maxiter, loop=self.loop)
+
+    def solve(
+        self,
+        op: LinearOperator,
+        rhs: PyTree,
+        lam: Array,
+        precond: Any,
+        stats: Stats,
+        state: PyTree,
+    ) -> tuple[PyTree, SolverInfo, PyTree]:
+        n = tree.size(rhs)
+        factors = op.row_factors()
+        rows = None if factors is None else int(factors.num_rows)
+        lam_static = _static_float(lam)
+        choice, reason = self.choose(n, rows, lam_static)
+        self._choices.add(f"auto -> {choice}: {reason}")
+        if choice == "direct":
+            return Direct(max_size=max(n, 1)).solve(op, rhs, lam, None, stats, state)
+        cg = self._cg()
+
+        def run_cg() -> tuple[PyTree, SolverInfo]:
+            s, info, _ = cg.solve(op, rhs, lam, None, stats, ())
+            return tree.cast_like(s, rhs), info
+
+        if choice == "cg":
+            out = run_cg()
+        else:
+            row: Solver = (
+                RowCholesky(tol=self.tol)
+                if choice.startswith("row_cholesky")
+                else RowCG(tol=self.tol, maxiter=self.maxiter)
+            )
+
+            def run_row() -> tuple[PyTree, SolverInfo]:
+                s, info, _ = row.solve(op, rhs, lam, None, stats, ())
+                return tree.cast_like(s, rhs), info
+
+            out = run_row() if lam_static is not None else lax.cond(lam > 0, run_row, run_cg)
+        for text in cg.recorded_choices():
+            self._choices.add(text)
+        return out[0], out[1], state
