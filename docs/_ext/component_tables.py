@@ -31,7 +31,10 @@ def component_table(kind: str, plugin: str | None = "builtin") -> str:
 
     registry = load_registry()
     specs = registry.list(None if kind == "all" else kind, plugin=None if plugin == "*" else plugin)
-    rows = ["| kind | name | what it is | provides | requires | options |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| kind | name | what it is | provides | requires | options |",
+        "|---|---|---|---|---|---|",
+    ]
     for spec in specs:
         row = spec.to_dict()
         options = "<br>".join(

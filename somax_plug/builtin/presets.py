@@ -48,6 +48,28 @@ The first-order diagonal presets (maths, defaults and departures in
 
 from __future__ import annotations
 
+
+def _sophia(gamma: float) -> dict:
+    """What Sophia-H and Sophia-G share: the clipped diagonal EMA and the momentum."""
+    return {
+        "preconditioner": {
+            "name": "diag_ema",
+            "beta": 0.99,
+            "power": 1.0,
+            "scale": gamma,
+            "clip": 1.0,
+            "abs": False,
+            "eps": 1e-12,
+            "bias_correction": False,
+            "refresh_every": 10,
+            "lag": True,
+        },
+        "solver": {"name": "identity", "momentum": 0.96, "bias_correction": True},
+        "damping": {"name": "constant", "lam": 0.0},
+        "learning_rate": 0.01,
+    }
+
+
 PRESETS: dict[str, tuple[str, dict]] = {
     "sgn": (
         "Stochastic Gauss-Newton: GGN + CG (Somax's sgn) with Levenberg-Marquardt damping",
@@ -80,21 +102,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {
             "curvature": "hessian",
             "estimators": [{"name": "hutchinson_diag", "every_k": 10, "num_probes": 1}],
-            "preconditioner": {
-                "name": "diag_ema",
-                "beta": 0.99,
-                "power": 1.0,
-                "scale": 0.01,
-                "clip": 1.0,
-                "abs": False,
-                "eps": 1e-12,
-                "bias_correction": False,
-                "refresh_every": 10,
-                "lag": True,
-            },
-            "solver": {"name": "identity", "momentum": 0.96, "bias_correction": True},
-            "damping": {"name": "constant", "lam": 0.0},
-            "learning_rate": 0.01,
+            **_sophia(gamma=0.01),
         },
     ),
     "sophia_g": (
@@ -102,21 +110,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "every 10 steps, clip(m / max(gamma h, eps), 1); optax.contrib.sophia's order",
         {
             "estimators": [{"name": "gnb_diag", "every_k": 10, "num_samples": 1}],
-            "preconditioner": {
-                "name": "diag_ema",
-                "beta": 0.99,
-                "power": 1.0,
-                "scale": 0.05,
-                "clip": 1.0,
-                "abs": False,
-                "eps": 1e-12,
-                "bias_correction": False,
-                "refresh_every": 10,
-                "lag": True,
-            },
-            "solver": {"name": "identity", "momentum": 0.96, "bias_correction": True},
-            "damping": {"name": "constant", "lam": 0.0},
-            "learning_rate": 0.01,
+            **_sophia(gamma=0.05),
             "loss": "softmax_cross_entropy",
         },
     ),

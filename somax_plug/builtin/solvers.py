@@ -153,6 +153,7 @@ def run_loop(
     maxiter: int,
     form: str = "while",
     unroll: int = 1,
+    body_at: Callable[[int], Callable[[Any], Any]] | None = None,
 ) -> Any:
     """``while cond(c): c = body(c)``, at most ``maxiter`` times, in one of three loop forms.
 
@@ -171,6 +172,8 @@ def run_loop(
       ``cond`` fails are discarded. XLA's CPU backend compiles a convolution inside
       any loop body or conditional branch without its fast layout (measured ~4x
       slower; ``docs/howto/krylov-solvers.md``), which is why this form exists.
+      ``body_at(j)``, if given, is the body specialised to iteration ``j`` (a static
+      index), used by this form instead of ``body``.
     """
     if form == "while":
         return lax.while_loop(cond, body, init)
@@ -183,8 +186,8 @@ def run_loop(
     if form != "unroll":
         raise ValueError(f"unknown loop form {form!r}; use 'while', 'scan' or 'unroll'")
     c = init
-    for _ in range(maxiter):
-        c = tree.where(cond(c), body(c), c)
+    for t in range(maxiter):  # copy t runs iteration t + 1 (it is discarded otherwise)
+        c = tree.where(cond(c), (body if body_at is None else body_at(t + 1))(c), c)
     return c
 
 
@@ -237,7 +240,7 @@ def _pcg(
         go = (c["i"] < maxiter) & (c["rr"] > thresh) & ~c["stop"]
         return go & ~c["met"] if track else go
 
-    def body(c: dict) -> dict:
+    def body(c: dict, step: int | None = None) -> dict:
         i, x, r, p, rz = c["i"], c["x"], c["r"], c["p"], c["rz"]
         ap = matvec(p)
         pap = tree.vdot(p, ap)
@@ -266,14 +269,20 @@ def _pcg(
             "stop": bad,
         }
         if track:
-            j = i + 1
             phi_j = phi(x_new, r_new)
-            phis = c["phi"].at[j].set(phi_j)
-            k = jnp.maximum(10, j // 10)
-            before = phis[jnp.maximum(j - k, 0)]
+            if step is None:  # j = i + 1 traced: dynamic slices
+                j = i + 1
+                k = jnp.maximum(10, j // 10)
+                phis = c["phi"].at[j].set(phi_j)
+                before = phis[jnp.maximum(j - k, 0)]
+            else:  # unrolled copy of iteration ``step``: static slices (linear compile time)
+                j, k = step, max(10, step // 10)
+                phis = c["phi"].at[j].set(phi_j)
+                before = phis[max(j - k, 0)]
             eps = jnp.asarray(progress_eps, bb.dtype)
+            kf = jnp.asarray(k, bb.dtype)
             # (phi_j - phi_{j-k}) / phi_j < k eps, multiplied by phi_j < 0
-            out["met"] = (j > k) & (phi_j < 0) & (phi_j - before > k.astype(bb.dtype) * eps * phi_j)
+            out["met"] = (j > k) & (phi_j < 0) & (phi_j - before > kf * eps * phi_j)
             out["phi"] = phis
         return out
 
@@ -289,7 +298,8 @@ def _pcg(
     if track:
         init["met"] = jnp.asarray(False)
         init["phi"] = jnp.zeros((maxiter + 1,), bb.dtype).at[0].set(phi(x, r))
-    out = run_loop(cond, body, init, maxiter, loop, unroll)
+    out = run_loop(cond, body, init, maxiter, loop, unroll,
+                   body_at=lambda j: lambda c: body(c, j))
     met = out["met"] if track else jnp.asarray(False)
     return _CGResult(out["x"], out["r"], out["rr"], out["i"], bb, met)
 

@@ -72,7 +72,10 @@ def _mlp_fn(params: PyTree, x: Any) -> Any:
 
 def _mlp(seed: int, sizes: tuple[int, int, int], scale: float = 1.0) -> PyTree:
     k1, k2 = jax.random.split(jax.random.key(seed))
-    return {"l1": _dense(k1, sizes[0], sizes[1], scale), "l2": _dense(k2, sizes[1], sizes[2], scale)}
+    return {
+        "l1": _dense(k1, sizes[0], sizes[1], scale),
+        "l2": _dense(k2, sizes[1], sizes[2], scale),
+    }
 
 
 def _teacher_labels(x: Any, classes: int, seed: int) -> Any:
