@@ -75,6 +75,9 @@ SOLVERS = {
         "lams": (0.0, 0.5),
     },
     "steihaug": {"options": {"radius": 1e6, **KRYLOV}, "indefinite": "finite"},
+    # the kit's systems (n <= 12, no row factors) would all take auto's dense branch,
+    # which is `direct` again: dense_max = 1 checks its cg branch instead
+    "auto": {"options": {"dense_max": 1, **KRYLOV}, "indefinite": "finite"},
 }
 
 

@@ -321,7 +321,7 @@ def _row_gram(factors: Any, dtype: Any) -> Array:
     R transposed products and an ``R x n`` matrix (which vmapping ``matvec o rmatvec``
     held too, as the intermediate), instead of R products of both kinds: XLA's CPU
     backend runs a ``matvec`` (a jvp) batched over R tangents up to ~50x slower than R
-    transposed products at R = 560 (``somax_plug._src.benchmarks.krylov``).
+    transposed products at R = 560 (the Krylov benchmark, ``benchmarks/bench_krylov.py``).
     """
     eye = jnp.eye(factors.num_rows, dtype=dtype)
     cols = jax.tree_util.tree_leaves(jax.vmap(factors.rmatvec)(eye))
