@@ -23,7 +23,8 @@ Protocol (:func:`run`):
   count are the time and steps to target), at ``budget.max_steps`` steps or
   ``budget.max_seconds`` of training clock (``not reached``), when it diverges (a
   non-finite minibatch or held-out loss, or a held-out loss above
-  ``DIVERGE_FACTOR`` times the initial one: ``diverged``), or when it raises
+  ``DIVERGE_FACTOR`` times the initial one at ``DIVERGE_PATIENCE`` evaluations in a
+  row: ``diverged``), or when it raises
   (``failed``, with the error). Every run records its last finite losses;
 * a contender whose library is missing is ``not installed`` (reported, not run); a
   preset whose compiled step would need more than half the machine's memory is
@@ -61,7 +62,10 @@ from somax_plug._src.workloads.base import Budget, Workload
 from somax_plug._src.workloads.contenders import Contender, Infeasible, NotInstalled
 
 DIVERGE_FACTOR = 3.0
-"""A held-out loss above this multiple of the initial one counts as divergence."""
+DIVERGE_PATIENCE = 5
+"""A held-out loss above ``DIVERGE_FACTOR`` times the initial one at
+``DIVERGE_PATIENCE`` consecutive evaluations counts as divergence (a transient spike
+after a large first step does not)."""
 
 STATUSES = ("reached", "not reached", "diverged", "failed", "not installed")
 
@@ -172,7 +176,7 @@ def train_run(
 
     first = evaluate(0, 0.0, params, None)
     initial_loss = first["loss"]
-    clock, done = 0.0, 0
+    clock, done, high = 0.0, 0, 0
     last_eval_clock, last_eval_step = 0.0, 0
     status = None
     if workload.target.reached(first):
@@ -200,7 +204,9 @@ def train_run(
                 continue
             h = evaluate(done, clock, params, loss)
             last_eval_clock, last_eval_step = clock, done
-            if not _finite(h["loss"]) or h["loss"] > DIVERGE_FACTOR * initial_loss:
+            high = high + 1 if _finite(h["loss"]) and h["loss"] > (
+                DIVERGE_FACTOR * initial_loss) else 0
+            if not _finite(h["loss"]) or high >= DIVERGE_PATIENCE:
                 status = "diverged"
             elif workload.target.reached(h):
                 status = "reached"
@@ -236,6 +242,7 @@ def summarize(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str
     statuses = [r["status"] for r in records]
     counts = {s: statuses.count(s) for s in STATUSES if s in statuses}
     ran = [r for r in records if r["status"] != "not installed"]
+    bad = [r for r in ran if r["status"] in ("diverged", "failed")]
     out: dict[str, Any] = {
         "runs": len(records),
         "statuses": counts,
@@ -249,9 +256,10 @@ def summarize(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str
                          default=None),
         "median_steps": _median([r["steps"] for r in ran]),
         "errors": sorted({r["error"] for r in records if r["error"]}),
-        "last_train_loss": next((r["last_train_loss"] for r in reversed(records)
+        # the last finite losses, of a diverged or failed run where there is one
+        "last_train_loss": next((r["last_train_loss"] for r in reversed(bad or records)
                                  if r["last_train_loss"] is not None), None),
-        "last_heldout_loss": next((r["last_heldout_loss"] for r in reversed(records)
+        "last_heldout_loss": next((r["last_heldout_loss"] for r in reversed(bad or records)
                                    if r["last_heldout_loss"] is not None), None),
     }
     if not ran:
@@ -261,8 +269,8 @@ def summarize(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str
     else:
         worst = [s for s in ("failed", "diverged", "not reached") if s in counts]
         out["status"] = worst[0] if worst else "not reached"
-    if out["status"] == "reached" and out["reached"] < len(ran):
-        out["status"] = f"reached ({out['reached']}/{len(ran)} seeds)"
+    if len(counts) > 1:  # mixed outcomes: say which
+        out["status"] += " (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
     out["higher_is_better"] = higher_is_better
     return out
 
@@ -391,8 +399,9 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         status = s["status"]
         if s["status"] in ("failed", "diverged", "not installed") and s["errors"]:
             status += f": {s['errors'][0]}"
-        if s["status"] in ("failed", "diverged") and s["last_heldout_loss"] is not None:
-            status += f" (last loss {s['last_heldout_loss']:.4g})"
+        if ("failed" in s["status"] or "diverged" in s["status"]) and (
+                s["last_heldout_loss"] is not None):
+            status += f", last held-out loss {s['last_heldout_loss']:.4g}"
         ran = s["runs"] - s["statuses"].get("not installed", 0)
         rows.append([
             c["name"] + (" *" if c["name"] in best else ""),
