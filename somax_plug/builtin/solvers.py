@@ -12,9 +12,10 @@ and returns ``(s, SolverInfo, new_state)`` with a fixed schema:
   exact arithmetic and costs no extra matvec. ``diagonal`` reports it for its own
   model ``diag(d) + lam I``; ``identity`` reports NaN (not computed: it would cost
   a matvec the first-order baseline must not pay).
-* ``converged`` (bool): ``residual <= tol``; for ``direct`` and ``identity``: the
-  direction is finite; for ``row_cg``: the row-space system met its tolerance (see
-  :class:`RowCG`).
+* ``converged`` (bool): ``residual <= tol``; for ``cg``: its stopping rule was met
+  (see :class:`CG`); for ``direct`` and ``identity``: the direction is finite; for
+  ``row_cg``: the row-space system met its tolerance (see :class:`RowCG`). ``auto``
+  reports what the solve it chose reports.
 
 Each class carries its declaration (``@declare`` and its ``option`` fields): what it
 requires, whether it applies the preconditioner, its options and their ranges.
@@ -530,8 +531,8 @@ class CG(Solver):
             return "while", "no convolution in the product: every form costs the same on CPU"
         if self.maxiter > self.unroll_max:
             return "while", (
-                f"a convolution in the product, but maxiter = {self.maxiter} > unroll_max = "
-                f"{self.unroll_max} (compile time)"
+                f"the product contains {', '.join(conv)}, but maxiter = {self.maxiter} > "
+                f"unroll_max = {self.unroll_max} (compile time)"
             )
         return "unroll", (
             f"the product contains {', '.join(conv)}, which XLA's CPU backend runs 3-4x "
