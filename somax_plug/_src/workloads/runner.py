@@ -309,6 +309,7 @@ def run(
     from somax_plug._src.demo import machine_info
 
     t0 = time.perf_counter()
+    load_before = _load_average()
     budget = budget or workload.budget
     contenders = list(contenders)
     runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
@@ -375,7 +376,18 @@ def run(
         "patches": patches,
         "runs": runs,
         "runtime_s": time.perf_counter() - t0,
+        "load_average": {"before": load_before, "after": _load_average()},
     }
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (other jobs sharing the CPUs)."""
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
 
 
 # -------------------------------------------------------------------------- output
