@@ -201,6 +201,11 @@ def _why_null_workload(name: str, case: dict[str, Any]) -> str:
     other = {"adam": best.get("adam"), "somax": "python-somax sgn_ce",
              "kfac": "kfac-jax"}[kind]
     why = []
+    key = {"adam": "best_preset_over_adam", "somax": "best_preset_over_somax",
+           "kfac": "best_preset_over_kfac"}[kind]
+    bound = report.get("ratio_upper_bounds", {}).get(key)
+    if bound is not None:
+        why.append(f"< {bound:.3f} (only the preset reached the target)")
     for who in (best.get("preset"), other):
         s = summary.get(who) if who else None
         if s is None:

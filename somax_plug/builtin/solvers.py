@@ -489,7 +489,7 @@ class CG(Solver):
     progress_eps: float = option(5e-4, gt=0, doc="Martens' relative-progress epsilon")
     loop: str = option("auto", choices=LOOPS, doc="loop form; 'auto' decides at trace time")
     unroll: int = option(1, ge=1, doc="lax.scan's partial unrolling (loop='scan')")
-    unroll_max: int = option(32, ge=1, doc="'auto' unrolls only when maxiter <= unroll_max")
+    unroll_max: int = option(16, ge=1, doc="'auto' unrolls only when maxiter <= unroll_max")
     _choices: _Choices = _choices_field()
 
     def init(self, params: PyTree) -> PyTree:

@@ -16,7 +16,8 @@ Ratios (lower is better, target <= 1 each), for each workload ``W``:
 * ``W_time_to_target_over_kfac``: over kfac-jax's.
 
 A ratio is null when either side did not reach the target on most seeds (or did not
-run); the case entry says which. Modes: full (3 seeds, the workloads' budgets),
+run); the case entry says which, and its ``ratio_upper_bounds`` bounds the ratio when
+only the preset reached the target. Modes: full (3 seeds, the workloads' budgets),
 quick (1 seed, half the budget), smoke (tiny models, 1 seed, 3 steps, Adam and
 :data:`SMOKE_PRESET` only: the schema test).
 

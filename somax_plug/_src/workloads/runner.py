@@ -41,7 +41,9 @@ per step; the compilation time is the largest (the first run's). The best Adam i
 the grid point with the smallest median time to target (then the best final metric);
 the best preset likewise among the presets. ``ratios`` are the best preset's median
 time over the best Adam's, over python-somax's and over kfac-jax's (null where either
-did not reach the target).
+did not reach the target; ``ratio_upper_bounds`` then bounds a ratio from above
+when only the preset reached it, since a run that did not would have needed more than
+its clock).
 """
 
 from __future__ import annotations
@@ -353,12 +355,30 @@ def run(
         a, b = t(best["preset"]), t(other)
         return None if a is None or not b else a / b
 
-    ratios = {
-        "best_preset_over_adam": ratio(best["adam"]),
-        "best_preset_over_somax": ratio(PEERS["python-somax"]),
-        "best_preset_over_kfac": ratio(PEERS["kfac-jax"]),
-        "best_preset_over_sophia": ratio(best["sophia"]),
-    }
+    others = {"best_preset_over_adam": best["adam"],
+              "best_preset_over_somax": PEERS["python-somax"],
+              "best_preset_over_kfac": PEERS["kfac-jax"],
+              "best_preset_over_sophia": best["sophia"]}
+    ratios = {key: ratio(other) for key, other in others.items()}
+
+    def bound(other: str | None) -> float | None:
+        """``ratio < bound`` when the best preset reached the target and ``other`` did not
+        (a run that did not reach it would need more than its clock; never, if it
+        diverged or failed)."""
+        a = t(best["preset"])
+        if a is None or other not in runs or t(other) is not None:
+            return None
+        ran = [r for r in runs[other] if r["status"] != "not installed"]
+        if not ran:
+            return None
+        lower = statistics.median([
+            math.inf if r["status"] in ("diverged", "failed") else
+            (r["time_to_target_s"] if r["time_to_target_s"] is not None else r["wall_clock_s"])
+            for r in ran])
+        return 0.0 if math.isinf(lower) else (a / lower if lower > 0 else None)
+
+    ratio_upper_bounds = {key: bound(other) for key, other in others.items()
+                          if ratios[key] is None and bound(other) is not None}
     patches = sorted({r["details"]["patch"] for recs in runs.values() for r in recs
                       if r["details"].get("patch")})
     return {
@@ -373,6 +393,7 @@ def run(
         "summary": summary,
         "best": best,
         "ratios": ratios,
+        "ratio_upper_bounds": ratio_upper_bounds,
         "patches": patches,
         "runs": runs,
         "runtime_s": time.perf_counter() - t0,
@@ -434,7 +455,10 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
     w = report["workload"]
     title = (f"{report['title']}: target {w['target']['metric']} {w['target']['op']} "
              f"{w['target']['value']:g}, medians over seeds {report['seeds']}")
-    lines = [f"{k} = {_fmt(v, '.3f')}" for k, v in report["ratios"].items()]
+    bounds = report.get("ratio_upper_bounds", {})
+    lines = [f"{k} = {_fmt(v, '.3f')}" + (f" (< {bounds[k]:.3f}: only the preset reached the "
+                                          "target)" if k in bounds else "")
+             for k, v in report["ratios"].items()]
     lines.append(f"best adam: {report['best']['adam']} (grid {w['adam_grid']}), "
                  f"best preset: {report['best']['preset']}")
     lines += [f"note: {p}" for p in report["patches"]]
