@@ -8,6 +8,14 @@ Parts (each ``run(quick) -> dict``; the modules document their protocols):
 * :mod:`somax_plug._src.benchmarks.matvec` (also ``benchmarks/bench_matvec.py``):
   ``ggnvp_over_grad``, ``hvp_over_grad``;
 * :mod:`somax_plug._src.benchmarks.flops`: ``flops_over_minimum``;
+* :mod:`somax_plug._src.benchmarks.preset_flops`: ``preset_flops_over_minimum`` (the
+  worst judged preset's compiled FLOPs over its amortised minimum);
+* :mod:`somax_plug._src.benchmarks.paper_presets` (also
+  ``benchmarks/bench_sophia_adahessian.py``): ``sophia_h_over_optax_sophia``,
+  ``adahessian_over_adam`` (per step);
+* :mod:`somax_plug._src.benchmarks.krylov` (also ``benchmarks/bench_krylov.py``):
+  ``gauss_newton_lm_over_cg_lm``, ``gauss_newton_lm_over_best_solve`` (the worse side
+  of the crossover), ``conv_cg_over_products_unrolled``;
 * :mod:`somax_plug._src.benchmarks.time_to_accuracy`: ``time_to_97_over_adam``,
   ``time_to_97_over_somax``;
 * :mod:`somax_plug._src.benchmarks.workloads`, only with ``--workloads cnn,lm`` (the
@@ -21,6 +29,7 @@ Parts (each ``run(quick) -> dict``; the modules document their protocols):
 
     {"ratios": {name: value or null, ...},
      "cases": {"planning": ..., "peers": ..., "matvec": ..., "flops": ...,
+               "preset_flops": ..., "paper_presets": ..., "krylov": ...,
                "time_to_accuracy": ..., "workloads": ... (with --workloads),
                "machine": {...}, "runtime_s": {...},
                "cpu_time_ratios": {...}, "mode": "full" | "quick" | "smoke"},
@@ -54,6 +63,12 @@ RATIOS = (
     "flops_over_minimum",
     "time_to_97_over_adam",
     "time_to_97_over_somax",
+    "preset_flops_over_minimum",
+    "sophia_h_over_optax_sophia",
+    "adahessian_over_adam",
+    "gauss_newton_lm_over_cg_lm",
+    "gauss_newton_lm_over_best_solve",
+    "conv_cg_over_products_unrolled",
     "cnn_time_to_target_over_adam",
     "cnn_time_to_target_over_somax",
     "cnn_time_to_target_over_kfac",
@@ -72,6 +87,12 @@ TARGETS: dict[str, dict[str, Any]] = {
     "flops_over_minimum": {"op": "<=", "value": 1.05},
     "time_to_97_over_adam": {"op": "<=", "value": 1.0},
     "time_to_97_over_somax": {"op": "<=", "value": 1.0},
+    "preset_flops_over_minimum": {"op": "<=", "value": 1.05},
+    "sophia_h_over_optax_sophia": {"op": "<=", "value": 1.0},
+    "adahessian_over_adam": {"op": "<=", "value": 2.5},
+    "gauss_newton_lm_over_cg_lm": {"op": "<=", "value": 1.2},
+    "gauss_newton_lm_over_best_solve": {"op": "<=", "value": 1.2},
+    "conv_cg_over_products_unrolled": {"op": "<=", "value": 1.2},
     **{name: {"op": "<=", "value": 1.0} for name in WORKLOAD_RATIOS},
 }
 """Targets (ratios without one are reported for information)."""
@@ -85,6 +106,12 @@ PART_OF = {
     "flops_over_minimum": "flops",
     "time_to_97_over_adam": "time_to_accuracy",
     "time_to_97_over_somax": "time_to_accuracy",
+    "preset_flops_over_minimum": "preset_flops",
+    "sophia_h_over_optax_sophia": "paper_presets",
+    "adahessian_over_adam": "paper_presets",
+    "gauss_newton_lm_over_cg_lm": "krylov",
+    "gauss_newton_lm_over_best_solve": "krylov",
+    "conv_cg_over_products_unrolled": "krylov",
     **{name: "workloads" for name in WORKLOAD_RATIOS},
 }
 """Which part reports each ratio."""
@@ -97,14 +124,46 @@ def _matvec(quick: bool, smoke: bool) -> dict[str, Any]:
     return matvec.run(quick)
 
 
+def _preset_flops(quick: bool, smoke: bool) -> dict[str, Any]:
+    from somax_plug._src.benchmarks import preset_flops
+
+    case = preset_flops.run(quick=quick, smoke=smoke)
+    return {"preset_flops_over_minimum": case["worst_flops_over_minimum"], **case}
+
+
+def _krylov(quick: bool, smoke: bool) -> dict[str, Any]:
+    if smoke:
+        return {"note": "not run (smoke)"}
+    from somax_plug._src.benchmarks import krylov
+
+    case = krylov.run(quick=quick)
+    t = case["targets"]
+    return {
+        "gauss_newton_lm_over_cg_lm": t["auto_over_cg_more_rows"],
+        "gauss_newton_lm_over_best_solve": max(t["auto_over_best_more_rows"],
+                                               t["auto_over_best_fewer_rows"]),
+        "conv_cg_over_products_unrolled": t["conv_cg_over_products_unrolled"],
+        **case,
+    }
+
+
 def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
-    from somax_plug._src.benchmarks import flops, peers, planning, time_to_accuracy
+    from somax_plug._src.benchmarks import (
+        flops,
+        paper_presets,
+        peers,
+        planning,
+        time_to_accuracy,
+    )
 
     return {
         "planning": lambda q, s: planning.run(quick=q, smoke=s),
         "peers": lambda q, s: peers.run(quick=q, smoke=s),
         "matvec": _matvec,
         "flops": lambda q, s: flops.run(quick=q, smoke=s),
+        "preset_flops": _preset_flops,
+        "paper_presets": lambda q, s: paper_presets.run(quick=q, smoke=s),
+        "krylov": _krylov,
         "time_to_accuracy": lambda q, s: time_to_accuracy.run(quick=q, smoke=s),
     }
 
