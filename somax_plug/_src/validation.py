@@ -62,14 +62,22 @@ def _leaf_sig(x: Any) -> tuple[tuple[int, ...], str]:
     return tuple(shape), str(dtype)
 
 
+def _fast_sig(x: Any) -> tuple[Any, Any]:
+    """``(shape, dtype)`` as objects (hashable, no string formatting: once per step)."""
+    try:
+        return x.shape, x.dtype
+    except AttributeError:
+        return _leaf_sig(x)
+
+
 def _flat_sig(tree: PyTree) -> tuple[Any, tuple]:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple(_leaf_sig(x) for x in leaves)
+    return treedef, tuple(map(_fast_sig, leaves))
 
 
 def signature(params: PyTree, state: PyTree, batch: Any, key: Any) -> tuple:
     """A hashable summary of structures, shapes and dtypes (weak types ignored)."""
-    return (_flat_sig(params), _flat_sig(state), _flat_sig(batch), _leaf_sig(key))
+    return (_flat_sig(params), _flat_sig(state), _flat_sig(batch), _fast_sig(key))
 
 
 def spec_tree(tree: PyTree) -> PyTree:
