@@ -5,10 +5,11 @@ A second-order method is composed from five kinds of registered components
 planned into a static :class:`Plan` that computes every shared intermediate once,
 and compiled into one jitted step that composes with Optax.
 
-This namespace is the public API, for users and plugin authors alike, with four
+This namespace is the public API, for users and plugin authors alike, with five
 public submodules: :mod:`somax_plug.tree` (pytree-vector helpers),
-:mod:`somax_plug.losses`, :mod:`somax_plug.checkpoint` and
-:mod:`somax_plug.testing` (the plugin author kit). The implementation lives in
+:mod:`somax_plug.losses`, :mod:`somax_plug.checkpoint`,
+:mod:`somax_plug.testing` (the plugin author kit) and :mod:`somax_plug.models`
+(Flax and Equinox adapters; Flax and Equinox are optional extras). The implementation lives in
 ``somax_plug._src`` and may change without notice; the built-in components in
 :mod:`somax_plug.builtin` are a plugin written against this namespace only.
 
@@ -85,6 +86,8 @@ _LAZY = {
     # model and losses
     "make_model": "model",
     "Model": "model",
+    "model_key": "step_core",
+    "model_state_of": "optax_bridge",
     "Loss": "losses",
     "get_loss": "losses",
     # composing, planning, stepping
@@ -117,7 +120,7 @@ _LAZY = {
     "CheckpointError": "errors",
 }
 
-_SUBMODULES = ("tree", "losses", "checkpoint", "testing", "builtin")
+_SUBMODULES = ("tree", "losses", "checkpoint", "testing", "builtin", "models")
 
 __all__ = ["API_VERSION", "__version__", "hookimpl", "hookspec", *sorted(_LAZY)]
 

@@ -280,13 +280,20 @@ def compose(
     registry: Any = None,
     mesh: Any = None,
     param_sharding: Any = None,
+    has_state: bool | None = None,
+    has_rng: bool | None = None,
 ) -> Any:
     """Plan a composition and return a :class:`~somax_plug.Method`.
 
     Args:
         curvature, solver, estimators, preconditioner, damping: components (see the
             module docstring); omitted ones come from ``preset`` or ``config``.
-        predict_fn: ``predict_fn(params, inputs) -> outputs``.
+        predict_fn: ``predict_fn(params, inputs) -> outputs``; with ``has_state`` /
+            ``has_rng``, ``predict_fn(params, inputs, *, state, key) -> (outputs,
+            new_state)`` (see :mod:`somax_plug.models` for Flax and Equinox models).
+        has_state, has_rng: the model has state (``method.init(params,
+            model_state)``) / needs a key (one per step, the same for every consumer
+            in the step); None: read from ``predict_fn``'s attributes, else False.
         loss: a loss name (``mse``, ``softmax_cross_entropy``,
             ``sigmoid_binary_cross_entropy``) or ``loss(outputs, targets) -> [B]``.
         preset: start from a registered preset (``"sgn"``, ``"newton_cg"``, ...).
@@ -350,5 +357,5 @@ def compose(
     data["reduction"] = reduction
     composition = Composition.from_dict(data, registry=registry)
     plan = make_plan(composition, registry=registry, unplanned=unplanned)
-    model = make_model(predict_fn, loss, reduction=reduction)
+    model = make_model(predict_fn, loss, reduction=reduction, has_state=has_state, has_rng=has_rng)
     return Method(plan=plan, model=model, tx=tx, mesh=mesh, param_sharding=param_sharding)

@@ -79,6 +79,7 @@ def as_optax(
     *,
     method: Any = None,
     on_nonfinite: str = "zero",
+    model_state: Any = None,
     **compose_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """The direction of a composition as an Optax transformation.
@@ -89,6 +90,11 @@ def as_optax(
         method: an already composed :class:`~somax_plug.Method`.
         on_nonfinite: ``"zero"`` (zero updates on a bad batch) or ``"propagate"``
             (NaN updates, for use inside ``optax.apply_if_finite``).
+        model_state: the model's initial state, for a model that declares
+            ``has_state`` (``tx.init(params)`` cannot take it). The bridge carries
+            the model state in its own state, threads it through every update
+            (unchanged by a rejected or non-finite step) and
+            :func:`somax_plug.model_state_of` reads it back from the chain's state.
     """
     if on_nonfinite not in ("zero", "propagate"):
         raise ValueError(f"on_nonfinite must be 'zero' or 'propagate', got {on_nonfinite!r}")
@@ -114,7 +120,9 @@ def as_optax(
     fill = 0.0 if on_nonfinite == "zero" else jnp.nan
 
     def init_fn(params: Any) -> BridgeState:
-        return BridgeState(method.init(params), core.empty_info(tree.accum_dtype(params)))
+        return BridgeState(
+            method.init(params, model_state), core.empty_info(tree.accum_dtype(params))
+        )
 
     def update_fn(
         updates: Any,
@@ -130,8 +138,17 @@ def as_optax(
                 "the somax_plug direction needs the parameters and the batch: call "
                 "tx.update(grads, state, params, batch=(inputs, targets))"
             )
+        method._validator.check_values(params, batch)  # empty batch; labels when concrete
         inner = state.inner
         key = core.default_key(inner.count) if key is None else key
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise InputError(
+                f"batch must be a 2-tuple (inputs, targets), got {type(batch).__name__}; "
+                "call tx.update(grads, state, params, batch=(inputs, targets))"
+            )
+        if not method.model.plain:
+            method._check_model_state(inner)
+            method._check_model_contract(params, inner, batch, key)
         d = step.direction(params, inner, batch, key, rhs=updates)
         ok = core.finite(d)
         after: dict = {}  # the final update is made by the transformations after this one
@@ -149,3 +166,30 @@ def as_optax(
         return tree.cast_like(out, updates), BridgeState(new_inner, info)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def model_state_of(opt_state: Any) -> Any:
+    """The model state held by the bridge inside an Optax state (a chain's, or the bridge's).
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from somax_plug import as_optax, model_state_of
+        >>> def f(p, x, *, state):
+        ...     return x @ p, {"n": state["n"] + 1.0}
+        >>> tx = optax.chain(as_optax("ggn", "cg", predict_fn=f, loss="mse", has_state=True,
+        ...                           model_state={"n": jnp.zeros(())}),
+        ...                  optax.scale_by_learning_rate(1.0))
+        >>> model_state_of(tx.init(jnp.zeros(2)))["n"].shape
+        ()
+    """
+    found = [
+        x.inner.model_state
+        for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, BridgeState))
+        if isinstance(x, BridgeState)
+    ]
+    if len(found) != 1:
+        raise InputError(
+            f"expected the Optax state of exactly one somax_plug bridge (as_optax), found "
+            f"{len(found)}; pass the state returned by tx.init or tx.update"
+        )
+    return found[0]

@@ -82,7 +82,9 @@ class Method:
             raise InputError("param_sharding needs a mesh: pass mesh= as well")
         self.core = core.StepCore(plan, model)
         self.trace_counts = self.core.trace_counts
-        self._validator = InputValidator(model, self.data_parallel)
+        self._model_state_spec: Any = ()
+        self._contract_seen: set = set()
+        self._validator = InputValidator(self._shape_view(model), self.data_parallel)
         self._step_jit = jax.jit(self._step)
         self._step_default_key = jax.jit(
             lambda params, state, batch: self._step(
@@ -92,25 +94,75 @@ class Method:
         self._example_key: Any = None
 
     # ------------------------------------------------------------------ state
-    def init(self, params: Any) -> MethodState:
+    def init(self, params: Any, model_state: Any = None) -> MethodState:
         """Initial state for ``params`` (shapes never change afterwards).
 
-        Records the parameters' and the state's shapes and dtypes, which
-        :meth:`step` checks its arguments against; with a mesh, the state comes
+        ``model_state`` is the model's initial state (for example a Flax
+        ``variables["batch_stats"]``); it is required exactly when the model declares
+        ``has_state``. Records the parameters' and the state's shapes and dtypes,
+        which :meth:`step` checks its arguments against; with a mesh, the state comes
         back laid out over it.
         """
-        state = self._init_state(params)
+        self._set_model_state(model_state)
+        state = self._init_state(params, model_state)
         self._bind(params, state)
         if self.data_parallel is not None:
             state = jax.device_put(state, self.data_parallel.state_shardings)
         return state
 
-    def _init_state(self, params: Any) -> MethodState:
-        return self.core.init(params, self.tx)
+    def _set_model_state(self, model_state: Any) -> None:
+        """Check ``model_state`` against the model's ``has_state`` and record its spec."""
+        from somax_plug._src.errors import InputError
+        from somax_plug._src.validation import spec_tree
+
+        if self.model.has_state and model_state is None:
+            raise InputError(
+                "the model declares has_state=True, so method.init needs its initial "
+                "state: method.init(params, model_state) (for example a Flax "
+                "variables['batch_stats'], or the state an adapter of somax_plug.models "
+                "returns)"
+            )
+        if not self.model.has_state and model_state is not None:
+            raise InputError(
+                f"method.init got a model_state ({type(model_state).__name__}) but the "
+                "model does not declare has_state=True; declare it (compose(..., "
+                "has_state=True) with predict_fn(params, inputs, *, state) -> (outputs, "
+                "new_state)) or drop the model_state"
+            )
+        self._model_state_spec = spec_tree(model_state) if model_state is not None else ()
+        self._contract_seen = set()
+
+    def _init_state(self, params: Any, model_state: Any = None) -> MethodState:
+        return self.core.init(params, self.tx, () if model_state is None else model_state)
+
+    def _shape_view(self, model: Any) -> Any:
+        """The plain model the input validator traces (state and key made up in-trace)."""
+        if model.plain:
+            return model
+        from somax_plug._src.model import Model
+
+        def outputs(params: Any, inputs: Any) -> Any:
+            state = jax.tree_util.tree_map(
+                lambda s: jnp.zeros(s.shape, s.dtype), self._model_state_spec
+            )
+            key = jax.random.key(0) if model.has_rng else None
+            return model.apply(params, inputs, state, key)[0]
+
+        return Model(outputs, model.loss, couples_examples=True)
 
     def state_spec(self, params: Any) -> Any:
-        """The ``jax.ShapeDtypeStruct`` tree of ``init(params)`` (no FLOPs, no side effect)."""
-        return jax.eval_shape(self._init_state, params)
+        """The ``jax.ShapeDtypeStruct`` tree of ``init(params)`` (no FLOPs, no side effect).
+
+        For a model with state, its state's spec is the one ``init`` (or
+        :meth:`resume`) recorded last.
+        """
+        ms = self._model_state_spec
+        return jax.eval_shape(
+            lambda p: self._init_state(
+                p, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), ms)
+            ),
+            params,
+        )
 
     def resume(self, params: Any, state: Any) -> tuple[Any, Any]:
         """Adopt ``params`` and a ``state`` made elsewhere (e.g. restored from a checkpoint).
@@ -118,6 +170,8 @@ class Method:
         Records their shapes and dtypes as :meth:`init` does (so :meth:`step` checks
         against them) and, with a mesh, lays them out over it. Returns them.
         """
+        if isinstance(state, MethodState) and self.model.has_state:
+            self._set_model_state(state.model_state)
         self._bind(params, state)
         if self.data_parallel is not None:
             params = jax.device_put(params, self.data_parallel.params_shardings)
@@ -174,19 +228,69 @@ class Method:
                 f"{type(state).__name__}; the arguments are step(params, state, batch, key)"
             )
         if not self._validator.bound:  # a state restored or built elsewhere
+            if self.model.has_state:
+                self._set_model_state(state.model_state)
             self._bind(params, self._checked_state_spec(params))
+        self._check_model_state(state)
         if key is None and self.data_parallel is None:
             # the default key is derived inside the jitted step: no eager dispatches
             if self._example_key is None:
                 self._example_key = jax.random.key(0)
             self._validator.check(params, state, batch, self._example_key)
+            self._check_model_contract(params, state, batch, self._example_key)
             return self._step_default_key(params, state, batch)
         if key is None:
             key = default_key(state.count)
         self._validator.check(params, state, batch, key)
+        self._check_model_contract(params, state, batch, key)
         if self.data_parallel is not None:
             params, state, batch, key = self.data_parallel.place(params, state, batch, key)
         return self._step_jit(params, state, batch, key)
+
+    def _check_model_state(self, state: MethodState) -> None:
+        """The model state keeps the structure, shapes and dtypes init recorded."""
+        if not self.model.has_state:
+            return
+        from somax_plug._src.validation import _compare
+
+        _compare(
+            state.model_state,
+            self._model_state_spec,
+            "state.model_state",
+            "method.init recorded",
+            "the model state must keep its structure, shapes and dtypes from step to "
+            "step: pass the state this method's previous step returned (or call "
+            "method.init(params, model_state) again for a new model state)",
+        )
+
+    def _check_model_contract(self, params: Any, state: Any, batch: Any, key: Any) -> None:
+        """Before tracing, once per signature: ``predict_fn`` against its declared
+        flags (:meth:`Model.check_contract`)."""
+        if self.model.plain:
+            return
+        from somax_plug._src.errors import InputError
+        from somax_plug._src.validation import signature
+
+        sig = signature(params, state.model_state, batch, key)
+        try:
+            if sig in self._contract_seen:
+                return
+        except TypeError:
+            sig = None
+        mkey = core.model_key(key, 0)
+        try:
+            self.model.check_contract(params, batch[0], state.model_state, mkey)
+        except InputError:
+            raise
+        except Exception as exc:
+            from somax_plug._src.validation import _first_line
+
+            raise InputError(
+                f"predict_fn fails when called as its flags declare (has_state="
+                f"{self.model.has_state}, has_rng={self.model.has_rng}): {_first_line(exc)}"
+            ) from exc
+        if sig is not None:
+            self._contract_seen.add(sig)
 
     def _checked_state_spec(self, params: Any) -> Any:
         from somax_plug._src.errors import InputError

@@ -25,6 +25,7 @@ Everything here is traceable and shape-stable (the step runs inside ``lax.scan``
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, NamedTuple
 
 import attrs
@@ -54,7 +55,13 @@ INFO_KEYS = (
 
 
 class MethodState(NamedTuple):
-    """State of a composed method (a pytree with fixed shapes)."""
+    """State of a composed method (a pytree with fixed shapes).
+
+    ``model_state`` is the model's own state (BatchNorm statistics, for a model that
+    declares ``has_state``; ``()`` otherwise): the step reads it as a constant of the
+    linearization and carries the model's new state forward when the step is
+    accepted (see :mod:`somax_plug._src.model`).
+    """
 
     count: jax.Array
     estimators: tuple
@@ -62,6 +69,7 @@ class MethodState(NamedTuple):
     solver: Any
     damping: Any
     tx: Any
+    model_state: Any = ()
 
 
 class Direction(NamedTuple):
@@ -137,6 +145,28 @@ def default_key(count: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(0), count)
 
 
+MODEL_KEY_SALT = zlib.crc32(b"model") & 0x7FFFFFFF
+
+
+def model_key(key: Any, count: jax.Array) -> jax.Array:
+    """The one key a step gives the model (its dropout mask), from the step's key.
+
+    ``fold_in(fold_in(key, crc32("model")), count)``: independent of the estimators'
+    keys (:meth:`~somax_plug.Resources.key_for`), shared by every consumer within the
+    step (the loss, the gradient, each curvature product, the estimators, the loss
+    after the step), and advancing with the step count even when the caller passes
+    the same ``key`` to every step.
+
+    Example:
+        >>> import jax
+        >>> k0 = model_key(jax.random.key(0), 0)
+        >>> k1 = model_key(jax.random.key(0), 1)
+        >>> bool((jax.random.key_data(k0) != jax.random.key_data(k1)).any())
+        True
+    """
+    return jax.random.fold_in(jax.random.fold_in(key, MODEL_KEY_SALT), count)
+
+
 def cadenced(every_k: int, count: jax.Array, run: Any, skip: Any, operand: Any) -> Any:
     """``run(operand)`` every ``every_k`` steps, else ``skip(operand)`` (via ``lax.cond``)."""
     if every_k == 1:
@@ -176,7 +206,7 @@ class StepCore:
         self._phases()
 
     # ------------------------------------------------------------------ state
-    def init(self, params: Any, tx: Any) -> MethodState:
+    def init(self, params: Any, tx: Any, model_state: Any = ()) -> MethodState:
         plan = self.plan
         pc = plan.component("preconditioner")
         return MethodState(
@@ -186,11 +216,14 @@ class StepCore:
             solver=plan.component("solver").instance.init(params),
             damping=plan.component("damping").instance.init(),
             tx=tx.init(params),
+            model_state=model_state,
         )
 
-    def context(self, params: Any, batch: Any, key: Any) -> Resources:
+    def context(self, params: Any, batch: Any, key: Any, model: Any = None) -> Resources:
+        """The step's resource context; ``model`` is the step's bound model (default:
+        the plain model itself)."""
         return Resources(
-            self.model,
+            self.model if model is None else model,
             params,
             batch,
             key,
@@ -245,7 +278,8 @@ class StepCore:
         compilation, fixed shapes. ``state.count`` is not advanced here.
         """
         plan = self.plan
-        res = self.context(params, batch, key)
+        mkey = model_key(key, state.count) if self.model.has_rng else None
+        res = self.context(params, batch, key, self.model.bind(state.model_state, mkey))
         if not plan.unplanned:
             for name in sorted(self._always):
                 if name not in self._after_names:
@@ -306,8 +340,14 @@ class StepCore:
         s, solver_info, solver_state = plan.component("solver").instance.solve(
             op, g, lam, precond, stats, state.solver
         )
+        model_state = state.model_state
+        if self.model.has_state:  # the same forward pass as the loss's (XLA merges them)
+            model_state = self.model.apply(params, batch[0], state.model_state, mkey)[1]
         new_state = state._replace(
-            estimators=est_states, preconditioner=pc_state, solver=solver_state
+            estimators=est_states,
+            preconditioner=pc_state,
+            solver=solver_state,
+            model_state=model_state,
         )
         return Direction(s, loss, g, stats, lam, solver_info, new_state, res)
 

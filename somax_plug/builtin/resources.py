@@ -22,6 +22,8 @@ resource               computes                                  requires    reu
                        gradient, v -> H v, and the loss
 ``per_example_grads``  ``vmap`` of per-example gradients, each   --          --
                        scaled by c, so they sum to ``grad``
+                       (through the full batch's forward pass
+                       for a model with state or a key)
 ``loss_after``         L at ``params_after`` (after the update)  params_     --
                                                                  after
 ``predicted_decrease`` ``-(g.u + u.Cu / 2)`` for the update u    grad,       --
@@ -140,6 +142,12 @@ def _per_example_grads(res: Resources) -> PyTree:
     model, params = res.model, res.params
     inputs, targets = res.batch
     c = model.loss.scale(batch_size_of(inputs))
+    if model.couples_examples:
+        # batch statistics and one dropout mask for the whole batch: the gradient of
+        # c * l_b through the full-batch forward pass (one VJP per row of the identity)
+        losses, vjp = jax.vjp(lambda p: c * model.per_example_losses(p, res.batch), params)
+        eye = jax.numpy.eye(losses.shape[0], dtype=losses.dtype)
+        return jax.vmap(lambda row: vjp(row)[0])(eye)
 
     def one(x: PyTree, y: PyTree) -> PyTree:
         x1 = jax.tree_util.tree_map(lambda a: a[None], x)
