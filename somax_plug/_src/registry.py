@@ -75,10 +75,16 @@ class PluginRecord:
     name: str
     distribution: str | None = None
     version: str | None = None
-    status: str = "ok"  # ok | failed | disabled
+    status: str = "ok"  # ok | degraded | failed | disabled
     error: str | None = None
     components: list[str] = attrs.field(factory=list)
     attempted: list[str] = attrs.field(factory=list)
+    warnings: list[str] = attrs.field(factory=list)
+    """Problems of a plugin that loaded (status ``degraded``): see the loader."""
+    overrides: list[str] = attrs.field(factory=list)
+    """Short names it took from other plugins with ``override=True``."""
+    import_seconds: float | None = None
+    """Wall time of importing and registering it (None: not imported)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +94,11 @@ class PluginRecord:
             "status": self.status,
             "error": self.error,
             "components": list(self.components),
+            "warnings": list(self.warnings),
+            "overrides": list(self.overrides),
+            "import_seconds": (
+                None if self.import_seconds is None else round(self.import_seconds, 4)
+            ),
         }
 
 
@@ -194,6 +205,10 @@ class Registry:
         self.plugins: dict[str, PluginRecord] = {}
         self.conflicts: list[Conflict] = []
         self.plugin_manager: Any = None
+        self.strict = False
+        """Strict mode (``SOMAX_PLUG_STRICT``): plugin problems found later raise too."""
+        self.hook_failures: dict[tuple[str, str], str] = {}
+        """(plugin, resource) -> the error of a skipped ``provide_resource`` answer."""
 
     # ------------------------------------------------------------------ adding
     def _record_attempt(self, plugin: str, what: str) -> None:
@@ -372,7 +387,18 @@ class Registry:
         return self.get(kind, name).create(**options)
 
     def preset(self, name: str) -> PresetSpec:
-        """A preset by short or qualified name."""
+        """A preset by short or qualified name, its names bound to its own plugin.
+
+        A short component name in a preset means the preset's own plugin's component
+        when that plugin registered one of that kind (so another plugin's ``cg``, even
+        with ``override=True``, never changes the built-in ``sgn``); the returned
+        composition carries the qualified name where the short one would resolve
+        elsewhere. Any other short name resolves as usual, and an ambiguous one raises
+        an error that names the preset.
+        """
+        return self._bind_preset(self._find_preset(name))
+
+    def _find_preset(self, name: str) -> PresetSpec:
         if name in self._presets:
             return self._presets[name]
         owners = self._preset_short.get(name, [])
@@ -382,7 +408,8 @@ class Registry:
             if name in self._preset_overrides:
                 return self._presets[self._preset_overrides[name]]
             raise AmbiguousComponentError(
-                f"preset {name!r} is ambiguous: registered by {', '.join(sorted(owners))}"
+                f"preset {name!r} is ambiguous: registered by {', '.join(sorted(owners))}; "
+                "use one of these qualified names"
             )
         names = sorted(self._preset_short)
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
@@ -391,6 +418,67 @@ class Registry:
             f"no preset named {name!r}{hint}; registered presets: {', '.join(names) or '(none)'}"
             + self._failure_note(None, name)
         )
+
+    def _bind_preset(self, preset: PresetSpec) -> PresetSpec:
+        composition = dict(preset.composition)
+        changed = False
+        for role, value in composition.items():
+            if role in PRESET_ROLES:
+                bound = self._bind(preset, Kind(role), value)
+            elif role == "estimators" and isinstance(value, list | tuple):
+                bound = type(value)(self._bind(preset, Kind.ESTIMATOR, v) for v in value)
+            elif role == "estimators":
+                bound = self._bind(preset, Kind.ESTIMATOR, value)
+            else:
+                continue
+            changed = changed or bound is not value
+            composition[role] = bound
+        return attrs.evolve(preset, composition=composition) if changed else preset
+
+    def _bind(self, preset: PresetSpec, kind: Kind, value: Any) -> Any:
+        """``value`` with its short name bound to the preset's plugin (see :meth:`preset`)."""
+        if isinstance(value, str):
+            name = value
+        elif isinstance(value, Mapping) and isinstance(value.get("name"), str):
+            name = value["name"]
+        elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+            name = value[0]
+        else:
+            return value
+        if ":" in name:
+            return value
+        own = f"{preset.plugin}:{name}"
+        owners = self._by_short.get((kind, name), [])
+        if (kind, own) in self._specs:
+            if owners == [own] or self._overrides.get((kind, name)) == own:
+                return value  # the short name already means the preset's own component
+            name = own
+        elif len(owners) > 1 and (kind, name) not in self._overrides:
+            raise AmbiguousComponentError(
+                f"preset {preset.qualified_name!r} names {kind.value} {name!r}, which is "
+                f"ambiguous: registered by {', '.join(sorted(owners))}; pass "
+                f"{kind.value}='<plugin>:{name}' to compose(preset={preset.name!r}, ...), or "
+                "uninstall or disable one of the plugins"
+            )
+        else:
+            return value
+        if isinstance(value, str):
+            return name
+        if isinstance(value, tuple):
+            return (name, value[1])
+        return {**value, "name": name}
+
+    def check_factories(self) -> None:
+        """Import every lazy factory (``somax-plug doctor``); a failure degrades its plugin."""
+        from somax_plug._src.loader import factory_problem
+
+        for spec in list(self._specs.values()):
+            problem = factory_problem(spec, deep=True)
+            record = self.plugins.get(spec.plugin)
+            if problem and record is not None and problem not in record.warnings:
+                record.warnings.append(problem)
+                if record.status == "ok":
+                    record.status = "degraded"
 
     def find(self, name: str) -> list[ComponentSpec | PresetSpec]:
         """Every component or preset, of any kind, that ``name`` refers to."""
@@ -455,6 +543,9 @@ class Registry:
             self.plugin_manager = new_plugin_manager()
         return self.plugin_manager.hook
 
+
+PRESET_ROLES = ("curvature", "solver", "preconditioner", "damping")
+"""The composition keys of a preset that name one component of their kind."""
 
 _lock = threading.Lock()
 _current: Registry | None = None

@@ -25,11 +25,12 @@ Every failure is a :class:`~somax_plug.CompositionError` (an
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
 from somax_plug._src.composition import ComponentRef
-from somax_plug._src.errors import CompositionError, OptionError, RegistryError
+from somax_plug._src.errors import CompositionError, RegistryError, SomaxPlugError
 from somax_plug._src.kinds import KIND_BASES, PSD, SYMMETRIC, Kind
 from somax_plug._src.plan import PlannedComponent
 from somax_plug._src.spec import ComponentSpec, Requires, instance_options, spec_of
@@ -53,18 +54,53 @@ def lookup(ref: ComponentRef, role: str, registry: Any) -> ComponentSpec:
         raise CompositionError(f"{role}: {exc}") from None
 
 
+def _origin(spec: ComponentSpec) -> str:
+    plugin = f" (plugin {spec.plugin!r})" if spec.plugin and spec.plugin != "user" else ""
+    return f"{spec.kind.value} {spec.qualified_name!r}{plugin}"
+
+
+def _raised(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
 def build(spec: ComponentSpec, options: Mapping[str, Any], role: str) -> Any:
-    """Build ``spec`` with checked ``options``; any failure names the component."""
+    """Build ``spec`` with checked ``options``; any failure names the component.
+
+    Whatever the factory raises (``SystemExit`` included) becomes a
+    :class:`~somax_plug.CompositionError` naming the role, the component, its plugin
+    and the original exception; a lazy ``"module:attribute"`` factory that cannot be
+    imported says so. Only ``KeyboardInterrupt`` passes through.
+    """
+    checked = spec.check_options(dict(options))  # OptionError names the option
     try:
-        return spec.create(**dict(options))
-    except OptionError:
+        factory = spec.load_factory()
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise CompositionError(
+            f"{role} {_origin(spec)}: its factory {spec.factory!r} cannot be loaded: "
+            f"{_raised(exc)}; the plugin registered a factory that does not exist (reinstall "
+            "or fix the plugin, or choose another component)"
+        ) from exc
+    try:
+        return factory(**{**dict(spec.defaults), **checked})
+    except SomaxPlugError:
         raise
     except (TypeError, ValueError) as exc:
         declared = "; ".join(o.describe() for o in spec.options) or "none declared"
         raise CompositionError(
-            f"{role} {spec.qualified_name!r}: cannot build with options {dict(options)!r}: "
-            f"{exc}; its options: {declared}"
-        ) from None
+            f"{role} {_origin(spec)}: cannot build with options {dict(options)!r}: "
+            f"{_raised(exc)}; its options: {declared}"
+        ) from exc
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise CompositionError(
+            f"{role} {_origin(spec)}: its factory raised {_raised(exc)} while building it "
+            f"with options {dict(options)!r}; this is a bug in the component's plugin"
+        ) from exc
 
 
 def resolve(
@@ -92,7 +128,15 @@ def resolve(
         instance = build(spec, options, role)
         name, plugin = spec.qualified_name, spec.plugin
     if spec is not None:
-        requires = spec.requirements(options)
+        try:
+            requires = spec.requirements(options)
+        except SomaxPlugError:
+            raise
+        except Exception as exc:
+            raise CompositionError(
+                f"{role} {_origin(spec)}: its requires_for raised {_raised(exc)} for options "
+                f"{dict(options)!r}; this is a bug in the component's plugin"
+            ) from exc
         provides = frozenset(spec.provides)
         every_k = ref.every_k or spec.every_k
         cadence, preconditioned, hints = spec.honours_cadence, spec.preconditioned, spec.hints
