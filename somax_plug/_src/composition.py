@@ -44,6 +44,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -53,6 +55,7 @@ import attrs
 
 from somax_plug._src.errors import CompositionError
 from somax_plug._src.kinds import KIND_BASES, Kind
+from somax_plug._src.options import INT32_MAX
 from somax_plug._src.spec import _frozen_items
 
 ROLES: dict[str, Kind] = {
@@ -137,7 +140,7 @@ class Composition:
     preconditioner: ComponentRef | None = None
     damping: ComponentRef | None = None
     loss: str | None = None
-    reduction: str = "mean"
+    reduction: str | None = None
     learning_rate: Any = 1.0
     preset: str | None = None
     rho_every_k: int = 0
@@ -153,6 +156,11 @@ class Composition:
                 f"unknown composition keys {sorted(unknown)}; expected some of {sorted(TOP_LEVEL)}"
             )
         preset = config.pop("preset", None)
+        if preset is not None and not isinstance(preset, str):
+            raise CompositionError(
+                f"preset must be the name of a registered preset (a string such as 'sgn'), "
+                f"got {type(preset).__name__} {preset!r}"
+            )
         if preset is not None:
             from somax_plug._src.registry import get_registry
 
@@ -182,10 +190,10 @@ class Composition:
             preconditioner=refs["preconditioner"],
             damping=refs["damping"],
             loss=loss,
-            reduction=config.get("reduction", "mean"),
-            learning_rate=config.get("learning_rate", 1.0),
+            reduction=_reduction(config.get("reduction")),
+            learning_rate=_learning_rate(_default(config.get("learning_rate"), 1.0)),
             preset=preset,
-            rho_every_k=int(config.get("rho_every_k") or 0),
+            rho_every_k=_rho_every_k(config.get("rho_every_k")),
             curvature_batch=_curvature_batch(config.get("curvature_batch")),
         )
 
@@ -207,6 +215,58 @@ class Composition:
         lr = self.learning_rate
         out["learning_rate"] = lr if isinstance(lr, int | float) else repr(lr)
         return out
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _reduction(value: Any) -> str | None:
+    """``"mean"``, ``"sum"`` or None (the loss's own: ``"mean"`` for a loss by name)."""
+    from somax_plug._src.losses import REDUCTIONS
+
+    if value is None or (isinstance(value, str) and value in REDUCTIONS):
+        return value
+    raise CompositionError(
+        f"reduction must be one of {', '.join(map(repr, REDUCTIONS))} (the loss averaged or "
+        f"summed over the batch), got {type(value).__name__} {value!r}"
+    )
+
+
+def _learning_rate(value: Any) -> Any:
+    """A finite number >= 0 (not a bool, not a string) or a schedule ``step -> lr``."""
+    if callable(value) and not isinstance(value, type):
+        return value
+    problem = None
+    if isinstance(value, bool | str | bytes) or not hasattr(value, "__float__"):
+        problem = "not a number"
+    elif getattr(value, "shape", ()) != ():
+        problem = f"an array of shape {tuple(value.shape)}, not a scalar"
+    else:
+        number = float(value)
+        if not math.isfinite(number):
+            problem = "not finite"
+        elif number < 0:
+            problem = "negative (that would ascend the loss)"
+    if problem is None:
+        return value
+    raise CompositionError(
+        f"learning_rate = {value!r} ({type(value).__name__}) is not allowed: {problem}; "
+        "expected a finite number >= 0 such as 0.1, or an Optax schedule (a callable "
+        "step -> learning rate)"
+    )
+
+
+def _rho_every_k(value: Any) -> int:
+    """0 (never report rho) or a positive int within int32."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT32_MAX:
+        raise CompositionError(
+            f"rho_every_k must be an int >= 0 (report the gain ratio rho every k steps; 0 or "
+            f"omitted: never), at most {INT32_MAX}; got {type(value).__name__} {value!r}"
+        )
+    return value
 
 
 def _curvature_batch(value: Any) -> int | None:
@@ -243,21 +303,114 @@ def loss_name(loss: Any) -> str | None:
     )
 
 
-def load_composition(source: str | Path | Mapping[str, Any]) -> Composition:
-    """A composition from a TOML path, a preset name, or a mapping."""
+def looks_like_path(source: str | Path) -> bool:
+    """Whether a ``somax-plug plan`` argument names a file rather than a preset.
+
+    A :class:`~pathlib.Path`, or a string with a path separator or a suffix
+    (``m.toml``, ``./sgn``, ``configs/sgn``) is a path; a bare name (``sgn``,
+    ``builtin:sgn``) is a preset name first.
+    """
+    if isinstance(source, Path):
+        return True
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(sep in source for sep in seps) or Path(source).suffix != ""
+
+
+def load_composition(source: str | Path | Mapping[str, Any], registry: Any = None) -> Composition:
+    """A composition from a TOML path, a preset name, or a mapping.
+
+    Which one a string is (the rule ``somax-plug plan ARG`` follows):
+
+    * it looks like a path (:func:`looks_like_path`: a separator or a suffix, such as
+      ``m.toml`` or ``./sgn``): the TOML file, which must exist (a registered preset
+      of exactly that name is used only when no such file exists);
+    * a bare name: a registered preset of that name wins, even over a file of that
+      name in the current directory; a bare name that is no preset is read as a file
+      if one exists (else the error lists the presets).
+
+    The file is UTF-8 TOML: the composition keys at the top level, or all of them in
+    one ``[method]`` table (then nothing else may be at the top level).
+
+    Raises:
+        CompositionError: a missing, unreadable or non-UTF-8 file, a directory,
+            invalid TOML, a ``[method]`` table beside other keys, or an unknown
+            preset (naming the presets and the file it looked for).
+
+    Example:
+        >>> load_composition("sgn").preset
+        'sgn'
+    """
     if isinstance(source, Mapping):
-        return Composition.from_dict(source)
+        return Composition.from_dict(source, registry=registry)
+    if not isinstance(source, str | Path):
+        raise CompositionError(
+            f"a composition source must be a TOML path, a preset name or a mapping, got "
+            f"{type(source).__name__} {source!r}"
+        )
     path = Path(source)
-    if path.suffix == ".toml" or path.exists():
-        if not path.exists():
-            raise CompositionError(f"composition file {str(path)!r} does not exist")
-        with path.open("rb") as fh:
-            try:
-                data = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as exc:
-                raise CompositionError(f"{path}: invalid TOML: {exc}") from None
-        return Composition.from_dict(data.get("method", data))
-    return Composition.from_dict({"preset": str(source)})
+    if looks_like_path(source):
+        if path.exists() or not _is_preset(str(source), registry):
+            return _from_file(path, registry)
+        return Composition.from_dict({"preset": str(source)}, registry=registry)
+    if _is_preset(str(source), registry) or not path.exists():
+        return Composition.from_dict({"preset": str(source)}, registry=registry)
+    return _from_file(path, registry)
+
+
+def _is_preset(name: str, registry: Any) -> bool:
+    from somax_plug._src.errors import UnknownComponentError
+    from somax_plug._src.registry import get_registry
+
+    try:
+        (registry or get_registry()).preset(name)
+    except UnknownComponentError:
+        return False
+    return True  # found, or ambiguous (then planning it names the owners)
+
+
+def _from_file(path: Path, registry: Any) -> Composition:
+    if not path.exists():
+        raise CompositionError(
+            f"composition file {str(path)!r} does not exist; pass the path of a TOML file "
+            "(see `somax-plug plan --help`) or the name of a preset (`somax-plug list`)"
+        )
+    if path.is_dir():
+        raise CompositionError(
+            f"composition file {str(path)!r} is a directory; pass the path of a TOML file in it"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CompositionError(
+            f"cannot read composition file {str(path)!r}: {exc.strerror or exc}; pass a "
+            "readable TOML file"
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompositionError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+            "a composition file must be TOML in UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CompositionError(f"{path}: invalid TOML: {exc}") from None
+    if "method" in data:
+        others = sorted(k for k in data if k != "method")
+        if others:
+            raise CompositionError(
+                f"{path}: a [method] table holds the whole composition, but the file also "
+                f"has {others} outside it, which would be ignored; move them into [method] "
+                "(as [method.solver], method.learning_rate = ...) or drop the [method] table"
+            )
+        data = data["method"]
+        if not isinstance(data, Mapping):
+            raise CompositionError(
+                f"{path}: 'method' must be a table ([method]) of composition keys, got "
+                f"{type(data).__name__} {data!r}"
+            )
+    return Composition.from_dict(data, registry=registry)
 
 
 def compose(
@@ -273,7 +426,7 @@ def compose(
     config: Mapping[str, Any] | str | Path | None = None,
     learning_rate: Any = None,
     tx: Any = None,
-    reduction: str = "mean",
+    reduction: str | None = None,
     rho_every_k: int | None = None,
     curvature_batch: int | None = None,
     unplanned: bool = False,
@@ -303,7 +456,9 @@ def compose(
         tx: an Optax transformation applied to the direction instead of the
             learning rate (it must do its own scaling, e.g. end in
             ``optax.scale_by_learning_rate``).
-        reduction: ``"mean"`` or ``"sum"`` over the batch.
+        reduction: ``"mean"`` or ``"sum"`` over the batch; None (the default) takes
+            the ``config``'s (or preset's) ``reduction``, else the loss instance's own,
+            else ``"mean"``. A keyword given explicitly overrides the file.
         rho_every_k: report the gain ratio rho (which needs the loss after the step
             and the predicted decrease) every k steps; damping policies that need
             them get them every step regardless.
@@ -338,7 +493,9 @@ def compose(
 
     data: dict[str, Any] = {}
     if config is not None:
-        base = load_composition(config) if not isinstance(config, Mapping) else None
+        base = (
+            load_composition(config, registry=registry) if not isinstance(config, Mapping) else None
+        )
         data = base.to_dict() if base is not None else dict(config)
     if preset is not None:
         data["preset"] = preset
@@ -354,8 +511,11 @@ def compose(
     }
     data.update({k: v for k, v in given.items() if v is not None})
     data["loss"] = loss
-    data["reduction"] = reduction
+    if reduction is not None:
+        data["reduction"] = reduction
     composition = Composition.from_dict(data, registry=registry)
     plan = make_plan(composition, registry=registry, unplanned=unplanned)
-    model = make_model(predict_fn, loss, reduction=reduction, has_state=has_state, has_rng=has_rng)
+    model = make_model(
+        predict_fn, loss, reduction=composition.reduction, has_state=has_state, has_rng=has_rng
+    )
     return Method(plan=plan, model=model, tx=tx, mesh=mesh, param_sharding=param_sharding)

@@ -162,6 +162,9 @@ class Solver(ABC):
     """
 
     cadence: ClassVar[bool] = False
+    needs_positive_lam: ClassVar[bool] = False
+    """True when the solve divides by ``lam`` (the row-space Woodbury solvers): the
+    planner then refuses a damping whose :meth:`Damping.lam_floor` is ``<= 0``."""
 
     def init(self, params: PyTree) -> PyTree:
         """Solver state (for example a warm start). Default: empty."""
@@ -228,6 +231,22 @@ class Damping(ABC):
     @abstractmethod
     def init(self) -> PyTree:
         """Initial state (holds lambda)."""
+
+    def init_for(self, params: PyTree) -> PyTree:
+        """Initial state for these parameters (the step calls this). Default: ``init()``.
+
+        Override it to follow the parameters' dtype (the built-ins store lambda in the
+        parameters' accumulation dtype, float64 for float64 parameters).
+        """
+        return self.init()
+
+    def lam_floor(self) -> float | None:
+        """The smallest lambda this policy can ever hand to the solver, if known statically.
+
+        None (the default): unknown. The planner refuses a solver with
+        ``needs_positive_lam`` when this is ``<= 0``.
+        """
+        return None
 
     @abstractmethod
     def value(self, state: PyTree) -> Array:

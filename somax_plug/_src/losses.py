@@ -261,9 +261,13 @@ class SoftmaxCrossEntropy(Loss):
 
     Targets are integer labels (``[B, ...]``, ``optax.losses.
     softmax_cross_entropy_with_integer_labels``) or one-hot / soft labels of the logits'
-    shape (``optax.losses.softmax_cross_entropy``). Axes between the batch axis and the
-    class axis are summed into ``l_b``. ``sample_targets`` draws integer labels from
-    ``Categorical(softmax(z))``.
+    shape (``optax.losses.softmax_cross_entropy``). An integer label outside ``[0, C)``
+    gives a NaN loss (and a NaN gradient row) for its example, even under ``jit``:
+    never the wrapped class ``y mod C`` (which indexing would pick for ``-1``), so a
+    step on such a batch is rejected rather than trained; ``Method.step`` refuses such
+    labels with an ``InputError`` before tracing where they are concrete. Axes between
+    the batch axis and the class axis are summed into ``l_b``. ``sample_targets`` draws
+    integer labels from ``Categorical(softmax(z))``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -279,6 +283,11 @@ class SoftmaxCrossEntropy(Loss):
     def _integer_labels(targets: Array) -> bool:
         return jnp.issubdtype(jnp.result_type(targets), jnp.integer)
 
+    @staticmethod
+    def _valid_labels(outputs: Array, targets: Array) -> Array:
+        """``0 <= y < C`` per label: an out-of-range label gives NaN, never a wrapped class."""
+        return (targets >= 0) & (targets < outputs.shape[-1])
+
     def _label_mass(self, logits: Array, targets: Array) -> Array:
         """``m = sum_k y_k`` per position (``[B, ..., 1]``), 1 for integer labels."""
         cdt = compute_dtype(logits.dtype)
@@ -291,6 +300,7 @@ class SoftmaxCrossEntropy(Loss):
         logits = outputs.astype(cdt)
         if self._integer_labels(targets):
             per = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
+            per = jnp.where(self._valid_labels(outputs, targets), per, jnp.nan)
         else:
             if targets.shape != outputs.shape:
                 raise CompositionError(
@@ -305,6 +315,7 @@ class SoftmaxCrossEntropy(Loss):
         p = jax.nn.softmax(outputs.astype(cdt), axis=-1)
         if self._integer_labels(targets):
             y = jax.nn.one_hot(targets, outputs.shape[-1], dtype=cdt)
+            y = jnp.where(self._valid_labels(outputs, targets)[..., None], y, jnp.nan)
         else:
             y = targets.astype(cdt)
         m = self._label_mass(outputs, targets)

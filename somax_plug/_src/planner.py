@@ -95,6 +95,7 @@ def check_requirements(
     _check_statistics(components, provided, registry)
     _check_losses(components, composition, registry)
     _check_preconditioner(components, registry)
+    _check_lam_floor(components)
 
 
 def _one(components: list[PlannedComponent], kind: Kind) -> PlannedComponent | None:
@@ -215,6 +216,26 @@ def _check_preconditioner(components: list[PlannedComponent], registry: Any) -> 
         f"preconditioner {pre.short_name!r} would be ignored: solver {solver.short_name!r} does "
         f"not apply a preconditioner; remove the preconditioner, or use a solver that applies "
         f"one: {', '.join(users) or '(none registered)'}"
+    )
+
+
+def _check_lam_floor(components: list[PlannedComponent]) -> None:
+    """A solver that divides by lam (``needs_positive_lam``) with a damping that reaches 0."""
+    solver, damping = _one(components, Kind.SOLVER), _one(components, Kind.DAMPING)
+    if solver is None or damping is None:
+        return
+    if not getattr(solver.instance, "needs_positive_lam", False):
+        return
+    floor_of = getattr(damping.instance, "lam_floor", None)
+    floor = floor_of() if callable(floor_of) else None
+    if floor is None or floor > 0:
+        return
+    raise CompositionError(
+        f"{solver.label} needs lam > 0 (its Woodbury solve divides by lam, and at lam = 0 "
+        f"the row-space system is singular, so every step would be rejected), but damping "
+        f"{damping.short_name!r} can give lam = {floor:g}; use a positive lam (e.g. "
+        "{'name': 'constant', 'lam': 1e-3}, or min_lambda > 0 for levenberg_marquardt), or "
+        "solver 'cg' or 'auto' (which falls back to cg when lam = 0)"
     )
 
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from somax_plug._src import tree
+from somax_plug._src.contracts import checking
 from somax_plug._src.kinds import LinearOperator, RowFactors, SolverInfo, StepStats
 from somax_plug._src.plan import Plan
 from somax_plug._src.resources import SUB, Resources
@@ -214,7 +215,7 @@ class StepCore:
             estimators=tuple(e.instance.init(params) for e in plan.estimators),
             preconditioner=pc.instance.init(params) if pc is not None else (),
             solver=plan.component("solver").instance.init(params),
-            damping=plan.component("damping").instance.init(),
+            damping=plan.component("damping").instance.init_for(params),
             tx=tx.init(params),
             model_state=model_state,
         )
@@ -277,7 +278,7 @@ class StepCore:
         Hessian estimates of Sophia the gradient is a plain ``value_and_grad``. One
         compilation, fixed shapes. ``state.count`` is not advanced here.
         """
-        plan = self.plan
+        plan = checking(self.plan)  # component outputs checked at trace time
         mkey = model_key(key, state.count) if self.model.has_rng else None
         res = self.context(params, batch, key, self.model.bind(state.model_state, mkey))
         if not plan.unplanned:

@@ -15,6 +15,11 @@ dtypes of params, state, batch and key) is seen it checks:
   of ``predict_fn`` and of the loss (no FLOPs), whose failures are reported with
   the shapes involved.
 
+On every call (:meth:`InputValidator.check_values`): the batch is not empty, and
+integer labels of ``softmax_cross_entropy`` lie in ``[0, C)`` where the labels are
+concrete (inside a user's own ``jit`` they are traced: the loss then turns an
+out-of-range label into a NaN loss and the step is rejected).
+
 Each failure is an :class:`~somax_plug.InputError` that names the
 offending leaf and says what would be right. Later calls with a known signature
 cost one pytree flatten and a set lookup.
@@ -166,6 +171,7 @@ class InputValidator:
         self.params_spec: PyTree = None
         self.state_spec: PyTree = None
         self._seen: set = set()
+        self._classes: dict = {}
 
     @property
     def bound(self) -> bool:
@@ -179,13 +185,109 @@ class InputValidator:
         self._seen = set()
 
     def check(self, params: PyTree, state: PyTree, batch: Any, key: Any) -> None:
-        """Raise :class:`InputError` if the arguments do not fit; cached per signature."""
+        """Raise :class:`InputError` if the arguments do not fit.
+
+        The structural checks are cached per signature; :meth:`check_values` (the
+        batch size and the label range) runs on every call.
+        """
         sig = signature(params, state, batch, key)
         try:
-            if sig in self._seen:
-                return
+            known = sig in self._seen
         except TypeError:  # an unhashable treedef: check every time
-            sig = None
+            sig, known = None, False
+        if not known:
+            self._check_not_empty(batch)
+            self._check_signature(params, state, batch, key)
+            if sig is not None:
+                self._seen.add(sig)
+        self.check_values(params, batch)
+
+    def check_values(self, params: PyTree, batch: Any) -> None:
+        """Checks that depend on the batch's size and values, run on every call.
+
+        * an empty batch (0 rows) is refused: a mean over no examples is 0/0;
+        * integer labels of ``softmax_cross_entropy`` must lie in ``[0, C)`` (C the
+          size of the logits' class axis). Checked only where the labels are
+          concrete (not traced): in :meth:`somax_plug.Method.step` and in the Optax
+          bridge's ``update`` called outside ``jit``. Inside a user's own ``jit`` the
+          loss maps every out-of-range label to a NaN loss instead (never a wrapped
+          class), so the step is rejected (``info["finite"]`` is False).
+
+        Raises:
+            InputError: naming the batch size, or the bad labels, their positions and
+                the allowed range.
+        """
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            return  # the structural check reports it
+        self._check_not_empty(batch)
+        if isinstance(self.model.loss, SoftmaxCrossEntropy):
+            self._check_labels(params, batch)
+
+    @staticmethod
+    def _check_not_empty(batch: Any) -> None:
+        for path, x in jax.tree_util.tree_leaves_with_path(batch):
+            shape = _leaf_sig(x)[0]
+            if shape and shape[0] == 0:
+                raise InputError(
+                    f"empty batch: batch{jax.tree_util.keystr(path)} has 0 examples (shape "
+                    f"{shape}); a step needs at least one example (the mean over no "
+                    "examples is 0/0): skip empty batches, or drop the last incomplete "
+                    "batch of an epoch"
+                )
+
+    def _check_labels(self, params: PyTree, batch: Any) -> None:
+        inputs, targets = batch
+        t_leaves = jax.tree_util.tree_leaves(targets)
+        if len(t_leaves) != 1:
+            return
+        labels = t_leaves[0]
+        if isinstance(labels, jax.core.Tracer) or not getattr(
+            labels, "is_fully_addressable", True
+        ):
+            return  # traced (a user's own jit): the loss gives NaN for a bad label
+        dtype = getattr(labels, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+            return
+        classes = self._num_classes(params, inputs)
+        if classes is None:
+            return
+        values = np.asarray(labels)
+        bad = (values < 0) | (values >= classes)
+        if not bad.any():
+            return
+        where = np.argwhere(bad)
+        first = tuple(int(i) for i in where[0])
+        raise InputError(
+            f"labels out of range for softmax_cross_entropy with C = {classes} classes: "
+            f"{int(bad.sum())} of {values.size} integer labels are outside [0, {classes - 1}] "
+            f"(targets{list(first)} = {int(values[first])}; min {int(values.min())}, max "
+            f"{int(values.max())}); integer labels must be class indices 0..{classes - 1}. "
+            "Remap them, drop those examples, or pass one-hot/soft targets with an all-zero "
+            "row for positions to ignore"
+        )
+
+    def _num_classes(self, params: PyTree, inputs: PyTree) -> int | None:
+        """The logits' class-axis size for these input shapes (cached; None if unknown)."""
+        key = (_flat_sig(params), _flat_sig(inputs))
+        try:
+            return self._classes[key]
+        except KeyError:
+            pass
+        except TypeError:
+            key = None
+        try:
+            outputs = jax.eval_shape(self.model.predict_fn, params, inputs)
+        except Exception:  # the structural check reports a failing predict_fn
+            return None
+        o_leaves = jax.tree_util.tree_leaves(outputs)
+        classes = (
+            int(o_leaves[0].shape[-1]) if len(o_leaves) == 1 and o_leaves[0].ndim >= 2 else None
+        )
+        if key is not None:
+            self._classes[key] = classes
+        return classes
+
+    def _check_signature(self, params: PyTree, state: PyTree, batch: Any, key: Any) -> None:
         self._check_batch(batch)
         self._check_params(params)
         _compare(
@@ -198,8 +300,6 @@ class InputValidator:
         )
         self._check_key(key)
         self._check_model(params, batch)
-        if sig is not None:
-            self._seen.add(sig)
 
     # ----------------------------------------------------------------- batch
     def _check_batch(self, batch: Any) -> None:

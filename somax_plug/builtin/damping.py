@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from somax_plug import Damping, OptionError, StepStats, declare, lazy_import, option
+from somax_plug import Damping, OptionError, StepStats, declare, lazy_import, option, tree
 
 jnp = lazy_import("jax.numpy")
 
@@ -46,7 +46,8 @@ class DampingState(NamedTuple):
     """State shared by the built-in policies.
 
     Attributes:
-        lam: the lambda of the coming step (scalar, ``dtype`` option).
+        lam: the lambda of the coming step (scalar, in the state dtype: the ``dtype``
+            option, else the parameters' accumulation dtype, see :func:`state_dtype`).
         count: number of updates seen (int32).
         rho: the last reduction ratio (NaN when the policy does not compute it).
     """
@@ -56,7 +57,26 @@ class DampingState(NamedTuple):
     rho: Array
 
 
-def _state(lam: Any, dtype: str, count: Any = 0, rho: Any = float("nan")) -> DampingState:
+def state_dtype(dtype: str | None, params: Any = None) -> Any:
+    """The dtype of a damping state: ``dtype`` if given, else the parameters' accumulation dtype.
+
+    The accumulation dtype is float64 when any parameter leaf is float64 (with
+    ``jax_enable_x64``), else float32, so in float64 mode ``lam = 0.01`` is stored as
+    the float64 0.01 rather than the float32 0.009999999776. Without parameters
+    (``policy.init()`` on its own) it is float32.
+
+    Example:
+        >>> state_dtype("bfloat16"), state_dtype(None)
+        ('bfloat16', dtype('float32'))
+    """
+    if dtype is not None:
+        return dtype
+    if params is None:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(tree.accum_dtype(params))
+
+
+def _state(lam: Any, dtype: Any, count: Any = 0, rho: Any = float("nan")) -> DampingState:
     return DampingState(
         lam=jnp.asarray(lam, dtype),
         count=jnp.asarray(count, jnp.int32),
@@ -66,6 +86,7 @@ def _state(lam: Any, dtype: str, count: Any = 0, rho: Any = float("nan")) -> Dam
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 """Dtype names a damping state may use."""
+DTYPE_DOC = "dtype of the state (None: the parameters' accumulation dtype)"
 
 
 @declare("constant", summary="fixed lambda; rejects only non-finite steps")
@@ -73,14 +94,21 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 class Constant(Damping):
     """A fixed lambda; a step is rejected only when it is not finite (``stats.finite``).
 
-    Options: ``lam`` (default 1e-3), ``dtype`` (of the state, default ``"float32"``).
+    Options: ``lam`` (default 1e-3, finite), ``dtype`` (of the state; default None: the
+    parameters' accumulation dtype, see :func:`state_dtype`).
     """
 
     lam: float = option(1e-3, ge=0, doc="the damping lambda")
-    dtype: str = option("float32", choices=DTYPES, doc="dtype of the state")
+    dtype: str | None = option(None, choices=DTYPES, doc=DTYPE_DOC)
 
-    def init(self) -> DampingState:
-        return _state(self.lam, self.dtype)
+    def init(self, params: Any = None) -> DampingState:
+        return _state(self.lam, state_dtype(self.dtype, params))
+
+    def init_for(self, params: Any) -> DampingState:
+        return self.init(params)
+
+    def lam_floor(self) -> float | None:
+        return float(self.lam)
 
     def value(self, state: DampingState) -> Array:
         return state.lam
@@ -114,7 +142,8 @@ class LevenbergMarquardt(Damping):
 
     Options: ``init`` (1.0), ``increase`` (> 1, default 1.5), ``decrease`` (in (0, 1),
     default 2/3), ``rho_low`` (0.25), ``rho_high`` (0.75), ``eta`` (1e-4),
-    ``min_lambda`` (1e-8), ``max_lambda`` (1e8), ``dtype`` (``"float32"``).
+    ``min_lambda`` (1e-8), ``max_lambda`` (1e8), ``dtype`` (None: the parameters'
+    accumulation dtype, see :func:`state_dtype`).
     """
 
     init_value: float = option(1.0, ge=0, alias="init", doc="initial lambda")
@@ -125,7 +154,7 @@ class LevenbergMarquardt(Damping):
     eta: float = option(1e-4, doc="reject steps with rho < eta")
     min_lambda: float = option(1e-8, ge=0, doc="lower bound of lambda")
     max_lambda: float = option(1e8, ge=0, doc="upper bound of lambda")
-    dtype: str = option("float32", choices=DTYPES, doc="dtype of the state")
+    dtype: str | None = option(None, choices=DTYPES, doc=DTYPE_DOC)
 
     def __attrs_post_init__(self) -> None:
         if not self.min_lambda <= self.max_lambda:
@@ -139,9 +168,15 @@ class LevenbergMarquardt(Damping):
                 f"{self.rho_low!r} > {self.rho_high!r}"
             )
 
-    def init(self) -> DampingState:
+    def init(self, params: Any = None) -> DampingState:
         lam = min(max(self.init_value, self.min_lambda), self.max_lambda)
-        return _state(lam, self.dtype)
+        return _state(lam, state_dtype(self.dtype, params))
+
+    def init_for(self, params: Any) -> DampingState:
+        return self.init(params)
+
+    def lam_floor(self) -> float | None:
+        return float(self.min_lambda)  # lam is clipped to [min_lambda, max_lambda]
 
     def value(self, state: DampingState) -> Array:
         return state.lam
@@ -213,7 +248,8 @@ class Schedule(Damping):
     "decay_rate": 0.5}``. The dict is stored frozen (hashable) and the schedule is
     built when traced. State: the count of updates and ``lam = schedule(count)``.
 
-    Options: ``schedule`` (required), ``dtype`` (``"float32"``).
+    Options: ``schedule`` (required), ``dtype`` (None: the parameters' accumulation
+    dtype, see :func:`state_dtype`).
     """
 
     schedule: Any = option(
@@ -221,7 +257,7 @@ class Schedule(Damping):
         converter=_schedule_converter,
         doc="a callable count -> lambda, or {'name': <optax schedule>, **its arguments}",
     )
-    dtype: str = option("float32", choices=DTYPES, doc="dtype of the state")
+    dtype: str | None = option(None, choices=DTYPES, doc=DTYPE_DOC)
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.schedule, _FrozenMapping):
@@ -254,16 +290,20 @@ class Schedule(Damping):
             return getattr(optax.schedules, name)(**options)
         return self.schedule
 
-    def _lam(self, count: Array) -> Array:
-        return jnp.asarray(self.resolve()(count), self.dtype)
+    def _lam(self, count: Array, dtype: Any) -> Array:
+        return jnp.asarray(self.resolve()(count), dtype)
 
-    def init(self) -> DampingState:
-        return _state(self._lam(jnp.asarray(0, jnp.int32)), self.dtype)
+    def init(self, params: Any = None) -> DampingState:
+        dtype = state_dtype(self.dtype, params)
+        return _state(self._lam(jnp.asarray(0, jnp.int32), dtype), dtype)
+
+    def init_for(self, params: Any) -> DampingState:
+        return self.init(params)
 
     def value(self, state: DampingState) -> Array:
         return state.lam
 
     def update(self, state: DampingState, stats: StepStats) -> tuple[DampingState, Array]:
         count = state.count + 1
-        new = state._replace(count=count, lam=self._lam(count))
+        new = state._replace(count=count, lam=self._lam(count, state.lam.dtype))
         return new, jnp.asarray(stats.finite, jnp.bool_)

@@ -52,6 +52,7 @@ from somax_plug import (
     CompositionError,
     Estimator,
     LinearOperator,
+    OptionError,
     Resources,
     declare,
     lazy_import,
@@ -458,7 +459,8 @@ class Lanczos(Estimator):
 
     Attributes:
         num_iters: Lanczos steps (matvecs), capped at the parameter count.
-        num_eigs: k, eigenpairs returned (at most the number of steps).
+        num_eigs: k, eigenpairs returned; ``num_eigs > num_iters`` is refused
+            (``OptionError``); beyond the parameter count n, k is capped at n.
         which: ``"largest"`` (algebraic) or ``"magnitude"``.
         grid_size: G, points of the density grid.
         smoothing: Gaussian width relative to the Ritz range.
@@ -470,6 +472,15 @@ class Lanczos(Estimator):
     which: str = option("largest", choices=("largest", "magnitude"), doc="which eigenvalues")
     grid_size: int = option(128, ge=2, doc="points of the density grid")
     smoothing: float = option(0.02, gt=0, doc="Gaussian width relative to the Ritz range")
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_eigs > self.num_iters:
+            raise OptionError(
+                f"estimator 'lanczos': num_eigs = {self.num_eigs} > num_iters = "
+                f"{self.num_iters}: m Lanczos steps give at most m Ritz pairs, so it would "
+                f"return {self.num_iters} eigenvalues; use num_iters >= {self.num_eigs} "
+                f"(several times num_eigs for accurate pairs) or num_eigs <= {self.num_iters}"
+            )
 
     def _sizes(self, params: PyTree) -> tuple[int, int]:
         m = min(self.num_iters, tree.size(params))

@@ -13,9 +13,14 @@ and returns ``(s, SolverInfo, new_state)`` with a fixed schema:
   model ``diag(d) + lam I``; ``identity`` reports NaN (not computed: it would cost
   a matvec the first-order baseline must not pay).
 * ``converged`` (bool): ``residual <= tol``; for ``cg``: its stopping rule was met
-  (see :class:`CG`); for ``direct`` and ``identity``: the direction is finite; for
-  ``row_cg``: the row-space system met its tolerance (see :class:`RowCG`). ``auto``
-  reports what the solve it chose reports.
+  (see :class:`CG`); for ``direct`` and ``identity``: the direction is finite.
+  ``auto`` reports what the solve it chose reports.
+
+``residual`` and ``converged`` always refer to the system the user asked to solve,
+``(C + lam I) s = rhs`` in parameter space, never to an inner system: the row-space
+solvers (``row_cholesky``, ``row_cg``) report ``||U^T rho|| / (lam ||rhs||)``, the
+exact parameter-space residual of their row-space residual ``rho``, and ``row_cg``
+stops on it.
 
 Each class carries its declaration (``@declare`` and its ``option`` fields): what it
 requires, whether it applies the preconditioner, its options and their ranges.
@@ -45,7 +50,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import attrs
 
@@ -837,6 +842,7 @@ class RowCholesky(Solver):
     """
 
     tol: float = option(1e-5, ge=0, doc="converged when the residual <= tol")
+    needs_positive_lam: ClassVar[bool] = True
 
     def solve(
         self,
@@ -886,20 +892,29 @@ def _finish_row(
 class RowCG(Solver):
     """The row-space system of :class:`RowCholesky` solved by CG, without forming ``U U^T``.
 
-    ``(lam I + U U^T) c = U rhs`` by CG in R dimensions (one ``matvec`` and one
-    ``rmatvec`` per iteration, counted as one iteration), then
-    ``s = (rhs - U^T c) / lam``. The loop stops, and ``converged`` is True, when the
-    row-space residual ``rho`` satisfies ``||rho|| <= tol ||U rhs||`` (the system CG
-    actually solves). The reported ``residual`` is the parameter-space one,
-    ``||U^T rho|| / (lam ||rhs||)`` (an exact identity; one ``rmatvec``), which can
-    differ from the row-space one by up to ``||U||^2 / lam``. Requires ``lam > 0``;
-    the preconditioner is not used.
+    CG on ``(lam I + U U^T) c = U rhs`` in R dimensions, then
+    ``s = (rhs - U^T c) / lam``. The parameter-space residual of the system the user
+    asked to solve is, exactly, ``rhs - (C + lam I) s = -U^T rho / lam`` with ``rho``
+    the row-space residual, so the loop carries ``t = U^T rho`` and ``w = U^T p``
+    alongside the row-space iterates (``U^T`` is linear: ``t' = t - alpha (lam w +
+    U^T U w)``, ``w' = t' + beta w``) and also ``U^T c``, which gives ``s`` with no
+    final product. Each iteration costs one ``matvec`` (``U w``) and one ``rmatvec``
+    (``U^T (U w)``), counted as one iteration; the start costs one ``rmatvec``.
+
+    The loop stops, and ``converged`` is True, when the parameter-space residual
+    ``||U^T rho|| / (lam ||rhs||) <= tol``: the same ``tol``, ``residual`` and
+    ``converged`` as :class:`CG` on ``(C + lam I) s = rhs``, whatever ``||U||^2 / lam``
+    (by which the row-space residual can differ). Like CG's, the residual is the
+    recursively updated one (equal to the true one in exact arithmetic). Requires
+    ``lam > 0`` (refused at compose time for a damping that can reach 0); the
+    preconditioner is not used.
 
     Options: ``tol``, ``maxiter``.
     """
 
-    tol: float = option(1e-5, ge=0, doc="stop when the row-space residual <= tol ||U rhs||")
+    tol: float = option(1e-5, ge=0, doc="stop when ||rhs - (C + lam I) s|| <= tol ||rhs||")
     maxiter: int = option(50, ge=1, doc="at most this many CG iterations")
+    needs_positive_lam: ClassVar[bool] = True
 
     def solve(
         self,
@@ -915,14 +930,61 @@ class RowCG(Solver):
         dt = jnp.result_type(ub.dtype, jnp.float32)
         ub = ub.astype(dt)
         lam_ = jnp.asarray(lam).astype(dt)
+        bb = tree.vdot(rhs, rhs)
+        acc = bb.dtype
 
-        def row_mv(r: Array) -> Array:
-            return lam_ * r + jnp.ravel(factors.matvec(factors.rmatvec(r))).astype(dt)
+        def up(r: Array) -> PyTree:  # U^T r, in the accumulation dtype
+            return jax.tree_util.tree_map(lambda x: x.astype(acc), factors.rmatvec(r))
 
-        c, rho, rr, i, uu, _ = _pcg(row_mv, ub, None, _identity, self.tol, self.maxiter, True)
-        s, info, state = _finish_row(rhs, factors, c, rho, lam_, self.tol, i, state)
-        converged = rr <= jnp.asarray(self.tol, rr.dtype) ** 2 * uu
-        return s, info._replace(converged=converged), state
+        t0 = up(ub)  # U^T rho_0 (rho_0 = U rhs, c_0 = 0)
+        thresh = (jnp.asarray(self.tol, acc) * lam_.astype(acc)) ** 2 * bb
+
+        def cond(c: dict) -> Array:
+            return (c["i"] < self.maxiter) & (c["tt"] > thresh) & ~c["stop"]
+
+        def body(c: dict) -> dict:
+            v = jnp.ravel(factors.matvec(tree.cast_like(c["w"], rhs))).astype(dt)  # U U^T p
+            q = lam_ * c["p"] + v  # (lam I + U U^T) p
+            pq = jnp.vdot(c["p"], q)
+            alpha = _safe_div(c["rr"], pq)
+            rho = c["rho"] - alpha * q
+            uv = up(v)  # U^T U U^T p = C w
+            t = _comb((1, c["t"]), (-alpha * lam_, c["w"]), (-alpha, uv))
+            rr = jnp.vdot(rho, rho)
+            beta = _safe_div(rr, c["rr"])
+            return {
+                "i": c["i"] + 1,
+                "c": c["c"] + alpha * c["p"],
+                "utc": _comb((1, c["utc"]), (alpha, c["w"])),
+                "rho": rho,
+                "p": rho + beta * c["p"],
+                "t": t,
+                "w": _comb((1, t), (beta, c["w"])),
+                "rr": rr,
+                "tt": tree.vdot(t, t),
+                "stop": ~(pq > 0),
+            }
+
+        init = {
+            "i": jnp.asarray(0, jnp.int32),
+            "c": jnp.zeros_like(ub),
+            "utc": tree.zeros_like(t0),
+            "rho": ub,
+            "p": ub,
+            "t": t0,
+            "w": t0,
+            "rr": jnp.vdot(ub, ub),
+            "tt": tree.vdot(t0, t0),
+            "stop": jnp.asarray(False),
+        }
+        out = lax.while_loop(cond, body, init)
+        inv = 1 / lam_.astype(acc)
+        s = jax.tree_util.tree_map(
+            lambda b, u: ((b.astype(acc) - u) * inv).astype(b.dtype), rhs, out["utc"]
+        )
+        tt = out["tt"] / lam_.astype(acc) ** 2
+        info = _info(out["i"], _relative(tt, bb), out["tt"] <= thresh, acc)
+        return s, info, state
 
 
 @declare(
