@@ -21,7 +21,19 @@ from somax_plug._src.layers import (
     LayerMap,
     discover,
     layer_io,
+    layer_map_provider,
+    layer_providers,
     param_paths,
 )
 
-__all__ = ["LAYER_FIELDS", "Layer", "LayerIO", "LayerMap", "discover", "layer_io", "param_paths"]
+__all__ = [
+    "LAYER_FIELDS",
+    "Layer",
+    "LayerIO",
+    "LayerMap",
+    "discover",
+    "layer_io",
+    "layer_map_provider",
+    "layer_providers",
+    "param_paths",
+]

@@ -57,6 +57,7 @@ from jax import tree_util as jtu
 from jax.extend import core as jcore
 
 from somax_plug._src.errors import InputError
+from somax_plug._src.resources import ResourceProvider
 
 PyTree = Any
 
@@ -146,7 +147,48 @@ class Layer:
     output_batch_axes: tuple[int, ...] = attrs.field(default=(), converter=_tuple)
     output_shared_axes: tuple[int, ...] = attrs.field(default=(), converter=_tuple)
     params: tuple[tuple[str, Any], ...] = attrs.field(default=(), repr=False)
+    kernel_operand: int = 1
     source: str = "discovered"
+
+    def apply(self, a: Any, kernel: Any) -> Any:
+        """``contract(a, W)``: the layer's equation on input ``a`` (without the bias).
+
+        With :func:`layer_io`'s ``a_l`` and output gradient ``g_l``, the kernel's
+        gradient is the VJP of this map at ``g_l`` (``jax.vjp(lambda w:
+        layer.apply(a_l, w), W)[1](g_l)``), and a Kronecker factor reads ``a_l`` and
+        ``g_l`` over the batch and shared axes.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> la = discover(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+            ...               jnp.ones((4, 3)))["w"]
+            >>> la.apply(jnp.ones((4, 3)), jnp.ones((3, 2))).shape
+            (4, 2)
+        """
+        p = dict(self.params)
+        if self.kind == "dense":
+            dn = p.get("dimension_numbers")
+            if dn is None:
+                raise InputError(
+                    f"layer {self.kernel!r} has no dimension_numbers (declared by an "
+                    "override): apply needs a discovered layer"
+                )
+            ops = (a, kernel) if self.kernel_operand == 1 else (kernel, a)
+            return jax.lax.dot_general(*ops, dn)
+        if "dimension_numbers" not in p:
+            raise InputError(
+                f"layer {self.kernel!r} has no conv parameters (declared by an override): "
+                "apply needs a discovered layer"
+            )
+        return jax.lax.conv_general_dilated(
+            a,
+            kernel,
+            p["window_strides"],
+            p["padding"],
+            lhs_dilation=p.get("lhs_dilation"),
+            rhs_dilation=p.get("rhs_dilation"),
+            dimension_numbers=p["dimension_numbers"],
+        )
 
 
 @attrs.frozen
@@ -511,6 +553,7 @@ def _layer_of(site: _Site, grown: _Site | None, paths: tuple[str, ...], leaves: 
         output_batch_axes=out_batch,
         output_shared_axes=out_shared,
         params=params,
+        kernel_operand=1 - site.act_pos,
     )
 
 
@@ -624,9 +667,15 @@ def discover(
     )
 
 
-def _check_overrides(overrides: dict, paths: tuple[str, ...]) -> None:
+def _check_overrides(overrides: dict, paths: tuple[str, ...] | None) -> None:
+    """Check override values (and, given ``paths``, that every named path exists)."""
     for path, value in overrides.items():
-        if not isinstance(path, str) or path not in paths:
+        if not isinstance(path, str):
+            raise InputError(
+                f"layer-map override key {path!r} is a {type(path).__name__}; expected a "
+                "parameter path string such as 'params/Dense_0/kernel'"
+            )
+        if paths is not None and path not in paths:
             raise InputError(
                 f"layer-map override names parameter path {path!r}, which does not exist; "
                 f"{_closest(str(path), paths)}"
@@ -650,7 +699,7 @@ def _check_overrides(overrides: dict, paths: tuple[str, ...]) -> None:
                 f"expected one of {KINDS}"
             )
         bias = value.get("bias")
-        if bias is not None and bias not in paths:
+        if bias is not None and paths is not None and bias not in paths:
             raise InputError(
                 f"layer-map override for {path!r} names bias {bias!r}, which does not "
                 f"exist; {_closest(str(bias), paths)}"
@@ -866,3 +915,85 @@ def _eval_taps(
 
 def _shape_of(v: Any) -> tuple[int, ...]:
     return tuple(getattr(v.aval, "shape", ()))
+
+
+# ---------------------------------------------------------------- resource providers
+
+
+def _output_grads(vjp: Callable, u: Any) -> dict[str, Any]:
+    return vjp(u)[1]
+
+
+def layer_map_provider(
+    overrides: Mapping[str, Mapping[str, Any] | None] | None = None, *, plugin: str = ""
+) -> ResourceProvider:
+    """The ``layer_map`` resource: :func:`discover` on the step's model, params and inputs.
+
+    The map is found when the step is traced (a static value: it costs nothing at run
+    time). To override it, return this provider, built with ``overrides``, from a
+    plugin's ``somax_plug_provide_resource`` hook for ``"layer_map"`` (the first
+    answer wins over the built-in one). The override values are checked here; the
+    paths when the step is traced (before any FLOP).
+
+    Example:
+        >>> layer_map_provider({"params/Embed_0/embedding": None}).name
+        'layer_map'
+    """
+    table = dict(overrides or {})
+    _check_overrides(table, None)
+
+    def compute(res: Any) -> LayerMap:
+        return discover(res.model.outputs, res.params, res.inputs, table)
+
+    return ResourceProvider(
+        "layer_map",
+        compute,
+        plugin=plugin,
+        summary="dense/conv layers found in the model's jaxpr (static, at trace time)"
+        + (f", {len(table)} override(s)" if table else ""),
+    )
+
+
+def layer_providers(plugin: str = "builtin") -> dict[str, ResourceProvider]:
+    """``layer_map``, ``layer_io``, ``layer_inputs`` and ``layer_output_grads``.
+
+    ``layer_io`` is one tapped forward pass (:func:`layer_io`); ``layer_inputs`` is
+    its kernel path -> layer input dict; ``layer_output_grads`` its VJP, as a
+    ``jax.tree_util.Partial`` ``u -> {kernel path: output gradient}`` (``u`` an
+    output cotangent: ``output_grad`` for the gradient, or sampled columns of the
+    output Hessian's square root for a Fisher/GGN factor).
+    """
+
+    def io(res: Any) -> LayerIO:
+        return layer_io(res.model.outputs, res.params, res.inputs, res["layer_map"])
+
+    def grads(res: Any) -> Callable[[Any], dict[str, Any]]:
+        return jtu.Partial(_output_grads, res["layer_io"].vjp)
+
+    return {
+        p.name: p
+        for p in (
+            layer_map_provider(plugin=plugin),
+            ResourceProvider(
+                "layer_io",
+                io,
+                requires={"layer_map"},
+                plugin=plugin,
+                summary="one tapped forward pass: outputs, layer inputs, VJP to layer outputs",
+            ),
+            ResourceProvider(
+                "layer_inputs",
+                lambda res: res["layer_io"].inputs,
+                requires={"layer_io"},
+                plugin=plugin,
+                summary="kernel path -> the layer's input",
+            ),
+            ResourceProvider(
+                "layer_output_grads",
+                grads,
+                requires={"layer_io"},
+                plugin=plugin,
+                summary="u -> kernel path -> the layer's output gradient (a VJP, no new forward)",
+            ),
+        )
+    }
