@@ -83,6 +83,9 @@ _LAZY = {
     "Linearization": "resources",
     "OutputHessian": "resources",
     "HVP": "resources",
+    "Layer": "layers",
+    "LayerMap": "layers",
+    "LayerIO": "layers",
     # model and losses
     "make_model": "model",
     "Model": "model",
@@ -118,9 +121,10 @@ _LAZY = {
     "PlanVetoed": "errors",
     "InputError": "errors",
     "CheckpointError": "errors",
+    "ComponentError": "errors",
 }
 
-_SUBMODULES = ("tree", "losses", "checkpoint", "testing", "builtin", "models")
+_SUBMODULES = ("tree", "losses", "checkpoint", "testing", "builtin", "models", "layers")
 
 __all__ = ["API_VERSION", "__version__", "hookimpl", "hookspec", *sorted(_LAZY)]
 

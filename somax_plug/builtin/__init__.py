@@ -20,6 +20,7 @@ module                            what it declares
                                             default damping of a composition)
 :mod:`~somax_plug.builtin.presets`          presets (compositions as data)
 :mod:`~somax_plug.builtin.resources`        resource providers
+:mod:`~somax_plug.builtin.layers`           layer map and per-layer resources
 ================================  ===========================================
 """
 
@@ -52,9 +53,13 @@ def somax_plug_register(register: Any) -> None:
 
 @hookimpl(trylast=True)
 def somax_plug_provide_resource(name: str, registry: Any) -> Any:
-    """Built-in resources (outputs, linearization, loss, grad, hvp, ...)."""
+    """Built-in resources (outputs, linearization, loss, grad, hvp, ..., layer_map)."""
     from somax_plug.builtin.resources import PROVIDERS
 
+    if name.startswith("layer_"):
+        from somax_plug.builtin.layers import PROVIDERS as LAYERS
+
+        return LAYERS.get(name)
     return PROVIDERS.get(name)
 
 
