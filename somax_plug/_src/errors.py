@@ -43,6 +43,10 @@ class CheckpointError(SomaxPlugError, ValueError):
     """A checkpoint does not match the current plan or plugin set."""
 
 
+class ComponentError(SomaxPlugError, TypeError):
+    """A component returned something its kind's contract forbids (raised while tracing)."""
+
+
 class OptionError(CompositionError):
     """A component option has a wrong name, type or value (raised at compose time)."""
 
@@ -58,6 +62,7 @@ for _error in (
     PlanVetoed,
     InputError,
     CheckpointError,
+    ComponentError,
     OptionError,
 ):
     _error.__module__ = "somax_plug"  # their public home (tracebacks, docs, pickling)
