@@ -2,7 +2,10 @@
 
 Profiles: ``ci`` (few examples, no deadline; chosen when ``CI`` is set) and ``dev``
 (more examples, for local runs). Pick one explicitly with
-``pytest --hypothesis-profile=dev``.
+``pytest --hypothesis-profile=dev``. Both are deterministic: ``derandomize=True``
+(examples seeded from each test's own source) and no example database (so a
+failure saved by an earlier run on this machine is not replayed), so a plain
+``python -m pytest`` on a fresh clone runs the same examples every time.
 
 ``jax_enable_x64`` is on so that tests can build dense float64 references; tests
 that check float32 or bfloat16 behaviour set their dtypes explicitly.
@@ -24,12 +27,15 @@ settings.register_profile(
     max_examples=8,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
     "dev",
     max_examples=60,
     deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

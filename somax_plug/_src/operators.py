@@ -22,8 +22,10 @@ Tag rules, with the reason for each:
   damping (``(A + lam I)^T = A^T + lam I``).
 * ``psd``: kept by sums of psd operators, by scaling with ``c >= 0`` and by damping
   with ``lam >= 0`` (``v.(A + lam I)v = v.Av + lam |v|^2``). The sign of ``c`` or
-  ``lam`` is checked when it is concrete; when it is traced the tag is dropped unless
-  the caller asserts ``nonnegative=True``. ``psd`` always implies ``symmetric``.
+  ``lam`` is checked when it is concrete (on the host, so a negative denormal such as
+  ``-2.2e-313``, which XLA on CPU flushes to zero, counts as negative); when it is
+  traced the tag is dropped unless the caller asserts ``nonnegative=True``. ``psd``
+  always implies ``symmetric``.
 * ``row_space``: ``A + B = [U_A; U_B]^T [U_A; U_B]`` (the stacked rows, ``R_A + R_B``
   of them) when both have row factors; ``c A = (sqrt(c) U)^T (sqrt(c) U)`` when
   ``c >= 0``; damping drops it (``A + lam I`` has no short row factorisation).
@@ -54,6 +56,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
 
 from somax_plug._src.kinds import DIAG, PSD, ROW_SPACE, SYMMETRIC, LinearOperator, RowFactors
 from somax_plug._src.lazy import flush_pytree_classes, lazy_import, register_pytree_class
@@ -95,10 +99,17 @@ def normalize_tags(tags: Iterable[str] | str | None) -> frozenset[str]:
 
 
 def _is_nonnegative(value: Any) -> bool | None:
-    """``value >= 0`` when it is concrete, None when it is traced."""
+    """``value >= 0`` when it is concrete, None when it is traced.
+
+    Compared on the host with NumPy, on the value as given: XLA on CPU flushes
+    denormals to zero, so a comparison run by XLA would call ``-2.2e-313`` (a negative
+    denormal) nonnegative.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
     try:
-        return bool(jnp.all(jnp.asarray(value) >= 0))
-    except jax.errors.ConcretizationTypeError:
+        return bool(np.all(np.asarray(value) >= 0))
+    except (jax.errors.ConcretizationTypeError, TypeError):
         return None
 
 
