@@ -3,16 +3,20 @@
 Subcommands: ``list``, ``show``, ``doctor`` (the registry), ``plan`` (explain a
 composition), ``demo`` (the main job) and ``bench`` (benchmarks). Each of
 ``list``, ``show``, ``doctor`` and ``plan`` takes ``--json``; the JSON shapes are a
-contract that other tools read (see the docs' CLI page).
+contract that other tools read (see the docs' CLI page). ``--debug`` anywhere on the
+command line shows the traceback of an error instead of its one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from somax_plug._src.errors import SomaxPlugError
 
@@ -32,11 +36,52 @@ def _requires_text(req: dict[str, list[str]]) -> str:
     return ", ".join(parts) or "-"
 
 
+class NothingMatched(SomaxPlugError):
+    """``somax-plug list`` filters that match no registered component (exit status 2)."""
+
+
+def _close(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+
+
+def _nothing_matched(reg: Any, args: argparse.Namespace) -> str:
+    """Why ``list`` matched nothing, with the names that would match."""
+    given = [
+        f"--{key} {value!r}"
+        for key, value in (("kind", args.kind), ("tag", args.tag), ("plugin", args.plugin))
+        if value
+    ]
+    parts = [f"no component matches {' '.join(given)}"]
+    plugins = sorted(reg.plugins)
+    if args.plugin and args.plugin not in reg.plugins:
+        parts.append(
+            f"no plugin is named {args.plugin!r}; {_close(args.plugin, plugins)}"
+            f"plugins: {', '.join(plugins)}"
+        )
+    elif args.plugin and not reg.list(plugin=args.plugin):
+        record = reg.plugins[args.plugin]
+        parts.append(f"plugin {args.plugin!r} ({record.status}) registered no components")
+    if args.tag:
+        pool = reg.list(kind=args.kind, plugin=args.plugin if args.plugin in reg.plugins else None)
+        tags = sorted({t for spec in pool for t in spec.provides})
+        parts.append(
+            f"{_close(args.tag, tags)}tags and statistics provided"
+            + (f" by {args.kind} components" if args.kind else "")
+            + f": {', '.join(tags) or '(none)'}"
+        )
+    return "; ".join(parts)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from somax_plug._src.registry import get_registry
 
     reg = get_registry()
     specs = reg.list(kind=args.kind, tag=args.tag, plugin=args.plugin)
+    if not specs and (args.kind or args.tag or args.plugin):
+        if args.json:
+            print("[]")
+        raise NothingMatched(_nothing_matched(reg, args))
     rows = [s.to_dict() for s in specs]
     keys = (
         "kind",
@@ -133,6 +178,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from somax_plug._src.registry import get_registry
 
     reg = get_registry()
+    reg.check_factories()  # imports each lazy factory: a missing one is not "ok"
     plugins = [r.to_dict() for r in reg.plugins.values()]
     report = {
         "plugins": plugins,
@@ -149,11 +195,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 p["version"] or "-",
                 p["status"],
                 str(len(p["components"])),
+                "-" if p["import_seconds"] is None else f"{p['import_seconds']:.3f}",
                 p["error"] or "",
             ]
             for p in plugins
         ]
-        print(_table(rows, ["plugin", "distribution", "version", "status", "components", "error"]))
+        headers = ["plugin", "distribution", "version", "status", "components", "import s"]
+        print(_table(rows, [*headers, "error"]))
+        for p in plugins:
+            for warning in p["warnings"]:
+                print(f"warning: plugin {p['name']!r}: {warning}")
+            for override in p["overrides"]:
+                print(f"override: plugin {p['name']!r} overrides {override}")
         for message in report["conflicts"]:
             print(f"conflict: {message}")
         print(f"fingerprint: {report['fingerprint']}")
@@ -216,21 +269,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _say(message: str) -> None:
+    try:
+        print(f"somax-plug: {message}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if getattr(args, "delegate", None):
+        status = _delegate(args.delegate, argv[1:])
+    else:
+        status = int(args.func(args) or 0)
+    sys.stdout.flush()  # a full device fails here, inside the handlers below
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Exit status: 0 on success, 2 for a :class:`~somax_plug.SomaxPlugError` (a named
+    error; also a ``list`` that matched nothing), 1 for anything else: an
+    ``OSError`` such as a full device, or an unexpected exception, printed as one
+    line that names it (``--debug``, anywhere on the command line, shows the
+    traceback instead), 130 on Ctrl-C.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("demo", "bench"):
         module = {"demo": "somax_plug._src.demo", "bench": "somax_plug._src.bench"}[argv[0]]
-        return _delegate(module, argv[1:])
-    args = parser.parse_args(argv)
+        args = argparse.Namespace(delegate=module)
+    else:
+        args = build_parser().parse_args(argv)
+    hint = "run again with --debug for the traceback"
     try:
-        return int(args.func(args) or 0)
+        return _run(args, argv)
     except SomaxPlugError as exc:
-        print(f"somax-plug: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        _say(f"error: {exc}")
         return 2
     except BrokenPipeError:  # `somax-plug list --json | head`: the reader left early
+        _silence_stdout()
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except OSError as exc:
+        _silence_stdout()
+        if debug:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        _say(f"error: input/output failed{where}: {type(exc).__name__}: {exc}; {hint}")
+        return 1
+    except Exception as exc:
+        if debug:
+            raise
+        _say(f"internal error: {type(exc).__name__}: {exc}; {hint}, and report it")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
