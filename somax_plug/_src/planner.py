@@ -474,7 +474,7 @@ def make_plan(
         if isinstance(composition, Mapping):
             composition = Composition.from_dict(composition, registry=registry)
         else:
-            composition = load_composition(composition)
+            composition = load_composition(composition, registry=registry)
     components = resolve_components(composition, registry)
     check_requirements(components, composition, registry)
     nodes, hooks = resource_graph(components, composition, registry)
