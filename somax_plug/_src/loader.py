@@ -338,6 +338,13 @@ def factory_problem(spec: Any, deep: bool = False) -> str | None:
     module, _, attr = factory.partition(":")
     if not module or not attr:
         return f"{owner}: factory {factory!r} must be 'module:attribute'"
+    if not deep and module in sys.modules:  # imported already: the attribute is free to check
+        obj: Any = sys.modules[module]
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                return f"{owner}: factory {factory!r}: module {module!r} has no attribute {part!r}"
+            obj = getattr(obj, part)
+        return None
     if not deep:
         if _locate(module) is False:
             return f"{owner}: factory {factory!r} names module {module!r}, which cannot be found"
