@@ -172,12 +172,46 @@ class VectorInfo(IntDir):
     def solve(self, op, rhs, lam, precond, stats, state):
         return rhs, SolverInfo(jnp.zeros(3, jnp.int32), 0.0, True), state
 
+from somax_plug import Estimator, Preconditioner
+
+@attrs.frozen
+class NoDiag(Estimator):
+    def init(self, params):
+        return ()
+    def estimate(self, res, key, state):
+        return {"other": jnp.zeros(())}, state
+
+@attrs.frozen
+class GrowingState(NoDiag):
+    def estimate(self, res, key, state):
+        return {"diag": jax.tree.map(jnp.ones_like, res.params)}, jnp.zeros(3)
+
+@attrs.frozen
+class IntApply(Preconditioner):
+    def init(self, params):
+        return ()
+    def apply(self, state, v, lam):
+        return jax.tree.map(lambda x: x.astype(jnp.int32), v)
+
+@attrs.frozen
+class ShrinkingState(Preconditioner):
+    def init(self, params):
+        return {"m": jax.tree.map(jnp.zeros_like, params)}
+    def update(self, res, stats, lam, key, state):
+        return {"m": jax.tree.map(lambda m: m[:1], state["m"])}
+    def apply(self, state, v, lam):
+        return v
+
 @hookimpl
 def somax_plug_register(register):
     for name, cls in [("int_dir", IntDir), ("wrong_shape", WrongShape),
                       ("wrong_tree", WrongTree), ("bad_info", BadInfo),
                       ("vector_info", VectorInfo)]:
         register(ComponentSpec(kind="solver", name=name, factory=cls))
+    for name, cls in [("no_diag", NoDiag), ("growing_state", GrowingState)]:
+        register(ComponentSpec(kind="estimator", name=name, factory=cls, provides={"diag"}))
+    for name, cls in [("int_apply", IntApply), ("shrinking_state", ShrinkingState)]:
+        register(ComponentSpec(kind="preconditioner", name=name, factory=cls))
 """,
     "othercg": """
 @hookimpl
@@ -439,6 +473,37 @@ def plugin_cases(get):
                 lambda n=name: one_step(get("bads"), solver=n),
                 error=ComponentError,
                 says=(f"solver 'bads:{name}'", "plugin 'bads'", *says),
+            )
+        )
+    cg = {"curvature": "ggn", "solver": "cg"}
+    for name, composition, says in (
+        (
+            "estimator 'bads:no_diag'",
+            {**cg, "estimators": ["no_diag"], "preconditioner": "jacobi"},
+            ("provides ['diag']", "only ['other']"),
+        ),
+        (
+            "estimator 'bads:growing_state'",
+            {**cg, "estimators": ["growing_state"], "preconditioner": "jacobi"},
+            ("its new state", "structure", "the state it was given"),
+        ),
+        (
+            "preconditioner 'bads:int_apply'",
+            {**cg, "preconditioner": "int_apply"},
+            ("M^-1 v", "dtype int32", "float32 was expected"),
+        ),
+        (
+            "preconditioner 'bads:shrinking_state'",
+            {**cg, "preconditioner": "shrinking_state"},
+            ("its new state", "shape [1] at ['m']['b']", "[2] was expected"),
+        ),
+    ):
+        cases.append(
+            Case(
+                f"{name} output",
+                lambda c=composition: one_step(get("bads"), **c),
+                error=ComponentError,
+                says=(name, "plugin 'bads'", *says),
             )
         )
     cases += [

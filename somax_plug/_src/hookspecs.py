@@ -25,6 +25,22 @@ and in its ``pyproject.toml``::
 
 The entry point's name is the plugin's name: its components are
 ``my_plugin:my_cg``.
+
+What the host does when a plugin misbehaves (see the docs' "What can go wrong"):
+
+* an exception in ``somax_plug_register`` (``SystemExit`` included) rolls the
+  plugin back and reports it ``failed``; an exception in any other hook, or a
+  result that breaks the hook's contract below, becomes a
+  :class:`~somax_plug.PluginError` naming the plugin, the hook and the original
+  exception (a ``provide_resource`` that raises is skipped, with a warning, when
+  another plugin provides that resource);
+* a function named ``somax_plug_*`` that is not a hook, or a hook function without
+  ``@hookimpl``, or a plugin that registers nothing, is a warning (status
+  ``degraded``), and an error under ``SOMAX_PLUG_STRICT=1``;
+* what a component returns inside the step is checked when the step is traced
+  (:class:`~somax_plug.ComponentError` names the component);
+* ``os._exit`` (or a crash in native code) ends the process without unwinding:
+  nothing in-process can catch it; run untrusted plugins in a subprocess.
 """
 
 from __future__ import annotations
