@@ -195,7 +195,7 @@ def test_structure_mismatches_and_custom_nodes(tmp_path):
         checkpoint.restore(path, cheap(predict_fn=predict, loss="mse"))
     p, _ = checkpoint.restore(path, cheap(predict_fn=predict, loss="mse"), params_like=params)
     assert isinstance(p, Params)
-    with pytest.raises(CheckpointError, match=r"params\.w was saved as float64\[2, 3\]"):
+    with pytest.raises(CheckpointError, match=r"params\.w: expected float64\[3, 3\] \(params_like\), found float64\[2, 3\]"):
         checkpoint.restore(
             path,
             cheap(predict_fn=predict, loss="mse"),

@@ -1,25 +1,43 @@
-"""Checkpoints: parameters and method state in one ``.npz``, tied to the plan.
+"""Checkpoints on Orbax: parameters and method state, tied to the plan.
 
-:func:`save` writes one NumPy ``.npz`` file (no pickle): the flattened leaves of
-the parameters and of the :class:`~somax_plug.MethodState`, and a JSON
-header with
+:func:`save` writes one `Orbax <https://orbax.readthedocs.io>`_ checkpoint
+directory (``orbax.checkpoint.CompositeCheckpointHandler``) with three items:
 
-* the plan fingerprint, the registry (plugin set) fingerprint and the plan's
-  content (components, options, cadences, resources) for a readable diff;
-* the pytree structures (``str`` of the treedefs) and every leaf's dtype and
-  shape; PRNG key arrays are stored as their key data plus the implementation
-  name, bfloat16 and other non-NumPy dtypes as raw bits;
-* the library and JAX versions and optional user ``metadata``.
+* ``params`` and ``state``: the parameters and the :class:`~somax_plug.MethodState`,
+  saved with ``orbax.checkpoint.args.StandardSave`` (PRNG key arrays, bfloat16 and
+  every other JAX dtype natively; no pickle anywhere);
+* ``somax_plug``: a JSON header (``orbax.checkpoint.args.JsonSave``) with the plan
+  fingerprint, the registry (plugin set) fingerprint and the plan's content for a
+  readable diff, every leaf's path, dtype, shape and SHA-256 of its bytes, the
+  parameters' container skeleton, the library and JAX versions and the user's
+  ``metadata``.
 
-:func:`restore` rebuilds ``(params, state)`` bitwise. It refuses, with a
-:class:`~somax_plug.CheckpointError` naming both fingerprints and the
-differing components, a checkpoint written under another plan; and one written
-under another plugin set unless ``allow_plugin_change=True`` (which still refuses
-a different plan).
+The directory opens with Orbax's own API (``ocp.Checkpointer(
+ocp.CompositeCheckpointHandler()).restore(path)``, or ``ocp.StandardCheckpointer()``
+on ``path / "state"``).
+
+Writes are atomic: Orbax writes into a fresh private directory beside ``path``
+(``mkdtemp``: unique name, mode 0700, nothing followed), every file and directory is
+``fsync``-ed, and the finished checkpoint is swapped in with one ``rename``
+(``renameat2(RENAME_EXCHANGE)`` on Linux when an older checkpoint is there). So a
+crash mid-save leaves the previous checkpoint intact, concurrent saves to one path
+leave one complete winner, and ``save`` never writes through a symbolic link nor
+replaces anything that is not a somax_plug checkpoint.
+
+:func:`restore` reads the header first, refuses another plan (naming both plan
+fingerprints and what differs) or another plugin set (naming both registry
+fingerprints; ``allow_plugin_change=True`` accepts it), then checks every stored
+array's path, shape and dtype against the method's state spec
+(:meth:`~somax_plug.Method.state_spec`) *before* reading any array, and every
+restored array's bytes against its SHA-256. Any corrupt, truncated or hand-edited
+checkpoint raises :class:`~somax_plug.CheckpointError`, never a raw ``KeyError``
+or ``EOFError``.
 
 Resuming is exact: ``N`` steps, save, restore into a fresh method built from the
 same composition, ``N`` more steps gives bitwise the parameters, state and info
 of ``2N`` uninterrupted steps (same device kind and JAX version).
+
+Orbax is an optional dependency: ``pip install 'somax-plug[checkpoint]'``.
 
 Example:
     >>> import jax, jax.numpy as jnp, tempfile, os
@@ -27,7 +45,7 @@ Example:
     >>> method = compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse")
     >>> params = jnp.zeros(3)
     >>> state = method.init(params)
-    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
     >>> _ = checkpoint.save(path, params, state, method)
     >>> params2, state2 = checkpoint.restore(path, method)
     >>> bool((params2 == params).all())
@@ -36,25 +54,79 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import gc
 import hashlib
 import json
+import logging
 import os
-import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from somax_plug._src.errors import CheckpointError
 
 PyTree = Any
 
-FORMAT = 1
-_HEADER = "__header__"
+FORMAT = 2
+HEADER_ITEM = "somax_plug"
+_ITEMS = ("params", "state", HEADER_ITEM)
+_HEADER_FILE = "metadata"  # JsonCheckpointHandler's file inside the item directory
+_MAX_HEADER_BYTES = 64 << 20
+_INSTALL = "pip install 'somax-plug[checkpoint]'  (or: pip install orbax-checkpoint)"
 
-__all__ = ["FORMAT", "plan_content_fingerprint", "read_header", "restore", "save"]
+__all__ = [
+    "FORMAT",
+    "adopt",
+    "describe",
+    "plan_content_fingerprint",
+    "read_header",
+    "restore",
+    "save",
+]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep Orbax's background noise off stderr while a failure is turned into our error.
+
+    When TensorStore fails on a corrupt file, Orbax's worker coroutines and futures
+    report the same failure again as "Exception ignored" / "Future exception was never
+    retrieved" tracebacks; the caller gets one :class:`CheckpointError` instead.
+    """
+    loggers = [logging.getLogger(n) for n in ("asyncio", "concurrent.futures", "absl")]
+    levels = [lg.level for lg in loggers]
+    hook = sys.unraisablehook
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda _unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _ocp() -> Any:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as exc:
+        raise CheckpointError(
+            f"checkpoints need Orbax, which is not installed ({exc}); install it with "
+            f"{_INSTALL}"
+        ) from None
+    return ocp
 
 
 # ------------------------------------------------------------------- the plan
@@ -70,6 +142,30 @@ def plan_content_fingerprint(plan: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def describe(method: Any) -> dict[str, Any]:
+    """The plan identity of ``method`` as JSON: format, the three fingerprints, the plan.
+
+    Save it beside a state in your own ``orbax.checkpoint.CheckpointManager``
+    (``ocp.args.JsonSave(checkpoint.describe(method))``) and give it back to
+    :func:`adopt` as ``described=`` to have a restore under another plan or plugin set
+    refused as :func:`restore` refuses it.
+
+    Example:
+        >>> from somax_plug import compose, checkpoint
+        >>> m = compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse")
+        >>> sorted(checkpoint.describe(m))[:3]
+        ['format', 'plan', 'plan_content_fingerprint']
+    """
+    plan = method.plan
+    return {
+        "format": FORMAT,
+        "plan_fingerprint": plan.fingerprint,
+        "registry_fingerprint": plan.registry_fingerprint,
+        "plan_content_fingerprint": plan_content_fingerprint(plan),
+        "plan": _plan_content(plan),
+    }
+
+
 def _component_line(c: dict[str, Any]) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in sorted(c.get("options", {}).items()))
     cadence = f" every {c['every_k']} steps" if c.get("every_k", 1) != 1 else ""
@@ -79,13 +175,19 @@ def _component_line(c: dict[str, Any]) -> str:
 def _plan_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Readable differences between two plan contents (checkpoint -> this method)."""
     lines = []
-    old_c = {c["role"]: c for c in old.get("components", [])}
+    try:
+        old_c = {c["role"]: c for c in old.get("components", [])}
+    except (TypeError, KeyError, AttributeError):
+        return ["(the checkpoint's plan content is not readable)"]
     new_c = {c["role"]: c for c in new.get("components", [])}
     for role in list(old_c) + [r for r in new_c if r not in old_c]:
         a, b = old_c.get(role), new_c.get(role)
         if a == b:
             continue
-        left = _component_line(a) if a else "(none)"
+        try:
+            left = _component_line(a) if a else "(none)"
+        except (TypeError, KeyError, AttributeError):
+            left = repr(a)[:200]
         right = _component_line(b) if b else "(none)"
         if left == right:  # same name/options/cadence: the declarations differ
             left, right = (
@@ -98,18 +200,45 @@ def _plan_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if old.get(key) != new.get(key):
             lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     if not lines and old.get("resources") != new.get("resources"):
-        old_r = {r["name"]: r for r in old.get("resources", [])}
+        try:
+            old_r = {r["name"]: r for r in old.get("resources", [])}
+        except (TypeError, KeyError, AttributeError):
+            old_r = {}
         new_r = {r["name"]: r for r in new.get("resources", [])}
         for name in sorted(set(old_r) | set(new_r)):
             a, b = old_r.get(name), new_r.get(name)
             if a != b:
                 lines.append(
                     f"resource {name}: "
-                    + (f"every {a['every_k']} steps" if a else "(absent)")
+                    + (f"every {a.get('every_k')} steps" if a else "(absent)")
                     + " -> "
                     + (f"every {b['every_k']} steps" if b else "(absent)")
                 )
     return lines or ["(the plans' contents differ)"]
+
+
+def _check_plan(header: dict[str, Any], plan: Any, where: str, allow_plugin_change: bool) -> None:
+    old_fp, new_fp = header["plan_fingerprint"], plan.fingerprint
+    old_reg, new_reg = header["registry_fingerprint"], plan.registry_fingerprint
+    same_content = header["plan_content_fingerprint"] == plan_content_fingerprint(plan)
+    if old_fp == new_fp and old_reg == new_reg and same_content:
+        return
+    msg = (
+        f"{where} was written for plan {old_fp} (registry {old_reg}); "
+        f"this method has plan {new_fp} (registry {new_reg})"
+    )
+    if not same_content:
+        diff = "; ".join(_plan_diff(header["plan"], _plan_content(plan)))
+        raise CheckpointError(
+            f"{msg}. The plans differ: {diff}. Restore with a method composed like the "
+            "one that wrote it"
+        )
+    if old_reg != new_reg and not allow_plugin_change:
+        raise CheckpointError(
+            f"{msg}. The plan components are the same, but the plugin set (registry "
+            "fingerprint) differs: plugins were added, removed or upgraded. If that is "
+            "intended, restore with allow_plugin_change=True"
+        )
 
 
 # ------------------------------------------------------------------- leaves
@@ -118,7 +247,35 @@ def _is_key(x: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def _host(x: Any, where: str) -> np.ndarray:
+def _key_parts(path: tuple) -> tuple[str, ...]:
+    """A pytree key path as strings (how Orbax nests names: dict keys, fields, indices)."""
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _stored_form(spec: Any) -> tuple[list[int], str]:
+    """(shape, dtype) of how a leaf is stored: PRNG keys as their uint32 key data."""
+    if _is_key(spec):
+        spec = jax.eval_shape(jax.random.key_data, spec)
+    return [int(d) for d in spec.shape], str(np.dtype(spec.dtype))
+
+
+def _spec(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+
+def _host_bytes(x: Any, where: str) -> bytes:
+    if _is_key(x):
+        x = jax.random.key_data(x)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if not x.is_fully_replicated:
             raise CheckpointError(
@@ -126,42 +283,52 @@ def _host(x: Any, where: str) -> np.ndarray:
                 "(jax.experimental.multihost_utils.process_allgather) or save per process"
             )
         x = x.addressable_data(0)
-    return np.asarray(x)
+    return np.ascontiguousarray(np.asarray(x)).tobytes()
 
 
-def _encode(x: Any, where: str) -> tuple[np.ndarray, dict[str, Any]]:
-    if _is_key(x):
-        data = _host(jax.random.key_data(x), where)
-        meta = {
-            "dtype": str(x.dtype),
-            "shape": list(x.shape),
-            "key_impl": str(jax.random.key_impl(x)),
-        }
-        return data, meta
-    arr = _host(x, where)
-    meta = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
-    if arr.dtype.kind == "V" or arr.dtype.name not in np.sctypeDict:  # bfloat16, float8, ...
-        meta["stored_as"] = f"uint{8 * arr.dtype.itemsize}"
-        arr = arr.view(np.dtype(meta["stored_as"]))
-    return arr, meta
-
-
-def _decode(arr: np.ndarray, meta: dict[str, Any], where: str) -> Any:
-    if "key_impl" in meta:
-        return jax.random.wrap_key_data(jnp.asarray(arr), impl=meta["key_impl"])
-    if "stored_as" in meta:
-        arr = arr.view(jnp.dtype(meta["dtype"]))
-    out = jnp.asarray(arr)
-    if str(out.dtype) != meta["dtype"]:
+def _leaf_for_saving(x: Any, where: str) -> Any:
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 (any object can fail to convert)
+        raise CheckpointError(f"{where} is not an array ({type(x).__name__}): {exc}") from None
+    if arr.dtype.kind not in "biufcV" and arr.dtype.name != "bfloat16":
         raise CheckpointError(
-            f"{where} was saved as {meta['dtype']} but loads as {out.dtype}; enable "
-            "jax.config.update('jax_enable_x64', True) before restoring 64-bit checkpoints"
+            f"{where} is a {type(x).__name__} of dtype {arr.dtype}; a checkpoint holds "
+            "numeric arrays only (no objects, no strings)"
         )
-    return out
+    return arr
 
 
-def _normalise_treedef(text: str) -> str:
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+def _describe_leaves(tree: PyTree, name: str) -> tuple[PyTree, dict[str, Any]]:
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, metas = [], []
+    for path, x in with_path:
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        x = _leaf_for_saving(x, where)
+        shape, dtype = _stored_form(_spec(x))
+        meta = {
+            "path": jax.tree_util.keystr(path),
+            "dtype": str(x.dtype),
+            "shape": list(np.shape(x)),
+            "stored": {"dtype": dtype, "shape": shape},
+            "sha256": hashlib.sha256(_host_bytes(x, where)).hexdigest(),
+        }
+        if _is_key(x):
+            meta["key_impl"] = str(jax.random.key_impl(x))
+        leaves.append(x)
+        metas.append(meta)
+    return jax.tree_util.tree_unflatten(treedef, leaves), {
+        "treedef": _treedef_text(treedef),
+        "leaves": metas,
+    }
+
+
+def _treedef_text(treedef: Any) -> str:
+    import re
+
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(treedef))
 
 
 def _skeleton(tree: PyTree, counter: list[int]) -> Any:
@@ -181,30 +348,308 @@ def _skeleton(tree: PyTree, counter: list[int]) -> Any:
     raise TypeError(f"custom pytree node {type(tree).__name__}")
 
 
-def _from_skeleton(skel: Any, leaves: list[Any]) -> PyTree:
+def _from_skeleton(skel: Any, leaves: list[Any], depth: int = 0) -> PyTree:
+    if depth > 200:
+        raise ValueError("nested more than 200 levels deep")
+    if not isinstance(skel, dict) or len(skel) != 1:
+        raise ValueError(f"a node must be a one-key object, got {type(skel).__name__}")
     ((kind, value),) = skel.items()
     if kind == "none":
         return None
     if kind == "leaf":
+        if type(value) is not int or not 0 <= value < len(leaves):
+            raise ValueError(f"leaf index {value!r} is not in 0..{len(leaves) - 1}")
         return leaves[value]
-    if kind == "dict":
-        return {k: _from_skeleton(v, leaves) for k, v in value.items()}
-    items = [_from_skeleton(v, leaves) for v in value]
-    return tuple(items) if kind == "tuple" else items
+    if kind == "dict" and isinstance(value, dict):
+        return {k: _from_skeleton(v, leaves, depth + 1) for k, v in value.items()}
+    if kind in ("list", "tuple") and isinstance(value, list):
+        items = [_from_skeleton(v, leaves, depth + 1) for v in value]
+        return tuple(items) if kind == "tuple" else items
+    raise ValueError(f"unknown node kind {kind!r} (expected none, leaf, dict, list or tuple)")
 
 
-def _flatten(tree: PyTree, name: str) -> tuple[list[Any], dict[str, Any]]:
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    arrays, metas = [], []
-    for path, x in with_path:
-        arr, meta = _encode(x, f"{name}{jax.tree_util.keystr(path)}")
-        meta["path"] = jax.tree_util.keystr(path)
-        arrays.append(arr)
-        metas.append(meta)
-    return arrays, {"treedef": _normalise_treedef(str(treedef)), "leaves": metas}
+# ------------------------------------------------------------------ the header
+def _bad(where: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{where} is corrupt or was edited by hand: {what}. Restore an intact copy, or "
+        "write a new checkpoint with somax_plug.checkpoint.save"
+    )
 
 
-# ------------------------------------------------------------------ save/load
+def _expect(obj: dict, key: str, kind: type | tuple, where: str, ctx: str) -> Any:
+    if key not in obj:
+        raise _bad(where, f"the header's {ctx} has no key {key!r}")
+    value = obj[key]
+    names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in (
+        kind if isinstance(kind, tuple) else (kind,)
+    ):
+        raise _bad(
+            where,
+            f"the header's {ctx}[{key!r}] is a JSON {type(value).__name__}, expected {names}",
+        )
+    return value
+
+
+def _check_leaf_meta(meta: Any, where: str, ctx: str) -> None:
+    if not isinstance(meta, dict):
+        raise _bad(where, f"{ctx} is a JSON {type(meta).__name__}, expected an object")
+    _expect(meta, "path", str, where, ctx)
+    _expect(meta, "dtype", str, where, ctx)
+    shape = _expect(meta, "shape", list, where, ctx)
+    stored = _expect(meta, "stored", dict, where, ctx)
+    sha = _expect(meta, "sha256", str, where, ctx)
+    for s in (shape, _expect(stored, "shape", list, where, ctx + "['stored']")):
+        if not all(type(d) is int and d >= 0 for d in s):
+            raise _bad(where, f"{ctx} has shape {s!r}, expected non-negative integers")
+    _expect(stored, "dtype", str, where, ctx + "['stored']")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise _bad(where, f"{ctx}['sha256'] is not a SHA-256 hex digest")
+    if "key_impl" in meta:
+        _expect(meta, "key_impl", str, where, ctx)
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _validate_header(header: Any, where: str) -> dict[str, Any]:
+    if not isinstance(header, dict):
+        raise _bad(where, f"the header is a JSON {type(header).__name__}, expected an object")
+    if header.get("format") == FORMAT:
+        digest = _expect(header, "header_sha256", str, where, "top level")
+        if digest != _header_digest(header):
+            raise _bad(where, "the header does not match its own SHA-256 (header_sha256)")
+    fmt = header.get("format")
+    if fmt != FORMAT:
+        raise CheckpointError(
+            f"{where} has checkpoint format {fmt!r}; this version reads format {FORMAT} "
+            "(an Orbax directory written by somax_plug.checkpoint.save)"
+        )
+    for key in ("plan_fingerprint", "registry_fingerprint", "plan_content_fingerprint"):
+        _expect(header, key, str, where, "top level")
+    _expect(header, "plan", dict, where, "top level")
+    _expect(header, "versions", dict, where, "top level")
+    _expect(header, "metadata", dict, where, "top level")
+    for name in ("params", "state"):
+        part = _expect(header, name, dict, where, "top level")
+        _expect(part, "treedef", str, where, name)
+        leaves = _expect(part, "leaves", list, where, name)
+        for i, meta in enumerate(leaves):
+            _check_leaf_meta(meta, where, f"{name}['leaves'][{i}]")
+    if "skeleton" not in header["params"]:
+        raise _bad(where, "the header's params has no key 'skeleton'")
+    return header
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    where = f"checkpoint {str(path)!r}"
+    _check_is_checkpoint(path)
+    file = path / HEADER_ITEM / _HEADER_FILE
+    try:
+        if file.is_symlink() or not file.is_file():
+            raise _bad(where, f"{HEADER_ITEM}/{_HEADER_FILE} is missing or not a file")
+        size = file.stat().st_size
+        if size > _MAX_HEADER_BYTES:
+            raise _bad(where, f"the header is {size} bytes (more than {_MAX_HEADER_BYTES})")
+        header = json.loads(file.read_bytes().decode("utf-8"))
+    except CheckpointError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _bad(where, f"its JSON header does not read ({type(exc).__name__}: {exc})") from None
+    return _validate_header(header, where)
+
+
+def _sniff(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    if head.startswith(b"PK"):
+        return (
+            "it is a zip file, probably a checkpoint in the old .npz format of somax_plug "
+            "0.1 (format 1), which this version does not read. Resume it with somax_plug "
+            "0.1 and save again with this version (a checkpoint is now an Orbax directory)"
+        )
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a NumPy .npy file, not a checkpoint"
+    return "it is a file; a somax_plug checkpoint is an Orbax directory"
+
+
+def _check_is_checkpoint(path: Path) -> None:
+    where = f"checkpoint {str(path)!r}"
+    if not os.path.lexists(path):
+        hint = _interrupted_hint(path)
+        raise CheckpointError(f"{where} does not exist{hint}")
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is not a somax_plug checkpoint: {_sniff(path)}")
+    if not (path / HEADER_ITEM).is_dir():
+        present = sorted(p.name for p in path.iterdir())[:8]
+        raise CheckpointError(
+            f"{str(path)!r} is not a somax_plug checkpoint: it has no {HEADER_ITEM!r} item "
+            f"(it holds {present}); a checkpoint written by somax_plug.checkpoint.save has "
+            f"the items {list(_ITEMS)}"
+        )
+
+
+def _interrupted_hint(path: Path) -> str:
+    parent = path.parent
+    try:
+        found = sorted(parent.glob(f".{path.name}.tmp-*/previous"))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    return (
+        f"; a save was interrupted while swapping checkpoints: the previous checkpoint "
+        f"is intact at {str(found[-1])!r}; move it back to {str(path)!r}"
+    )
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a checkpoint (fingerprints, plan, leaves, versions, metadata).
+
+    Reads no array. Raises :class:`~somax_plug.CheckpointError` if ``path`` is not a
+    checkpoint or its header is corrupt.
+    """
+    return _read_header(Path(path))
+
+
+# ------------------------------------------------------------------ save
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Atomically swap two directory entries (Linux ``renameat2``); OSError if unsupported."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, "renameat2 is Linux-only")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "this C library has no renameat2")
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _is_replaceable(path: Path) -> bool:
+    """An empty directory or a somax_plug checkpoint (never a link, file or other data)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    return not entries or HEADER_ITEM in entries and entries <= set(_ITEMS) | {
+        "_CHECKPOINT_METADATA",
+        "commit_success.txt",
+        "_METADATA",
+    }
+
+
+def _refuse_target(path: Path) -> None:
+    if path.is_symlink():
+        raise CheckpointError(
+            f"{str(path)!r} is a symbolic link (to {os.readlink(path)!r}); save does not "
+            "follow or replace links: pass the real path"
+        )
+    if os.path.lexists(path) and not _is_replaceable(path):
+        kind = "a directory that is not a somax_plug checkpoint" if path.is_dir() else (
+            "a file" + (f" ({_sniff(path).split(',')[0].removeprefix('it is ')})")
+        )
+        raise CheckpointError(
+            f"{str(path)!r} exists and is {kind}; save replaces only an earlier "
+            "checkpoint (or an empty directory): choose another path or remove it"
+        )
+
+
+def _install(staged: Path, path: Path, tmp: Path) -> None:
+    """Move ``staged`` to ``path``; an earlier checkpoint there ends up in ``tmp``."""
+    for _ in range(8):
+        _refuse_target(path)
+        if not os.path.lexists(path):
+            try:
+                os.rename(staged, path)  # atomic; fails if another save got there first
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                    raise
+                continue
+        try:
+            _exchange(staged, path)  # the old checkpoint is now at ``staged``
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # it went away meanwhile: retry
+                continue
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+        # no atomic exchange here: move the old one aside, then the new one in
+        previous = tmp / "previous"
+        try:
+            os.rename(path, previous)
+        except FileNotFoundError:
+            continue
+        try:
+            os.rename(staged, path)
+        except BaseException:
+            os.rename(previous, path)  # put the old one back
+            raise
+        return
+    raise CheckpointError(
+        f"could not install the checkpoint at {str(path)!r}: other processes kept "
+        "replacing it; save to distinct paths"
+    )
+
+
+def _check_state_matches(method: Any, params: PyTree, state: PyTree) -> None:
+    try:
+        expected = method.state_spec(params)
+    except Exception as exc:  # noqa: BLE001 (the user's params may not fit the model)
+        raise CheckpointError(
+            f"cannot compute the state spec of this method for these params: {exc}"
+        ) from None
+    _compare_trees("state", expected, state, "the state to save", "this method's init")
+
+
+def _compare_trees(name: str, expected: PyTree, got: PyTree, got_what: str, exp_what: str):
+    e_paths, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    g_paths, g_def = jax.tree_util.tree_flatten_with_path(got)
+    if e_def != g_def:
+        raise CheckpointError(
+            f"{got_what}: the {name} structure differs from {exp_what}:\n"
+            f"  found:    {_treedef_text(g_def)}\n  expected: {_treedef_text(e_def)}"
+        )
+    for (p, e), (_, g) in zip(e_paths, g_paths, strict=True):
+        es, gs = _spec(e), _spec(g)
+        if es.shape != gs.shape or es.dtype != gs.dtype:
+            raise CheckpointError(
+                f"{got_what}: {name}{jax.tree_util.keystr(p)} is {gs.dtype}{list(gs.shape)} "
+                f"but {exp_what} has {es.dtype}{list(es.shape)}"
+            )
+
+
 def save(
     path: str | os.PathLike,
     params: PyTree,
@@ -213,118 +658,202 @@ def save(
     *,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``params`` and ``state`` of ``method`` to ``path`` (one ``.npz``, atomically).
+    """Write ``params`` and ``state`` of ``method`` to the Orbax directory ``path``, atomically.
 
     Args:
-        path: the file to write (used as given; ``.npz`` is a good suffix).
-        params, state: what :meth:`~somax_plug.Method.step` returned.
+        path: the checkpoint directory (created; an earlier checkpoint there is replaced
+            atomically; a link, a file or any other directory is refused).
+        params, state: what :meth:`~somax_plug.Method.step` returned; ``state`` must
+            have the structure, shapes and dtypes of ``method.init(params)``.
         method: the :class:`~somax_plug.Method` they belong to.
-        metadata: JSON-serialisable extras (epoch, data position, ...), returned by
-            :func:`read_header`.
+        metadata: a dict of JSON values (epoch, data position, ...), returned by
+            :func:`read_header` under ``"metadata"``.
+
+    Returns:
+        ``Path(path)``.
 
     In a multi-process run, call it from one process (``jax.process_index() == 0``):
     replicated leaves are read from the local copy.
     """
+    ocp = _ocp()
     path = Path(path)
-    plan = method.plan
-    p_arrays, p_header = _flatten(params, "params")
-    s_arrays, s_header = _flatten(state, "state")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise CheckpointError(
+            f"metadata must be a dict with string keys and JSON values, got "
+            f"{type(metadata).__name__}"
+        )
     try:
-        counter = [0]
-        p_header["skeleton"] = _skeleton(params, counter)
+        metadata = json.loads(json.dumps(dict(metadata), allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(
+            f"metadata must be JSON-serialisable (no NaN/inf, no objects): {exc}"
+        ) from None
+    _refuse_target(path)
+    _check_state_matches(method, params, state)
+    params_tree, p_header = _describe_leaves(params, "params")
+    state_tree, s_header = _describe_leaves(state, "state")
+    try:
+        p_header["skeleton"] = _skeleton(params, [0])
     except TypeError:
         p_header["skeleton"] = None
     import somax_plug
 
     header = {
-        "format": FORMAT,
-        "plan_fingerprint": plan.fingerprint,
-        "registry_fingerprint": plan.registry_fingerprint,
-        "plan_content_fingerprint": plan_content_fingerprint(plan),
-        "plan": _plan_content(plan),
+        **describe(method),
         "params": p_header,
         "state": s_header,
-        "versions": {"somax_plug": somax_plug.__version__, "jax": jax.__version__},
-        "metadata": metadata or {},
+        "versions": {
+            "somax_plug": somax_plug.__version__,
+            "jax": jax.__version__,
+            "orbax_checkpoint": getattr(ocp, "__version__", "?"),
+        },
+        "metadata": metadata,
     }
+    header["header_sha256"] = _header_digest(header)
+    parent = path.parent
     try:
-        blob = json.dumps(header, sort_keys=True)
-    except TypeError as exc:
-        raise CheckpointError(f"metadata must be JSON-serialisable: {exc}") from None
-    arrays = {f"params/{i}": a for i, a in enumerate(p_arrays)}
-    arrays.update({f"state/{i}": a for i, a in enumerate(s_arrays)})
-    arrays[_HEADER] = np.frombuffer(blob.encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write a checkpoint in {str(parent)!r}: {exc}") from None
+    try:
+        staged = tmp / "checkpoint"
+        checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        try:
+            checkpointer.save(
+                staged,
+                ocp.args.Composite(
+                    params=ocp.args.StandardSave(params_tree),
+                    state=ocp.args.StandardSave(state_tree),
+                    **{HEADER_ITEM: ocp.args.JsonSave(header)},
+                ),
+            )
+        finally:
+            checkpointer.close()
+        _fsync_tree(staged)
+        _install(staged, path, tmp)
+        _fsync(parent)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (Orbax and the OS raise many kinds)
+        raise CheckpointError(
+            f"could not write checkpoint {str(path)!r} ({type(exc).__name__}: {exc}); "
+            "any earlier checkpoint there is unchanged"
+        ) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def _load(path: Path) -> tuple[dict[str, Any], Any]:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        data = np.load(path, allow_pickle=False)
-        header = json.loads(bytes(data[_HEADER]).decode())
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(
-            f"{str(path)!r} is not a somax_plug checkpoint (an .npz with a JSON header): {exc}"
-        ) from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{str(path)!r} has checkpoint format {header.get('format')!r}; this version "
-            f"reads format {FORMAT}"
-        )
-    return header, data
+# ------------------------------------------------------------------ restore
+def _stored_arrays(ocp: Any, path: Path, where: str) -> dict[str, dict[tuple, Any]]:
+    """Orbax's own record of every stored array: item -> key path -> (shape, dtype)."""
+    out = {}
+    for item in ("params", "state"):
+        if not (path / item).is_dir():
+            raise _bad(where, f"the Orbax item {item!r} is missing")
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            with _quiet():
+                out[item] = _stored_table(handler.metadata(path / item))
+        except Exception as exc:  # noqa: BLE001 (Orbax raises many kinds on bad metadata)
+            raise _bad(
+                where, f"Orbax cannot read the array metadata of {item!r} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        finally:
+            handler.close()
+    return out
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a checkpoint (fingerprints, plan, structures, metadata)."""
-    return _load(Path(path))[0]
-
-
-def _check_plan(header: dict[str, Any], plan: Any, path: Path, allow_plugin_change: bool) -> None:
-    old_fp, new_fp = header["plan_fingerprint"], plan.fingerprint
-    old_reg, new_reg = header["registry_fingerprint"], plan.registry_fingerprint
-    same_content = header["plan_content_fingerprint"] == plan_content_fingerprint(plan)
-    if old_fp == new_fp and old_reg == new_reg and same_content:
-        return
-    where = (
-        f"checkpoint {str(path)!r} was written for plan {old_fp} (registry {old_reg}); "
-        f"this method has plan {new_fp} (registry {new_reg})"
-    )
-    if not same_content:
-        diff = "; ".join(_plan_diff(header["plan"], _plan_content(plan)))
-        raise CheckpointError(
-            f"{where}. The plans differ: {diff}. Restore with a method composed like the "
-            "one that wrote it"
-        )
-    if old_reg != new_reg and not allow_plugin_change:
-        raise CheckpointError(
-            f"{where}. The plan components are the same, but the plugin set (registry "
-            "fingerprint) differs: plugins were added, removed or upgraded. If that is "
-            "intended, restore with allow_plugin_change=True"
-        )
-
-
-def _check_leaves(name: str, expected: PyTree, stored: dict[str, Any], path: Path) -> None:
+def _check_against(
+    name: str,
+    expected: PyTree,
+    stored_header: dict[str, Any],
+    stored_arrays: dict[tuple, Any],
+    where: str,
+    source: str,
+) -> None:
+    """Every expected leaf must be stored, with its shape and dtype, in header and Orbax."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(expected)
-    if _normalise_treedef(str(treedef)) != stored["treedef"] or len(with_path) != len(
-        stored["leaves"]
+    if _treedef_text(treedef) != stored_header["treedef"] or len(with_path) != len(
+        stored_header["leaves"]
     ):
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: the {name} structure differs from this method's:\n"
-            f"  saved: {stored['treedef']}\n  here:  {_normalise_treedef(str(treedef))}"
+            f"{where}: the {name} structure differs from this method's:\n"
+            f"  saved: {stored_header['treedef']}\n  here:  {_treedef_text(treedef)}"
         )
-    for (p, spec), meta in zip(with_path, stored["leaves"], strict=True):
-        shape, dtype = list(spec.shape), str(spec.dtype)
-        if shape != meta["shape"] or dtype != meta["dtype"]:
+    if len(stored_arrays) != len(with_path):
+        raise _bad(
+            where,
+            f"Orbax holds {len(stored_arrays)} {name} arrays but the header lists "
+            f"{len(with_path)}",
+        )
+    for (p, spec), meta in zip(with_path, stored_header["leaves"], strict=True):
+        leaf = f"{name}{jax.tree_util.keystr(p)}"
+        if meta["path"] != jax.tree_util.keystr(p):
+            raise _bad(where, f"the header lists {name}{meta['path']} where {leaf} belongs")
+        want = _stored_form(spec)
+        key_note = " (a PRNG key array, stored as its uint32 key data)" if _is_key(spec) else ""
+        found = stored_arrays.get(_key_parts(p))
+        if found is None:
+            raise _bad(where, f"the array for {leaf} is missing")
+        header_form = (meta["stored"]["shape"], meta["stored"]["dtype"])
+        for what, got in (("holds", tuple(found)), ("header lists", header_form)):
+            if list(got[0]) != want[0] or got[1] != want[1]:
+                x64 = ""
+                if "64" in got[1] and "32" in want[1] and not jax.config.jax_enable_x64:
+                    x64 = (
+                        "; it was written with 64-bit types: enable "
+                        "jax.config.update('jax_enable_x64', True) before restoring"
+                    )
+                raise CheckpointError(
+                    f"{where}: {leaf}{key_note}: expected {want[1]}{want[0]} ({source}), "
+                    f"found {got[1]}{list(got[0])} (the checkpoint {what} that){x64}"
+                )
+
+
+def _params_spec(header: dict[str, Any], params_like: PyTree, where: str) -> PyTree:
+    p_meta = header["params"]
+    if params_like is not None:
+        return jax.tree_util.tree_map(_spec, params_like)
+    if p_meta["skeleton"] is None:
+        raise CheckpointError(
+            f"{where}: the parameters use custom pytree nodes "
+            f"({p_meta['treedef']}); pass params_like= (the initial parameters) to restore"
+        )
+    specs = []
+    for m in p_meta["leaves"]:
+        try:
+            if "key_impl" in m:
+                data = jax.ShapeDtypeStruct(tuple(m["stored"]["shape"]), np.uint32)
+                impl = m["key_impl"]
+                spec = jax.eval_shape(lambda d, i=impl: jax.random.wrap_key_data(d, impl=i), data)
+            else:
+                spec = jax.ShapeDtypeStruct(tuple(m["shape"]), np.dtype(m["dtype"]))
+        except Exception as exc:  # noqa: BLE001 (a hand-edited dtype or impl name)
+            raise _bad(where, f"params{m['path']} has dtype {m['dtype']!r}: {exc}") from None
+        if "64" in m["dtype"] and not jax.config.jax_enable_x64:
             raise CheckpointError(
-                f"checkpoint {str(path)!r}: {name}{jax.tree_util.keystr(p)} was saved as "
-                f"{meta['dtype']}{meta['shape']} but this method expects {dtype}{shape}"
+                f"{where}: params{m['path']} was saved as {m['dtype']}; enable "
+                "jax.config.update('jax_enable_x64', True) before restoring 64-bit checkpoints"
             )
+        specs.append(spec)
+    try:
+        return _from_skeleton(p_meta["skeleton"], specs)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(where, f"the parameters' skeleton does not read: {exc}") from None
+
+
+def _check_digests(name: str, tree: PyTree, stored_header: dict[str, Any], where: str) -> None:
+    for (p, x), meta in zip(
+        jax.tree_util.tree_flatten_with_path(tree)[0], stored_header["leaves"], strict=True
+    ):
+        leaf = f"{name}{jax.tree_util.keystr(p)}"
+        if hashlib.sha256(_host_bytes(x, leaf)).hexdigest() != meta["sha256"]:
+            raise _bad(where, f"the bytes of {leaf} do not match their SHA-256 in the header")
 
 
 def restore(
@@ -337,7 +866,7 @@ def restore(
     """Read ``(params, state)`` written by :func:`save`, for ``method``.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint directory.
         method: a :class:`~somax_plug.Method` built from the same composition
             (same plan); it need not have been initialised.
         params_like: parameters (or ``jax.ShapeDtypeStruct`` s) with the saved
@@ -346,40 +875,144 @@ def restore(
         allow_plugin_change: accept a checkpoint written under another plugin set
             (registry fingerprint) when the plan itself is the same.
 
+    Returns:
+        ``(params, state)`` ready for :meth:`~somax_plug.Method.step` (adopted with
+        :meth:`~somax_plug.Method.resume`).
+
     Raises:
-        CheckpointError: another plan or plugin set, other structures, shapes or
-            dtypes, or not a checkpoint.
+        CheckpointError: another plan or plugin set; a structure, shape or dtype that
+            differs from the method's state spec (naming the leaf, expected and found);
+            bytes that do not match their digest; not a checkpoint, or a corrupt one.
     """
+    ocp = _ocp()
     path = Path(path)
-    header, data = _load(path)
-    _check_plan(header, method.plan, path, allow_plugin_change)
-    p_meta, s_meta = header["params"], header["state"]
-    params_leaves = [
-        _decode(data[f"params/{i}"], m, f"params{m['path']}")
-        for i, m in enumerate(p_meta["leaves"])
-    ]
-    if params_like is not None:
-        treedef = jax.tree_util.tree_structure(params_like)
-        _check_leaves("params", jax.tree_util.tree_map(_spec, params_like), p_meta, path)
-        params = jax.tree_util.tree_unflatten(treedef, params_leaves)
-    elif p_meta.get("skeleton") is not None:
-        params = _from_skeleton(p_meta["skeleton"], params_leaves)
-        _check_leaves("params", jax.tree_util.tree_map(_spec, params), p_meta, path)
-    else:
+    where = f"checkpoint {str(path)!r}"
+    header = _read_header(path)
+    _check_plan(header, method.plan, where, allow_plugin_change)
+    params_spec = _params_spec(header, params_like, where)
+    try:
+        state_spec = method.state_spec(params_spec)
+    except Exception as exc:  # noqa: BLE001 (params_like may not fit the model)
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: the parameters use custom pytree nodes "
-            f"({p_meta['treedef']}); pass params_like= (the initial parameters) to restore"
-        )
-    expected_state = method.state_spec(params)
-    _check_leaves("state", expected_state, s_meta, path)
-    state_leaves = [
-        _decode(data[f"state/{i}"], m, f"state{m['path']}") for i, m in enumerate(s_meta["leaves"])
-    ]
-    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected_state), state_leaves)
+            f"{where}: cannot compute this method's state spec for the saved parameters: {exc}"
+        ) from None
+    stored = _stored_arrays(ocp, path, where)
+    p_source = "params_like" if params_like is not None else "the parameters' header"
+    _check_against("params", params_spec, header["params"], stored["params"], where, p_source)
+    _check_against(
+        "state", state_spec, header["state"], stored["state"], where, "this method's state spec"
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        (params_spec, state_spec),
+    )
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        with _quiet():
+            restored = checkpointer.restore(
+                path,
+                ocp.args.Composite(
+                    params=ocp.args.StandardRestore(placed[0]),
+                    state=ocp.args.StandardRestore(placed[1]),
+                ),
+            )
+        params, state = restored["params"], restored["state"]
+    except Exception as exc:  # noqa: BLE001 (Orbax/TensorStore raise many kinds)
+        raise _bad(where, f"Orbax cannot read its arrays ({type(exc).__name__}: {exc})") from None
+    finally:
+        checkpointer.close()
+    try:
+        _compare_trees("params", params_spec, params, where, "the expected parameters")
+        _compare_trees("state", state_spec, state, where, "this method's state spec")
+    except CheckpointError as exc:
+        raise _bad(where, str(exc)) from None
+    _check_digests("params", params, header["params"], where)
+    _check_digests("state", state, header["state"], where)
     return method.resume(params, state)
 
 
-def _spec(x: Any) -> jax.ShapeDtypeStruct:
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+# ------------------------------------------------------- your own CheckpointManager
+def _stored_table(stored: Any) -> dict[tuple, Any]:
+    tree = getattr(stored, "tree", stored)
+    return {
+        _key_parts(p): ([int(d) for d in leaf.shape], str(np.dtype(leaf.dtype)))
+        for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def adopt(
+    method: Any,
+    params: PyTree,
+    state: PyTree,
+    *,
+    described: dict[str, Any] | None = None,
+    stored: Any = None,
+    allow_plugin_change: bool = False,
+) -> tuple[PyTree, PyTree]:
+    """Check a state restored with your own Orbax code, then hand it to ``method``.
+
+    For a ``MethodState`` saved beside model parameters in your own
+    ``orbax.checkpoint.CheckpointManager`` (see the how-to page): restore it with
+    ``ocp.args.StandardRestore(method.state_spec(params))``, then call this.
+
+    Args:
+        method: the :class:`~somax_plug.Method` that will step.
+        params, state: what your manager restored.
+        described: the :func:`describe` dict you saved with the state; when given, a
+            different plan or plugin set is refused as :func:`restore` refuses it.
+        stored: Orbax's metadata of the saved state
+            (``manager.item_metadata(step)["state"]``); when given, every stored array's
+            shape and dtype is checked against the state spec (Orbax would cast a
+            float64 array into a float32 target without a word).
+        allow_plugin_change: as in :func:`restore`.
+
+    Returns:
+        ``method.resume(params, state)``.
+
+    Raises:
+        CheckpointError: naming the leaf, what this method expects and what was found.
+    """
+    where = "the restored state"
+    if described is not None:
+        if not isinstance(described, dict):
+            raise _bad(where, f"described is a {type(described).__name__}, expected a dict")
+        if described.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{where}: described has format {described.get('format')!r}, expected "
+                f"{FORMAT} (checkpoint.describe(method))"
+            )
+        for key in ("plan_fingerprint", "registry_fingerprint", "plan_content_fingerprint"):
+            _expect(described, key, str, where, "described")
+        _expect(described, "plan", dict, where, "described")
+        _check_plan(described, method.plan, where, allow_plugin_change)
+    try:
+        expected = method.state_spec(params)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{where}: cannot compute this method's state spec: {exc}") from None
+    if stored is not None:
+        try:
+            table = _stored_table(stored)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(
+                f"stored must be Orbax's metadata of the saved state "
+                f"(manager.item_metadata(step)['state']): {type(exc).__name__}: {exc}"
+            ) from None
+        leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
+        if len(table) != len(leaves):
+            raise CheckpointError(
+                f"{where}: Orbax stored {len(table)} state arrays, this method's state has "
+                f"{len(leaves)}"
+            )
+        for p, spec in leaves:
+            want, found = _stored_form(spec), table.get(_key_parts(p))
+            leaf = f"state{jax.tree_util.keystr(p)}"
+            if found is None:
+                raise CheckpointError(f"{where}: Orbax stored no array for {leaf}")
+            if list(found[0]) != want[0] or found[1] != want[1]:
+                raise CheckpointError(
+                    f"{where}: {leaf}: expected {want[1]}{want[0]} (this method's state "
+                    f"spec), found {found[1]}{list(found[0])} (stored by Orbax)"
+                )
+    _compare_trees("state", expected, state, where, "this method's state spec")
+    return method.resume(params, state)
