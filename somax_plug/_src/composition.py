@@ -352,9 +352,19 @@ def load_composition(source: str | Path | Mapping[str, Any], registry: Any = Non
         if path.exists() or not _is_preset(str(source), registry):
             return _from_file(path, registry)
         return Composition.from_dict({"preset": str(source)}, registry=registry)
-    if _is_preset(str(source), registry) or not path.exists():
+    if _is_preset(str(source), registry):
         return Composition.from_dict({"preset": str(source)}, registry=registry)
-    return _from_file(path, registry)
+    if path.exists():
+        return _from_file(path, registry)
+    from somax_plug._src.errors import UnknownComponentError
+
+    try:
+        return Composition.from_dict({"preset": str(source)}, registry=registry)
+    except UnknownComponentError as exc:
+        raise UnknownComponentError(
+            f"{exc}; nor is there a composition file {str(source)!r} here (a file argument "
+            f"needs a suffix or a separator, e.g. {str(source)}.toml or ./{source})"
+        ) from None
 
 
 def _is_preset(name: str, registry: Any) -> bool:

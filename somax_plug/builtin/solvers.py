@@ -61,6 +61,7 @@ from somax_plug import (
     CompositionError,
     InputError,
     LinearOperator,
+    OptionError,
     Solver,
     SolverInfo,
     damped_mv,
@@ -342,6 +343,10 @@ LOOPS = ("auto", "while", "scan", "unroll")
 """Loop forms of :class:`CG` (see :func:`run_loop`)."""
 STOPS = ("residual", "eisenstat_walker", "martens")
 """Stopping rules of :class:`CG`."""
+MARTENS_MAXITER = 100_000
+"""The largest ``maxiter`` of ``cg`` with ``stop="martens"`` (its buffer of model values)."""
+UNROLL_MAXITER = 1_000
+"""The largest ``maxiter`` of ``cg`` with ``loop="unroll"`` (trace and compile time)."""
 CONVOLUTIONS = frozenset({"conv_general_dilated"})
 """Primitives that make ``loop="auto"`` unroll on CPU (see :meth:`CG.choose_loop`)."""
 
@@ -471,6 +476,10 @@ class CG(Solver):
         loop, unroll, unroll_max: the loop form; ``unroll`` is ``lax.scan``'s
             partial unrolling (``loop="scan"``); ``unroll_max`` bounds ``"auto"``.
 
+    ``maxiter`` is an int32 (checked); with ``stop="martens"`` it is at most
+    :data:`MARTENS_MAXITER` and with ``loop="unroll"`` at most
+    :data:`UNROLL_MAXITER` (``OptionError`` at compose time).
+
     Reference: Hestenes & Stiefel (1952); the guard and the progress test as in
     Martens (2010), "Deep learning via Hessian-free optimization", sec. 4;
     Eisenstat & Walker (1996), "Choosing the forcing terms in an inexact Newton
@@ -496,6 +505,19 @@ class CG(Solver):
     unroll: int = option(1, ge=1, doc="lax.scan's partial unrolling (loop='scan')")
     unroll_max: int = option(16, ge=1, doc="'auto' unrolls only when maxiter <= unroll_max")
     _choices: _Choices = _choices_field()
+
+    def __attrs_post_init__(self) -> None:
+        limits = (
+            ("stop", "martens", MARTENS_MAXITER, "keeps maxiter + 1 model values in the carry"),
+            ("loop", "unroll", UNROLL_MAXITER, "traces maxiter copies of the iteration"),
+        )
+        for name, value, limit, why in limits:
+            if getattr(self, name) == value and self.maxiter > limit:
+                raise OptionError(
+                    f"solver 'cg': maxiter = {self.maxiter} is too large with {name}="
+                    f"{value!r}, which {why}; use maxiter <= {limit}, or {name}="
+                    f"{'residual' if name == 'stop' else 'while'!r}"
+                )
 
     def init(self, params: PyTree) -> PyTree:
         state: dict[str, Any] = {}
@@ -1312,6 +1334,9 @@ class Auto(Solver):
     maxiter: int = option(50, ge=1, doc="iteration budget of cg and row_cg")
     loop: str = option("auto", choices=LOOPS, doc="cg's loop form")
     _choices: _Choices = _choices_field()
+
+    def __attrs_post_init__(self) -> None:
+        self._cg()  # its cg's options are checked when the composition is planned
 
     @property
     def deferred_rule(self) -> str:
