@@ -175,8 +175,10 @@ class HutchinsonDiag(Estimator):
     Attributes:
         num_probes: N, matvecs per estimate.
         probe: ``"rademacher"`` or ``"normal"``.
-        draw: ``"flat"`` (one draw for the flattened parameters) or ``"per_leaf"``
-            (one key per leaf, ``optax.tree.random_like``'s layout).
+        draw: ``"per_leaf"`` (default: one key per leaf, ``optax.tree.random_like``'s
+            layout) or ``"flat"`` (one draw for the flattened parameters: one random op
+            in the traced step, but about 30-70 more FLOPs per parameter on the CPU,
+            measured by ``benchmarks/bench_flops.py``'s preset part).
         seed: None (probes from the step's key) or the seed of the estimator's own
             key stream (state ``{"stats", "key"}``).
     """
@@ -185,7 +187,8 @@ class HutchinsonDiag(Estimator):
     num_probes: int = option(10, ge=1, doc="probes per estimate (matvecs)")
     probe: str = option("rademacher", choices=PROBES, doc="probe distribution")
     draw: str = option(
-        "flat", choices=("flat", "per_leaf"), doc="one draw for all, or one key per leaf (optax)"
+        "per_leaf", choices=("flat", "per_leaf"),
+        doc="one key per leaf (optax's layout; fewer FLOPs), or one draw for all",
     )
     seed: int | None = option(
         None, ge=0, doc="own key stream PRNGKey(seed), split per estimate (None: the step's key)"
