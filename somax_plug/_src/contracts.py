@@ -74,10 +74,15 @@ def check_like(owner: str, what: str, got: Any, ref_name: str, ref: Any) -> None
     """Raise :class:`~somax_plug.ComponentError` unless ``got`` matches ``ref``."""
     problem = _mismatch(got, ref)
     if problem is not None:
+        why = (
+            " (a state is carried through lax.cond and lax.scan, which need fixed types)"
+            if "state" in what
+            else ""
+        )
         raise ComponentError(
             f"{owner} returned {what} as {problem}; it must have the pytree structure, "
-            f"shapes and dtypes of {ref_name} (cast with .astype(...), or build it with "
-            "jax.tree.map over it)"
+            f"shapes and dtypes of {ref_name}{why} (cast with .astype(...), or build it "
+            "with jax.tree.map over it)"
         )
 
 
@@ -117,8 +122,10 @@ def check_solver_info(owner: str, info: Any) -> None:
 
 def _pair(owner: str, out: Any, n: int, names: str) -> tuple[Any, ...]:
     if not isinstance(out, tuple) or len(out) != n:
-        got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, tuple) else (
-            type(out).__name__
+        got = (
+            f"{type(out).__name__} of length {len(out)}"
+            if isinstance(out, tuple)
+            else (type(out).__name__)
         )
         raise ComponentError(f"{owner} returned a {got}; it must return a tuple {names}")
     return out
