@@ -531,10 +531,10 @@ def _problems(registry: Registry, eps: list[Any], disabled: set[str], only: set[
         winner = conflict.resolution.removeprefix("overridden by ")
         plugin = winner.partition(":")[0]
         others = ", ".join(q for q in conflict.qualified_names if q != winner)
-        note = f"{conflict.kind} {conflict.name!r} over {others}"
+        note = f"{conflict.kind} {conflict.name!r} (over {others})"
         registry.plugins[plugin].overrides.append(note)
         problems.append(
-            f"plugin {plugin!r} overrides {note} (override=True): the short name "
+            f"plugin {plugin!r} overrides {note} with override=True: the short name "
             f"{conflict.name!r} now means {winner!r}; presets keep their own plugin's "
             f"components, and {others} stays reachable by its qualified name"
         )

@@ -473,9 +473,12 @@ class Registry:
         from somax_plug._src.loader import factory_problem
 
         for spec in list(self._specs.values()):
-            problem = factory_problem(spec, deep=True)
             record = self.plugins.get(spec.plugin)
-            if problem and record is not None and problem not in record.warnings:
+            owner = f"{spec.kind.value} {spec.qualified_name!r}: factory"
+            if record is None or any(w.startswith(owner) for w in record.warnings):
+                continue  # no record, or its factory was reported at load already
+            problem = factory_problem(spec, deep=True)
+            if problem:
                 record.warnings.append(problem)
                 if record.status == "ok":
                     record.status = "degraded"
