@@ -308,15 +308,37 @@ def from_nnx(model: Any, *, state_filter: Any = None, train: bool = True) -> Ada
     )
     has_state = bool(jax.tree_util.tree_leaves(state))
 
-    def merged(params: PyTree, st: PyTree) -> Any:
-        return nnx.merge(graphdef, params, st if has_state else state, rest)
+    def is_var(x: Any) -> bool:
+        return isinstance(x, nnx.Variable)
+
+    def seeded(key: Any) -> Any:
+        """``rest`` with fresh variables: each stream's key from ``key``, counts 0
+        (functional: the variables are created in the current trace, not mutated)."""
+
+        def one(v: Any) -> Any:
+            if key is not None and isinstance(v, nnx.RngKey):
+                tag = str(getattr(v, "tag", "default"))
+                return v.replace(jax.random.fold_in(key, _salt(tag)))
+            if key is not None and isinstance(v, nnx.RngCount):
+                return v.replace(jax.numpy.zeros_like(v.get_value()))
+            return v.replace(v.get_value()) if is_var(v) else v
+
+        return jax.tree_util.tree_map(one, rest, is_leaf=is_var)
+
+    def fresh(tree: PyTree) -> PyTree:
+        # NNX refuses to mutate a variable made at another trace level (a state
+        # closed over by the step's linearization): copy every variable here
+        return jax.tree_util.tree_map(
+            lambda v: v.replace(v.get_value()) if is_var(v) else v, tree, is_leaf=is_var
+        )
+
+    def merged(params: PyTree, st: PyTree, key: Any = None) -> Any:
+        return nnx.merge(graphdef, fresh(params), fresh(st if has_state else state), seeded(key))
 
     def call(params: PyTree, inputs: PyTree, st: PyTree, key: Any) -> Any:
-        m = merged(params, st)
+        m = merged(params, st, key if streams else None)
         if train:
             m.train()
-        if streams:
-            nnx.reseed(m, **{s: jax.random.fold_in(key, _salt(s)) for s in streams})
         out = m(inputs)
         if not has_state:
             return out
@@ -387,10 +409,8 @@ def from_equinox(
             f"{type(state).__name__}"
         )
     if has_rng is None:
-        has_rng = any(
-            isinstance(x, eqx.nn.Dropout)
-            for x in jax.tree_util.tree_leaves(model, is_leaf=lambda x: isinstance(x, eqx.nn.Dropout))
-        )
+        is_drop = lambda x: isinstance(x, eqx.nn.Dropout)  # noqa: E731
+        has_rng = any(map(is_drop, jax.tree_util.tree_leaves(model, is_leaf=is_drop)))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     train_static = eqx.nn.inference_mode(static, value=False)
 
@@ -398,19 +418,27 @@ def from_equinox(
         kw = {"key": k} if has_rng else {}
         return m(x, st, **kw) if state is not None else m(x, **kw)
 
+    def clone(st: Any) -> Any:
+        # every consumer of a step reads the same state: a clone per call (Equinox
+        # refuses to read a state object twice)
+        if st is None:
+            return st
+        leaves, treedef = jax.tree_util.tree_flatten(st)
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
     def run(static_part: Any, params: PyTree, inputs: PyTree, st: PyTree, key: Any) -> Any:
         m = eqx.combine(params, static_part)
+        st = clone(st)
         if batched:
             return one(m, inputs, st, key)
         b = jax.tree_util.tree_leaves(inputs)[0].shape[0]
         keys = jax.random.split(key, b) if has_rng else None
-        if state is not None:
-            return jax.vmap(
-                lambda x, k: one(m, x, st, k), axis_name=axis_name, in_axes=(0, 0 if has_rng else None),
-                out_axes=(0, None),
-            )(inputs, keys)
-        return jax.vmap(lambda x, k: one(m, x, st, k), axis_name=axis_name,
-                        in_axes=(0, 0 if has_rng else None))(inputs, keys)
+        in_axes = (0, 0 if has_rng else None)
+        out_axes = (0, None) if state is not None else 0
+        return jax.vmap(
+            lambda x, k: one(m, x, st, k), axis_name=axis_name, in_axes=in_axes,
+            out_axes=out_axes,
+        )(inputs, keys)
 
     def call(params: PyTree, inputs: PyTree, st: PyTree, key: Any) -> Any:
         return run(train_static, params, inputs, st, key)
@@ -423,6 +451,7 @@ def from_equinox(
 
     def evaluate(params: PyTree, st: PyTree, inputs: PyTree) -> Any:
         m = eqx.nn.inference_mode(eqx.combine(params, static), value=True)
+        st = clone(st)
         if batched:
             out = m(inputs, st) if state is not None else m(inputs)
         elif state is not None:

@@ -179,6 +179,28 @@ class Model:
         """The reduction factor c of the loss for this batch (``1/B`` or ``1``)."""
         return self.loss.scale(self.batch_size(batch))
 
+    def signature(self) -> str:
+        """How ``predict_fn`` is called, as its flags declare (for error messages)."""
+        sig = "predict_fn(params, inputs" + (", *, state" if self.has_state else "")
+        sig += (", key" if self.has_state else ", *, key") if self.has_rng else ""
+        return sig + ")" + (" -> (outputs, new_state)" if self.has_state else " -> outputs")
+
+    def apply_checked(
+        self, params: PyTree, inputs: PyTree, state: PyTree = (), key: Any = None
+    ) -> tuple[PyTree, PyTree]:
+        """:meth:`apply`, a ``TypeError`` of the call reported against the declared flags."""
+        try:
+            return self.apply(params, inputs, state, key)
+        except TypeError as exc:
+            from somax_plug._src.validation import _first_line
+
+            flags = f"has_state={self.has_state}, has_rng={self.has_rng}"
+            raise InputError(
+                f"the model declares {flags}, so it is called as {self.signature()}; that "
+                f"call fails: {_first_line(exc)}. Accept these keyword arguments or change "
+                "the flags"
+            ) from exc
+
     def check_contract(self, params: PyTree, inputs: PyTree, state: PyTree, key: Any) -> None:
         """Check ``predict_fn`` against its declared flags, before tracing (no FLOPs).
 
@@ -189,23 +211,15 @@ class Model:
         """
         if self.plain:
             return
-        from somax_plug._src.validation import _compare, _first_line, spec_tree
+        from somax_plug._src.validation import _compare, spec_tree
 
-        sig = "predict_fn(params, inputs" + (", *, state" if self.has_state else "")
-        sig += (", key" if self.has_state else ", *, key") if self.has_rng else ""
-        sig += ")" + (" -> (outputs, new_state)" if self.has_state else " -> outputs")
-        flags = f"has_state={self.has_state}, has_rng={self.has_rng}"
+        sig = self.signature()
         try:
             jaxpr, out_shape = jax.make_jaxpr(
-                lambda p, x, s, k: self.apply(p, x, s, k), return_shape=True
+                lambda p, x, s, k: self.apply_checked(p, x, s, k), return_shape=True
             )(params, inputs, state, key)
         except InputError:
             raise
-        except TypeError as exc:
-            raise InputError(
-                f"the model declares {flags}, so it is called as {sig}; that call fails: "
-                f"{_first_line(exc)}. Accept these keyword arguments or change the flags"
-            ) from exc
         _outputs, new_state = out_shape
         _compare(
             new_state,

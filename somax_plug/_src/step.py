@@ -146,7 +146,7 @@ class Method:
                 lambda s: jnp.zeros(s.shape, s.dtype), self._model_state_spec
             )
             key = jax.random.key(0) if model.has_rng else None
-            return model.apply(params, inputs, state, key)[0]
+            return model.apply_checked(params, inputs, state, key)[0]
 
         return Model(outputs, model.loss, couples_examples=True)
 
