@@ -449,6 +449,44 @@ def test_kernel_and_bias_grads_rebuild_from_layer_inputs_and_output_grads(name):
             np.testing.assert_allclose(gb, ref[la.bias], rtol=0, atol=TOL, err_msg=la.bias)
 
 
+@jax.custom_vjp
+def _matmul(x, w):
+    return x @ w
+
+
+_matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+
+
+def nested_fwd(p, x, d=None):
+    """Layers inside jit, checkpoint and custom_vjp sub-jaxprs (and relu's custom_jvp)."""
+    d = d or {}
+    inner = jax.jit(lambda w, b, x: jnp.tanh(x @ w + d.get("w1", 0.0) + b))
+    h = jax.checkpoint(lambda x: inner(p["w1"], p["b1"], x))(x)
+    h2 = jax.nn.relu(_matmul(h, p["w2"]) + d.get("w2", 0.0))
+    return h2 @ p["w3"] + d.get("w3", 0.0), {"w1": x, "w2": h, "w3": h2}
+
+
+def test_layers_inside_sub_jaxprs_are_found_and_tapped_at_another_batch_size():
+    p = fill(shapes({"w1": (4, 5), "b1": (5,), "w2": (5, 5), "w3": (5, 2)}), 11)
+    f = lambda p, x: nested_fwd(p, x)[0]
+    lm = discover(f, p, normal(12, (B, 4)))
+    assert lm.kernels == ("w1", "w2", "w3") and lm["w1"].bias == "b1" and not lm.unmatched
+    x = normal(13, (5, 4))  # the map was found at B=2; layer_io re-traces at B=5
+    u = normal(14, (5, 2), 1.0)
+    zeros = {k: jnp.zeros((5, n)) for k, n in (("w1", 5), ("w2", 5), ("w3", 2))}
+
+    @jax.jit
+    def run(p, x, u):
+        io = layer_io(f, p, x, lm)
+        ref_d = jax.vjp(lambda d: nested_fwd(p, x, d)[0], zeros)[1](u)[0]
+        return io.inputs, io.output_grads(u), nested_fwd(p, x)[1], ref_d
+
+    inputs, grads, acts, ref_d = run(p, x, u)
+    for k in ("w1", "w2", "w3"):
+        np.testing.assert_allclose(inputs[k], acts[k], rtol=0, atol=TOL, err_msg=k)
+        np.testing.assert_allclose(grads[k], ref_d[k], rtol=0, atol=TOL, err_msg=k)
+
+
 def test_layer_io_crosses_jit_and_its_map_is_static():
     f, params, x = plain_mlp()
     lm = discover(f, params, x)
