@@ -18,6 +18,11 @@ evaluations (full training loss, test accuracy) are not timed. The job writes
 ``DIR/training.png`` (loss and accuracy against wall-clock and against steps), and
 prints a summary table.
 
+``--model cnn`` trains, with the same methods, table, JSON and plot, a Flax NNX CNN
+with BatchNorm and dropout on the digits as 8x8 images (:func:`make_cnn`, through
+:func:`somax_plug.models.from_nnx`: the BatchNorm statistics are the model state
+threaded through every step, one dropout mask per step); it needs the ``flax`` extra.
+
 ``--workload lm`` runs the second main job instead: the character-level transformer
 language model on the Python standard library's sources
 (:mod:`somax_plug._src.workloads.lm`), one seed, ``optax.adam`` (:data:`WORKLOAD_ADAM_LR`)
@@ -127,6 +132,47 @@ def ce_loss(params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y))
 
 
+def make_cnn(seed: int = 0) -> Any:
+    """The ``--model cnn`` network: a Flax NNX CNN on the digits as 8x8 images.
+
+    conv 3x3 (8) -> BatchNorm -> relu -> conv 3x3 stride 2 (16) -> BatchNorm -> relu ->
+    dropout 0.1 -> dense 10, adapted with :func:`somax_plug.models.from_nnx` (the
+    BatchNorm statistics are the model state, dropout draws from the step's key).
+    Needs the ``flax`` extra.
+    """
+    from flax import nnx
+
+    from somax_plug._src.adapters import from_nnx
+
+    class DigitsCNN(nnx.Module):
+        def __init__(self, rngs: Any) -> None:
+            self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+            self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+            self.conv2 = nnx.Conv(8, 16, (3, 3), strides=(2, 2), rngs=rngs)
+            self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+            self.head = nnx.Linear(16 * 4 * 4, 10, rngs=rngs)
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            x = x.reshape(x.shape[0], 8, 8, 1)
+            x = nnx.relu(self.bn1(self.conv1(x)))
+            x = nnx.relu(self.bn2(self.conv2(x)))
+            return self.head(self.drop(x).reshape(x.shape[0], -1))
+
+    return from_nnx(DigitsCNN(nnx.Rngs(params=seed, dropout=seed + 1)))
+
+
+MODELS = {
+    "mlp": {"kind": "MLP", "sizes": [64, 64, 10], "activation": "tanh",
+            "loss": "softmax_cross_entropy (mean)"},
+    "cnn": {"kind": "Flax NNX CNN", "layers": "conv3x3(8)-BN-relu-conv3x3/2(16)-BN-relu-"
+            "dropout(0.1)-dense(10)", "inputs": "8x8x1 images",
+            "loss": "softmax_cross_entropy (mean)",
+            "state": "BatchNorm statistics (model state, threaded through the step)"},
+}
+"""What ``results.json`` records about the model of ``--model``."""
+
+
 @jax.jit
 def _evaluate(params: PyTree, x_tr: jax.Array, y_tr: jax.Array, x_te: jax.Array,
               y_te: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -228,12 +274,19 @@ class Runner(Protocol):
 class MethodRunner:
     """A composed :class:`~somax_plug.Method` (its public jitted ``step``)."""
 
-    def __init__(self, method: Any, seed: int = 0) -> None:
+    def __init__(self, method: Any, seed: int = 0, model_state: Any = None) -> None:
         self.method = method
         self._key = jax.random.key(seed)
+        self._model_state = model_state
 
     def init(self, params: PyTree) -> Any:
+        if self._model_state is not None:
+            return self.method.init(params, self._model_state)
         return self.method.init(params)
+
+    @staticmethod
+    def model_state(state: Any) -> Any:
+        return state.model_state
 
     def step(self, params: PyTree, state: Any, batch: Any, i: int) -> Any:
         params, state, info = self.method.step(params, state, batch,
@@ -260,16 +313,61 @@ class OptaxRunner:
     def step(self, params: PyTree, state: Any, batch: Any, i: int) -> Any:
         return self._step(params, state, batch)
 
+    @staticmethod
+    def model_state(state: Any) -> Any:
+        return None
 
-def make_runner(cfg: MethodConfig, mesh: Any = None, seed: int = 0) -> Runner:
-    """The runner of a :class:`MethodConfig` (``mesh`` is passed to ``compose``)."""
+
+class ModelOptaxRunner:
+    """An Optax optimizer on an adapted model with state and dropout (the ``--model``
+    baseline): train mode, one key per step, the new state carried in the runner state."""
+
+    def __init__(self, tx: optax.GradientTransformation, model: Any, seed: int = 0) -> None:
+        self.tx, self.model = tx, model
+        self._key = jax.random.key(seed)
+
+        def step(params: PyTree, state: Any, batch: Any, key: Any) -> Any:
+            opt_state, model_state = state
+            x, y = batch
+
+            def loss(p: PyTree) -> Any:
+                out, new = model.predict_fn(p, x, state=model_state, key=key)
+                return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y)), new
+
+            (value, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), (opt_state, new_state), value
+
+        self._step = jax.jit(step)
+
+    def init(self, params: PyTree) -> Any:
+        return self.tx.init(params), self.model.state
+
+    def step(self, params: PyTree, state: Any, batch: Any, i: int) -> Any:
+        return self._step(params, state, batch, jax.random.fold_in(self._key, i))
+
+    @staticmethod
+    def model_state(state: Any) -> Any:
+        return state[1]
+
+
+def make_runner(cfg: MethodConfig, mesh: Any = None, seed: int = 0, model: Any = None) -> Runner:
+    """The runner of a :class:`MethodConfig` (``mesh`` is passed to ``compose``);
+    ``model``: an adapted model (:mod:`somax_plug.models`) instead of the MLP."""
     if cfg.kind == "somax_plug":
         from somax_plug._src.composition import compose
 
+        if model is not None:
+            method = compose(preset=cfg.preset, predict_fn=model.predict_fn,
+                             loss="softmax_cross_entropy", mesh=mesh,
+                             has_state=model.has_state, has_rng=model.has_rng, **cfg.overrides)
+            return MethodRunner(method, seed, model_state=model.state)
         method = compose(preset=cfg.preset, predict_fn=mlp, loss="softmax_cross_entropy",
                          mesh=mesh, **cfg.overrides)
         return MethodRunner(method, seed)
     if cfg.kind == "optax":
+        if model is not None:
+            return ModelOptaxRunner(getattr(optax, cfg.preset)(**cfg.overrides), model, seed)
         return OptaxRunner(getattr(optax, cfg.preset)(**cfg.overrides))
     raise ValueError(f"method {cfg.name!r}: kind {cfg.kind!r} needs a runner passed to train()")
 
@@ -303,6 +401,7 @@ def train(
     eval_every: int | None = None,
     stop_at: float | None = None,
     on_eval: Callable[[dict[str, float]], None] | None = None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Train one method and return ``{"config", "history", "summary"}``.
 
@@ -315,9 +414,12 @@ def train(
         eval_every: steps between evaluations (default 1: every step).
         stop_at: stop at the first evaluation with this test accuracy.
         on_eval: called with every history record (progress bars).
+        model: an adapted model (:func:`make_cnn`) instead of the MLP; it is evaluated
+            in inference mode (running statistics, no dropout) with the runner's
+            current model state.
     """
     steps = cfg.steps if steps is None else steps
-    runner = runner or make_runner(cfg, mesh=mesh, seed=seed)
+    runner = runner or make_runner(cfg, mesh=mesh, seed=seed, model=model)
     eval_every = eval_every or 1
     batch_size = cfg.batch_size
     if mesh is not None:
@@ -337,7 +439,17 @@ def train(
         rows = order[i]
         return put(data.x_train[rows]), put(data.y_train[rows])
 
-    params0 = init_mlp(jax.random.key(seed))
+    if model is None:
+        params0 = init_mlp(jax.random.key(seed))
+
+        def evaluate(params: PyTree, state: Any) -> Any:
+            return _evaluate(params, *eval_data)
+    else:
+        params0 = model.params
+        model_eval = _model_evaluator(model)
+
+        def evaluate(params: PyTree, state: Any) -> Any:
+            return model_eval(params, runner.model_state(state), *eval_data)
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
 
@@ -351,12 +463,12 @@ def train(
     jax.block_until_ready(p1)
     compile_s = time.perf_counter() - t
     jax.block_until_ready(runner.step(p1, s1, batch(1 % steps), 1))
-    jax.block_until_ready(_evaluate(params0, *eval_data))
+    jax.block_until_ready(evaluate(params0, state0))
 
     history: list[dict[str, float]] = []
 
-    def record(step: int, clock: float, params: PyTree) -> dict[str, float]:
-        loss, acc = _evaluate(params, *eval_data)
+    def record(step: int, clock: float, params: PyTree, state: Any) -> dict[str, float]:
+        loss, acc = evaluate(params, state)
         rec = {"step": step, "wall_clock_s": clock, "train_loss": float(loss),
                "test_accuracy": float(acc)}
         history.append(rec)
@@ -366,7 +478,7 @@ def train(
 
     params, state = params0, state0
     clock = 0.0
-    record(0, 0.0, params)
+    record(0, 0.0, params, state)
     done = 0
     start = time.perf_counter()
     for i in range(steps):
@@ -375,7 +487,7 @@ def train(
         if done % eval_every == 0 or done == steps:
             jax.block_until_ready(params)
             clock += time.perf_counter() - start
-            rec = record(done, clock, params)
+            rec = record(done, clock, params, state)
             if stop_at is not None and rec["test_accuracy"] >= stop_at:
                 break
             start = time.perf_counter()
@@ -397,6 +509,19 @@ def train(
         config["composition"] = runner.method.plan.to_dict()["components"]
         config["plan_fingerprint"] = runner.method.plan.fingerprint
     return {"name": cfg.name, "config": config, "history": history, "summary": summary}
+
+
+def _model_evaluator(model: Any) -> Any:
+    """Jitted ``(params, model_state, data...) -> (train loss, test accuracy)``, inference mode."""
+
+    def evaluate(params: PyTree, model_state: Any, x_tr: jax.Array, y_tr: jax.Array,
+                 x_te: jax.Array, y_te: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = model.evaluate(params, model_state, x_tr)
+        train_loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_tr))
+        acc = jnp.mean(jnp.argmax(model.evaluate(params, model_state, x_te), -1) == y_te)
+        return train_loss, acc
+
+    return jax.jit(evaluate)
 
 
 # --------------------------------------------------------------------------- output
@@ -495,8 +620,16 @@ def run_job(
     steps: dict[str, int] | None = None,
     console: Any = None,
     progress: bool = True,
+    model: str = "mlp",
 ) -> dict[str, Any]:
-    """Train every named method, write ``results.json`` and ``training.png``."""
+    """Train every named method, write ``results.json`` and ``training.png``.
+
+    ``model``: ``"mlp"`` (the default job) or ``"cnn"`` (:func:`make_cnn`: Flax NNX,
+    BatchNorm and dropout; each method starts from the same initial parameters and
+    state).
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     data = load_digits_data()
     results = []
     bar = None
@@ -520,7 +653,9 @@ def run_job(
                     bar.update(task, completed=rec["step"], loss=f"{rec['train_loss']:.4f}",
                                acc=f"{rec['test_accuracy']:.4f}")
 
-            results.append(train(cfg, data, steps=n, seed=seed, mesh=mesh, on_eval=on_eval))
+            adapted = make_cnn(seed) if model == "cnn" else None
+            results.append(train(cfg, data, steps=n, seed=seed, mesh=mesh, on_eval=on_eval,
+                                 model=adapted))
     finally:
         if bar is not None:
             bar.stop()
@@ -532,8 +667,7 @@ def run_job(
         "dataset": {"name": "sklearn.datasets.load_digits", "train": int(len(data.y_train)),
                     "test": int(len(data.y_test)), "split": "stratified 25% test, seed 0",
                     "standardised": True},
-        "model": {"kind": "MLP", "sizes": [64, 64, 10], "activation": "tanh",
-                  "loss": "softmax_cross_entropy (mean)"},
+        "model": MODELS[model],
         "seed": seed,
         "devices": 1 if mesh is None else int(mesh.devices.size),
         "targets": list(TARGETS),
@@ -561,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data-parallel over a mesh of N devices")
     parser.add_argument("--seed", type=int, default=0,
                         help="initialisation and minibatch seed")
+    parser.add_argument("--model", choices=tuple(MODELS), default="mlp",
+                        help="mlp: the 64-64-10 MLP (default); cnn: a Flax NNX CNN with "
+                        "BatchNorm and dropout on the digits as 8x8 images (needs flax)")
     parser.add_argument("--workload", choices=("mlp", "cnn", "lm"), default="mlp",
                         help="mlp: the MLP on digits (default); lm: the stdlib character-level "
                         "transformer LM (a few minutes); cnn: the digits CNN")
@@ -577,6 +714,11 @@ def make_mesh(n: int) -> Any:
 
 
 QUICK_STEPS = {"sgn": 60, "adam": 400}
+
+CNN_STEPS = {"sgn": 100, "newton_cg": 100, "gauss_newton_lm": 100, "natural_gradient": 100,
+             "sophia_h": 400, "adam": 400}
+"""Steps per method of ``--model cnn`` (each CNN step costs several MLP steps)."""
+CNN_QUICK_STEPS = {"sgn": 30, "adam": 150}
 
 
 WORKLOAD_ADAM_LR = {"cnn": 1e-2, "lm": 1e-3}
@@ -708,9 +850,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         border_style="cyan",
     ))
     t0 = time.perf_counter()
-    report = run_job(names, out=args.out, seed=args.seed, mesh=mesh,
-                     steps=QUICK_STEPS if args.quick else None, console=console)
-    table = Table(title="digits, MLP 64-64-10 (wall-clock excludes compilation)")
+    if args.model == "cnn":
+        try:
+            import flax  # noqa: F401
+        except ImportError:
+            console.print("[red]--model cnn needs Flax: pip install 'somax-plug[flax]'[/red]")
+            return 2
+    steps = QUICK_STEPS if args.quick else None
+    if args.model == "cnn":
+        steps = CNN_QUICK_STEPS if args.quick else CNN_STEPS
+    report = run_job(names, out=args.out, seed=args.seed, mesh=mesh, steps=steps,
+                     console=console, model=args.model)
+    label = "MLP 64-64-10" if args.model == "mlp" else "Flax NNX CNN, BatchNorm + dropout"
+    table = Table(title=f"digits, {label} (wall-clock excludes compilation)")
     for h in HEADERS:
         table.add_column(h, justify="left" if h == "method" else "right")
     for row in summary_rows(report["results"]):
