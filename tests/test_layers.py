@@ -679,6 +679,59 @@ def test_a_component_that_requires_layer_resources_is_planned_and_stepped():
     assert got == pytest.approx(expected, rel=1e-10) and bool(info["finite"])
 
 
+@declare("layer_grad_err", provides={"layer_grad_err"},
+         requires={"resources": {"layer_map", "layer_inputs", "layer_output_grads",
+                                 "output_grad", "grad"}})
+@attrs.frozen
+class LayerGradError(Estimator):
+    """``max_l |contract-VJP(a_l, g_l) - grad_{W_l}|``: layer resources vs the step's grad."""
+
+    def init(self, params):
+        return {"stats": {"layer_grad_err": jnp.zeros((), jnp.float64)}}
+
+    def estimate(self, res, key, state):
+        lm, a = res["layer_map"], res["layer_inputs"]
+        g = res["layer_output_grads"](res["output_grad"])
+        paths = param_paths(res.params)
+        leaves = dict(zip(paths, jax.tree_util.tree_leaves(res.params), strict=True))
+        grad = dict(zip(paths, jax.tree_util.tree_leaves(res["grad"]), strict=True))
+        err = jnp.zeros((), jnp.float64)
+        for la in lm:
+            gw = jax.vjp(lambda w, la=la: la.apply(a[la.kernel], w), leaves[la.kernel])[1](
+                g[la.kernel])[0]
+            err = jnp.maximum(err, jnp.max(jnp.abs(gw - grad[la.kernel])))
+        return {"layer_grad_err": err}, {"stats": {"layer_grad_err": err}}
+
+
+def test_layer_resources_see_the_steps_dropout_mask_and_batchnorm_state():
+    nnx = pytest.importorskip("flax.nnx")
+    from somax_plug.models import from_nnx
+
+    class CNN(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 3, kernel_size=(3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(3, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.out = nnx.Linear(3 * 5 * 5, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.drop(nnx.relu(self.bn(self.conv(x))))
+            return self.out(h.reshape(h.shape[0], -1))
+
+    adapted = from_nnx(CNN(nnx.Rngs(0)))
+    assert adapted.has_state and adapted.has_rng
+    x, y = normal(15, (4, 5, 5, 1)).astype(jnp.float32), jnp.array([0, 1, 1, 0])
+    method = adapted.compose("ggn", ProbeSolver(needs=Requires(statistics={"layer_grad_err"})),
+                             estimators=[LayerGradError()], loss="softmax_cross_entropy",
+                             learning_rate=0.1)
+    state = adapted.init(method)
+    _, state, info = method.step(adapted.params, state, (x, y), jax.random.key(1))
+    err = float(state.estimators[0]["stats"]["layer_grad_err"])
+    # float32 model (NNX's default dtype): the same mask gives agreement to rounding;
+    # a different dropout mask would differ by O(1)
+    assert bool(info["finite"]) and float(info["grad_norm"]) > 1e-3 and err < 1e-5, err
+
+
 # ------------------------------------------------------------------------ no extras
 
 

@@ -153,6 +153,9 @@ class Layer:
     def apply(self, a: Any, kernel: Any) -> Any:
         """``contract(a, W)``: the layer's equation on input ``a`` (without the bias).
 
+        ``a`` and ``W`` are first cast to their common dtype (a float32 kernel applied
+        to a float64 input is cast in the model's jaxpr too).
+
         With :func:`layer_io`'s ``a_l`` and output gradient ``g_l``, the kernel's
         gradient is the VJP of this map at ``g_l`` (``jax.vjp(lambda w:
         layer.apply(a_l, w), W)[1](g_l)``), and a Kronecker factor reads ``a_l`` and
@@ -166,6 +169,8 @@ class Layer:
             (4, 2)
         """
         p = dict(self.params)
+        dtype = jax.numpy.result_type(a, kernel)  # as the model's casts promote them
+        a, kernel = jax.numpy.asarray(a, dtype), jax.numpy.asarray(kernel, dtype)
         if self.kind == "dense":
             dn = p.get("dimension_numbers")
             if dn is None:
