@@ -234,7 +234,11 @@ def _reduction(value: Any) -> str | None:
 
 
 def _learning_rate(value: Any) -> Any:
-    """A finite number >= 0 (not a bool, not a string) or a schedule ``step -> lr``."""
+    """A finite number (not a bool, not a string) or a schedule ``step -> lr``.
+
+    A negative number is allowed (it ascends the loss: tests use it to force a
+    rejected step); NaN, infinities, strings (``"0.1"``), bools and arrays are not.
+    """
     if callable(value) and not isinstance(value, type):
         return value
     problem = None
@@ -243,16 +247,13 @@ def _learning_rate(value: Any) -> Any:
     elif getattr(value, "shape", ()) != ():
         problem = f"an array of shape {tuple(value.shape)}, not a scalar"
     else:
-        number = float(value)
-        if not math.isfinite(number):
+        if not math.isfinite(float(value)):
             problem = "not finite"
-        elif number < 0:
-            problem = "negative (that would ascend the loss)"
     if problem is None:
         return value
     raise CompositionError(
         f"learning_rate = {value!r} ({type(value).__name__}) is not allowed: {problem}; "
-        "expected a finite number >= 0 such as 0.1, or an Optax schedule (a callable "
+        "expected a finite number such as 0.1, or an Optax schedule (a callable "
         "step -> learning rate)"
     )
 
