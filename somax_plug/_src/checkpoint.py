@@ -60,12 +60,14 @@ import ctypes.util
 import errno
 import gc
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -105,14 +107,20 @@ def _quiet() -> Iterator[None]:
     """
     loggers = [logging.getLogger(n) for n in ("asyncio", "concurrent.futures", "absl")]
     levels = [lg.level for lg in loggers]
-    hook = sys.unraisablehook
+    hook, stderr = sys.unraisablehook, sys.stderr
     for lg in loggers:
         lg.setLevel(logging.CRITICAL + 1)
     sys.unraisablehook = lambda _unraisable: None
+    failed = True
     try:
         yield
+        failed = False
     finally:
+        if failed:  # Orbax's other workers finish failing on their own threads
+            sys.stderr = io.StringIO()
+            time.sleep(0.25)
         gc.collect()
+        sys.stderr = stderr
         sys.unraisablehook = hook
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
@@ -754,6 +762,21 @@ def _stored_arrays(ocp: Any, path: Path, where: str) -> dict[str, dict[tuple, An
     for item in ("params", "state"):
         if not (path / item).is_dir():
             raise _bad(where, f"the Orbax item {item!r} is missing")
+        # Orbax's JSON side files, read by Orbax's worker threads in the middle of a
+        # restore: a broken one is refused here, before any thread starts
+        side = [path / item / "_METADATA"]
+        if (path / item / "array_metadatas").is_dir():
+            side += sorted((path / item / "array_metadatas").iterdir())
+        for file in side:
+            try:
+                if file.stat().st_size > _MAX_HEADER_BYTES:
+                    raise ValueError(f"{file.stat().st_size} bytes")
+                json.loads(file.read_bytes().decode("utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+                rel = file.relative_to(path)
+                raise _bad(
+                    where, f"Orbax's {rel} does not read ({type(exc).__name__}: {exc})"
+                ) from None
         handler = ocp.StandardCheckpointHandler()
         try:
             with _quiet():
