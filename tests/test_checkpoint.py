@@ -68,9 +68,7 @@ def test_resume_is_bitwise(preset, tmp_path):
     infos = []
     for i in range(2 * N):
         if i == N:
-            path = checkpoint.save(
-                tmp_path / "ckpt", params, state, method, metadata={"step": i}
-            )
+            path = checkpoint.save(tmp_path / "ckpt", params, state, method, metadata={"step": i})
         params, state, info = method.step(params, state, batch(i), jax.random.key(i))
         infos.append(info)
 
@@ -355,17 +353,21 @@ def test_adopt_checks_the_plan_and_the_stored_arrays(tmp_path):
                 somax_plug=ocp.args.JsonSave(checkpoint.describe(method)),
             ),
         )
-        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(
-            good._replace(count=np.int16(5)))))
+        mngr.save(
+            1,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(good._replace(count=np.int16(5)))),
+        )
         mngr.wait_until_finished()
         spec = method.state_spec(TINY)
-        r0 = mngr.restore(0, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(spec), somax_plug=ocp.args.JsonRestore()))
+        r0 = mngr.restore(
+            0,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(spec), somax_plug=ocp.args.JsonRestore()
+            ),
+        )
         r1 = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(spec)))
         stored0, stored1 = mngr.item_metadata(0)["state"], mngr.item_metadata(1)["state"]
-    p, s = checkpoint.adopt(
-        tiny(), TINY, r0["state"], described=r0["somax_plug"], stored=stored0
-    )
+    p, s = checkpoint.adopt(tiny(), TINY, r0["state"], described=r0["somax_plug"], stored=stored0)
     assert_bitwise(s, good)
     other = compose(
         preset="sgn",

@@ -131,8 +131,7 @@ def _ocp() -> Any:
         import orbax.checkpoint as ocp
     except ImportError as exc:
         raise CheckpointError(
-            f"checkpoints need Orbax, which is not installed ({exc}); install it with "
-            f"{_INSTALL}"
+            f"checkpoints need Orbax, which is not installed ({exc}); install it with {_INSTALL}"
         ) from None
     return ocp
 
@@ -389,8 +388,10 @@ def _expect(obj: dict, key: str, kind: type | tuple, where: str, ctx: str) -> An
         raise _bad(where, f"the header's {ctx} has no key {key!r}")
     value = obj[key]
     names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-    if not isinstance(value, kind) or isinstance(value, bool) and bool not in (
-        kind if isinstance(kind, tuple) else (kind,)
+    if (
+        not isinstance(value, kind)
+        or isinstance(value, bool)
+        and bool not in (kind if isinstance(kind, tuple) else (kind,))
     ):
         raise _bad(
             where,
@@ -570,11 +571,17 @@ def _is_replaceable(path: Path) -> bool:
     if path.is_symlink() or not path.is_dir():
         return False
     entries = {p.name for p in path.iterdir()}
-    return not entries or HEADER_ITEM in entries and entries <= set(_ITEMS) | {
-        "_CHECKPOINT_METADATA",
-        "commit_success.txt",
-        "_METADATA",
-    }
+    return (
+        not entries
+        or HEADER_ITEM in entries
+        and entries
+        <= set(_ITEMS)
+        | {
+            "_CHECKPOINT_METADATA",
+            "commit_success.txt",
+            "_METADATA",
+        }
+    )
 
 
 def _refuse_target(path: Path) -> None:
@@ -584,8 +591,10 @@ def _refuse_target(path: Path) -> None:
             "follow or replace links: pass the real path"
         )
     if os.path.lexists(path) and not _is_replaceable(path):
-        kind = "a directory that is not a somax_plug checkpoint" if path.is_dir() else (
-            "a file" + (f" ({_sniff(path).split(',')[0].removeprefix('it is ')})")
+        kind = (
+            "a directory that is not a somax_plug checkpoint"
+            if path.is_dir()
+            else ("a file" + (f" ({_sniff(path).split(',')[0].removeprefix('it is ')})"))
         )
         raise CheckpointError(
             f"{str(path)!r} exists and is {kind}; save replaces only an earlier "
@@ -783,8 +792,8 @@ def _stored_arrays(ocp: Any, path: Path, where: str) -> dict[str, dict[tuple, An
                 out[item] = _stored_table(handler.metadata(path / item))
         except Exception as exc:  # noqa: BLE001 (Orbax raises many kinds on bad metadata)
             raise _bad(
-                where, f"Orbax cannot read the array metadata of {item!r} "
-                f"({type(exc).__name__}: {exc})"
+                where,
+                f"Orbax cannot read the array metadata of {item!r} ({type(exc).__name__}: {exc})",
             ) from None
         finally:
             handler.close()
@@ -811,8 +820,7 @@ def _check_against(
     if len(stored_arrays) != len(with_path):
         raise _bad(
             where,
-            f"Orbax holds {len(stored_arrays)} {name} arrays but the header lists "
-            f"{len(with_path)}",
+            f"Orbax holds {len(stored_arrays)} {name} arrays but the header lists {len(with_path)}",
         )
     for (p, spec), meta in zip(with_path, stored_header["leaves"], strict=True):
         leaf = f"{name}{jax.tree_util.keystr(p)}"
