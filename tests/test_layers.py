@@ -679,6 +679,39 @@ def test_a_component_that_requires_layer_resources_is_planned_and_stepped():
     assert got == pytest.approx(expected, rel=1e-10) and bool(info["finite"])
 
 
+def count_primitive(jaxpr, name):
+    """How many equations of ``name`` a jaxpr holds, sub-jaxprs included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += count_primitive(inner, name)
+    return n
+
+
+def test_one_forward_pass_serves_the_linearization_and_the_layer_resources():
+    f, params, x = plain_mlp()  # one tanh per forward pass
+    y = normal(6, (B, 3))
+    reads_op = Requires(statistics={"layer_gnorm2"}, resources={"operator"})
+    results = {}
+    for label, unplanned in (("planned", False), ("unplanned", True)):
+        method = compose("ggn", ProbeSolver(needs=reads_op), estimators=[LayerGradNorm()],
+                         predict_fn=f, loss="mse", learning_rate=0.1, unplanned=unplanned)
+        state = method.init(params)
+        batch, key = (x, y), jax.random.key(0)
+        jaxpr = jax.make_jaxpr(method._step)(params, state, batch, key).jaxpr
+        _, state, info = method.step(params, state, batch, key)
+        results[label] = (count_primitive(jaxpr, "tanh"), float(info["solver_residual"]),
+                          float(state.estimators[0]["stats"]["layer_gnorm2"]))
+    assert "linearization (shared when due)" in method.plan.explain()
+    # planned: the tapped linearization is the linearization (loss, grad, GGN products)
+    assert results["planned"][0] == 1 and results["unplanned"][0] > 1
+    np.testing.assert_allclose(results["planned"][1:], results["unplanned"][1:], rtol=1e-12)
+
+
 @declare("layer_grad_err", provides={"layer_grad_err"},
          requires={"resources": {"layer_map", "layer_inputs", "layer_output_grads",
                                  "output_grad", "grad"}})

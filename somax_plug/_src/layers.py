@@ -57,7 +57,7 @@ from jax import tree_util as jtu
 from jax.extend import core as jcore
 
 from somax_plug._src.errors import InputError
-from somax_plug._src.resources import ResourceProvider
+from somax_plug._src.resources import Linearization, ResourceProvider
 
 PyTree = Any
 
@@ -774,15 +774,40 @@ class LayerIO(NamedTuple):
         vjp: ``vjp(u) -> (J^T u, {kernel path: g_l})`` for an output cotangent ``u``;
             ``g_l = (d outputs / d y_l)^T u`` is the layer's output gradient (shape
             ``output_shape``). A ``jax.tree_util.Partial``: it crosses ``jit``.
+        jvp: ``jvp(v) -> J v`` for a parameter tangent ``v`` (a ``Partial``).
     """
 
     outputs: Any
     inputs: dict[str, Any]
     vjp: Callable[[Any], tuple[PyTree, dict[str, Any]]]
+    jvp: Callable[[PyTree], Any] | None = None
 
     def output_grads(self, u: Any) -> dict[str, Any]:
         """Kernel path -> the layer's output gradient for the output cotangent ``u``."""
         return self.vjp(u)[1]
+
+    @property
+    def linearization(self) -> Linearization:
+        """The same pass as a :class:`~somax_plug.Linearization` (outputs, J v, J^T u).
+
+        The built-in ``linearization`` resource returns this when ``layer_io`` is
+        planned, so one forward pass serves the loss, the gradient, every curvature
+        product and the layer inputs.
+        """
+        return Linearization(outputs=self.outputs, jvp=self.jvp,
+                             vjp=jtu.Partial(_first, self.vjp))
+
+
+def _first(vjp: Callable, u: Any) -> Any:
+    return vjp(u)[0]
+
+
+def _param_jvp(jvp: Callable, zeros: Any, v: PyTree) -> Any:
+    return jvp(v, zeros)
+
+
+def _transpose(transpose: Callable, u: Any) -> Any:
+    return tuple(transpose(u))
 
 
 def layer_io(
@@ -795,10 +820,11 @@ def layer_io(
 
     The model's jaxpr is evaluated with taps at the layers of ``layer_map``: at layer
     ``l`` (``y_l = contract(a_l, W_l)``) it records ``a_l`` and computes
-    ``y_l + d_l`` with ``d_l = 0``. ``jax.vjp`` of ``(params, d) -> outputs`` then
-    gives, for an output cotangent ``u``, both ``J^T u`` and ``g_l = (dy_l)^T u``
-    (the cotangent of ``d_l``): the output gradients of every layer, from the same
-    linearization, with no second forward pass. With ``u = dL/d outputs``, ``g_l`` is
+    ``y_l + d_l`` with ``d_l = 0``. One ``jax.linearize`` of ``(params, d) ->
+    outputs`` (and its transpose) then gives ``J v`` and, for an output cotangent
+    ``u``, both ``J^T u`` and ``g_l = (dy_l)^T u`` (the cotangent of ``d_l``): the
+    output gradients of every layer, from the same linearization, with no second
+    forward pass. With ``u = dL/d outputs``, ``g_l`` is
     ``dL/dy_l`` and ``grad_{W_l} L = contract(a_l, g_l)`` over the batch and shared
     axes.
 
@@ -868,8 +894,14 @@ def layer_io(
                           acts)
         return jtu.tree_unflatten(treedef_out, outs), acts
 
-    outputs, vjp, acts = jax.vjp(tapped, params, zeros, has_aux=True)
-    return LayerIO(outputs=outputs, inputs=acts, vjp=vjp)
+    outputs, jvp, acts = jax.linearize(tapped, params, zeros, has_aux=True)
+    transpose = jax.linear_transpose(jvp, params, zeros)
+    return LayerIO(
+        outputs=outputs,
+        inputs=acts,
+        vjp=jtu.Partial(_transpose, transpose),
+        jvp=jtu.Partial(_param_jvp, jvp, zeros),
+    )
 
 
 def _out_dtype(jaxpr: Any, where: tuple[int, ...]) -> Any:

@@ -9,7 +9,7 @@ Each provider computes one named intermediate of a step from the model
 resource               computes                                  requires    reuses when planned
 =====================  ========================================  ==========  ====================
 ``outputs``            ``f(params, inputs)``                     --          linearization
-``linearization``      one ``jax.linearize`` of f: outputs, J v,  --          --
+``linearization``      one ``jax.linearize`` of f: outputs, J v,  --          layer_io
                        J^T u (``jax.linear_transpose``)
 ``loss``               L                                         --          hvp, linearization,
                                                                              outputs
@@ -82,6 +82,8 @@ def _first_cotangent(transpose: Any, u: PyTree) -> PyTree:
 
 
 def _linearization(res: Resources) -> Linearization:
+    if res.planned("layer_io"):  # the tapped pass is a linearization too: share it
+        return res["layer_io"].linearization
     model, inputs, params = res.model, res.inputs, res.params
     outputs, jvp = jax.linearize(lambda p: model.outputs(p, inputs), params)
     transpose = jax.linear_transpose(jvp, params)
@@ -185,7 +187,8 @@ PROVIDERS: dict[str, ResourceProvider] = {
             "linearization",
             _linearization,
             plugin="builtin",
-            summary="one jax.linearize of the model: outputs, J v, J^T u",
+            reuses={"layer_io"},
+            summary="one jax.linearize of the model: outputs, J v, J^T u (layer_io's if planned)",
         ),
         ResourceProvider(
             "loss",
