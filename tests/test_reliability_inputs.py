@@ -265,6 +265,23 @@ def step_cases() -> list[Case]:
         Case("bridge update, empty batch", lambda: bridge_update(empty), error=InputError,
              says=("empty batch",)),
         Case("good labels", lambda: wrapped(LABELS), expect="ok"),
+        Case("one-hot labels", lambda: wrapped(jax.nn.one_hot(LABELS, 4)), expect="ok"),
+        Case("soft label < 0", lambda: wrapped(jax.nn.one_hot(LABELS, 4).at[3, 0].set(-0.5)),
+             error=InputError, says=("targets out of range", "targets[3, 0] = -0.5")),
+        Case("soft label NaN", lambda: wrapped(jax.nn.one_hot(LABELS, 4).at[1, 2].set(jnp.nan)),
+             error=InputError, says=("targets out of range", "targets[1, 2] = nan")),
+        Case("bce target 2", lambda: step(_bce(), (X, jnp.zeros((6, 4)).at[0, 1].set(2.0))),
+             error=InputError, says=("sigmoid_binary_cross_entropy", "targets[0, 1] = 2.0",
+                                     "[0, 1]")),
+        Case("bce target -1", lambda: step(_bce(), (X, jnp.zeros((6, 4)).at[5, 3].set(-1.0))),
+             error=InputError, says=("targets[5, 3] = -1.0",)),
+        Case("bce soft targets in [0, 1]", lambda: step(_bce(), (X, jnp.full((6, 4), 0.3))),
+             expect="ok"),
+        Case("curvature_batch > batch rows",
+             lambda: step(mse(curvature_batch=8), (X, Y_MSE)), error=InputError,
+             says=("curvature_batch = 8", "only 6 examples")),
+        Case("curvature_batch = batch rows",
+             lambda: step(mse(curvature_batch=6), (X, Y_MSE)), expect="ok"),
     ]
     for preset in ("sgn", "gauss_newton_lm", "newton_cg", "sophia_h", "adahessian",
                    "natural_gradient"):
@@ -274,6 +291,11 @@ def step_cases() -> list[Case]:
                                                               jnp.ones((0, 4)))),
                       error=InputError, says=("empty batch",)))
     return cases
+
+
+@functools.cache
+def _bce():
+    return compose("ggn", "cg", predict_fn=predict, loss="sigmoid_binary_cross_entropy")
 
 
 def _seq_labels():
@@ -316,6 +338,12 @@ def test_out_of_range_labels_never_train_a_wrapped_class_under_jit():
     assert np.isnan(per[1]) and np.isnan(per[2])  # never class C-1 for -1
     grad = np.asarray(loss.output_grad(z, y))
     assert np.isnan(grad[1]).all() and np.isfinite(grad[[0, 3]]).all()
+    bce = get_loss("sigmoid_binary_cross_entropy")
+    t = jnp.array([[0.0, 1.0, 0.5], [2.0, 0.0, 0.0], [0.0, -1.0, 0.0], [1.0, 1.0, 1.0]])
+    per = np.asarray(jax.jit(bce.per_example)(z, t))
+    np.testing.assert_allclose(per[[0, 3]], np.asarray(optax.sigmoid_binary_cross_entropy(
+        z, t)).sum(-1)[[0, 3]], rtol=1e-12)
+    assert np.isnan(per[1]) and np.isnan(per[2])
 
     method = ce(preset="sgn")
     state = method.init(P0)

@@ -355,7 +355,9 @@ class SoftmaxCrossEntropy(Loss):
 class SigmoidBinaryCrossEntropy(Loss):
     """Sigmoid binary cross-entropy, elementwise on logits, summed per example.
 
-    Targets are probabilities in [0, 1] with the logits' shape. With ``s = sigmoid(z)``
+    Targets are probabilities in [0, 1] with the logits' shape (a target outside it
+    gives a NaN loss, even under ``jit``: the loss would be unbounded below; ``Method.step``
+    refuses it before tracing where it is concrete). With ``s = sigmoid(z)``
     the output Hessian is ``diag(c s (1 - s))`` whatever the targets;
     ``sample_targets`` draws ``Bernoulli(s)`` (as the outputs' dtype).
 
@@ -369,8 +371,9 @@ class SigmoidBinaryCrossEntropy(Loss):
 
     def per_example(self, outputs: Array, targets: Array) -> Array:
         cdt = compute_dtype(outputs.dtype)
-        per = optax.losses.sigmoid_binary_cross_entropy(outputs.astype(cdt), targets.astype(cdt))
-        return _sum_trailing(per)
+        y = targets.astype(cdt)
+        per = optax.losses.sigmoid_binary_cross_entropy(outputs.astype(cdt), y)
+        return _sum_trailing(jnp.where((y >= 0) & (y <= 1), per, jnp.nan))
 
     def _curv(self, outputs: Array) -> Array:
         s = jax.nn.sigmoid(outputs.astype(compute_dtype(outputs.dtype)))

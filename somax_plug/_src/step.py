@@ -85,6 +85,7 @@ class Method:
         self._model_state_spec: Any = ()
         self._contract_seen: set = set()
         self._validator = InputValidator(self._shape_view(model), self.data_parallel)
+        self._validator.curvature_batch = plan.curvature_batch
         self._step_jit = jax.jit(self._step)
         self._step_default_key = jax.jit(
             lambda params, state, batch: self._step(

@@ -172,6 +172,8 @@ class InputValidator:
         self.state_spec: PyTree = None
         self._seen: set = set()
         self._classes: dict = {}
+        self.curvature_batch: int | None = None
+        """The plan's ``curvature_batch`` (set by the method): a batch needs that many rows."""
 
     @property
     def bound(self) -> bool:
@@ -206,12 +208,16 @@ class InputValidator:
         """Checks that depend on the batch's size and values, run on every call.
 
         * an empty batch (0 rows) is refused: a mean over no examples is 0/0;
+        * with a ``curvature_batch``, the batch has at least that many rows;
         * integer labels of ``softmax_cross_entropy`` must lie in ``[0, C)`` (C the
-          size of the logits' class axis). Checked only where the labels are
-          concrete (not traced): in :meth:`somax_plug.Method.step` and in the Optax
-          bridge's ``update`` called outside ``jit``. Inside a user's own ``jit`` the
-          loss maps every out-of-range label to a NaN loss instead (never a wrapped
-          class), so the step is rejected (``info["finite"]`` is False).
+          size of the logits' class axis), its soft labels be ``>= 0``, and the
+          targets of ``sigmoid_binary_cross_entropy`` in ``[0, 1]``. Checked only
+          where the labels are concrete (not traced): in
+          :meth:`somax_plug.Method.step` and in the Optax bridge's ``update`` called
+          outside ``jit``. Inside a user's own ``jit`` the loss maps every
+          out-of-range integer label (and every BCE target outside ``[0, 1]``) to a
+          NaN loss instead (never a wrapped class), so the step is rejected
+          (``info["finite"]`` is False).
 
         Raises:
             InputError: naming the batch size, or the bad labels, their positions and
@@ -220,8 +226,51 @@ class InputValidator:
         if not isinstance(batch, tuple | list) or len(batch) != 2:
             return  # the structural check reports it
         self._check_not_empty(batch)
-        if isinstance(self.model.loss, SoftmaxCrossEntropy):
+        self._check_curvature_batch(batch)
+        loss = self.model.loss
+        if isinstance(loss, SoftmaxCrossEntropy):
             self._check_labels(params, batch)
+        elif isinstance(loss, SigmoidBinaryCrossEntropy):
+            self._check_probabilities(batch[1], "sigmoid_binary_cross_entropy", upper=True)
+
+    def _check_curvature_batch(self, batch: Any) -> None:
+        rows = self.curvature_batch
+        leaves = jax.tree_util.tree_leaves(batch)
+        if not rows or not leaves:
+            return
+        shape = _leaf_sig(leaves[0])[0]
+        if shape and shape[0] < rows:
+            raise InputError(
+                f"curvature_batch = {rows} but the batch has only {shape[0]} examples, so "
+                f"the curvature would use all {shape[0]} rows, not a sub-batch of {rows}: "
+                f"pass batches of at least {rows} examples (drop the last incomplete "
+                f"batch of an epoch), or compose with curvature_batch <= {shape[0]}"
+            )
+
+    @staticmethod
+    def _concrete(x: Any) -> bool:
+        return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+    def _check_probabilities(self, targets: Any, loss: str, upper: bool) -> None:
+        """Soft targets: every entry in ``[0, 1]`` (``upper``) or ``>= 0``; concrete only."""
+        t_leaves = jax.tree_util.tree_leaves(targets)
+        if len(t_leaves) != 1 or not self._concrete(t_leaves[0]):
+            return
+        dtype = getattr(t_leaves[0], "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            return
+        values = np.asarray(t_leaves[0])
+        bad = ~(values >= 0) | ((values > 1) if upper else False)
+        if not bad.any():
+            return
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        allowed = "probabilities in [0, 1]" if upper else "nonnegative label weights"
+        raise InputError(
+            f"targets out of range for {loss}: {int(bad.sum())} of {values.size} entries "
+            f"are not {allowed} (targets{list(first)} = {float(values[first])!r}); pass "
+            + ("targets in [0, 1] (a label 2 or -1 makes the loss unbounded below)"
+               if upper else "one-hot or soft labels >= 0 (NaN is refused too)")
+        )
 
     @staticmethod
     def _check_not_empty(batch: Any) -> None:
@@ -241,11 +290,12 @@ class InputValidator:
         if len(t_leaves) != 1:
             return
         labels = t_leaves[0]
-        if isinstance(labels, jax.core.Tracer) or not getattr(
-            labels, "is_fully_addressable", True
-        ):
+        if not self._concrete(labels):
             return  # traced (a user's own jit): the loss gives NaN for a bad label
         dtype = getattr(labels, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+            self._check_probabilities(targets, "softmax_cross_entropy", upper=False)
+            return
         if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
             return
         classes = self._num_classes(params, inputs)
