@@ -229,7 +229,10 @@ def from_flax_linen(
             {"params": params, **state}, inputs, mutable=list(collections), **kw
         )
         updates = _plain(updates)
-        return out, {c: updates.get(c, state[c]) for c in collections}
+        new = {c: updates.get(c, state[c]) for c in collections}
+        # keep the state's dtypes (Linen may compute float64 statistics for float32
+        # variables under jax_enable_x64)
+        return out, jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, state)
 
     predict_fn = _contract(call, state is not None, bool(names))
 
