@@ -310,6 +310,10 @@ def looks_like_path(source: str | Path) -> bool:
     A :class:`~pathlib.Path`, or a string with a path separator or a suffix
     (``m.toml``, ``./sgn``, ``configs/sgn``) is a path; a bare name (``sgn``,
     ``builtin:sgn``) is a preset name first.
+
+    Example:
+        >>> looks_like_path("sgn"), looks_like_path("./sgn"), looks_like_path("m.toml")
+        (False, True, True)
     """
     if isinstance(source, Path):
         return True
