@@ -56,7 +56,7 @@ import numpy as np
 from jax import tree_util as jtu
 from jax.extend import core as jcore
 
-from somax_plug._src.errors import InputError
+from somax_plug._src.errors import InputError, SomaxPlugError
 from somax_plug._src.resources import Linearization, ResourceProvider
 
 PyTree = Any
@@ -270,6 +270,8 @@ def _shape(t: tuple[int, ...]) -> str:
 
 
 def _closest(path: str, paths: tuple[str, ...]) -> str:
+    if not paths:
+        return "the parameter pytree has no leaves"
     close = difflib.get_close_matches(path, paths, n=3, cutoff=0.4)
     if not close:
         close = list(paths[:3])
@@ -491,6 +493,34 @@ def _trace(predict_fn: Callable, params: PyTree, inputs: PyTree) -> tuple[Any, A
     return closed, out_shape, len(leaves)
 
 
+def _shapes(tree: PyTree) -> str:
+    shapes = [tuple(np.shape(x)) for x in jtu.tree_leaves(tree)]
+    return ", ".join(map(str, shapes[:6])) + (", ..." if len(shapes) > 6 else "")
+
+
+def _trace_checked(
+    what: str, predict_fn: Callable, params: PyTree, inputs: PyTree
+) -> tuple[Any, Any, int]:
+    """:func:`_trace`, with a failure of the user's ``predict_fn`` named as such."""
+    if not jtu.tree_leaves(params):
+        raise InputError(
+            f"{what}: params has no array leaves (got a {type(params).__name__}); pass the "
+            "parameter pytree predict_fn takes (Flax: variables; NNX: nnx.split's state; "
+            "Equinox: eqx.partition's arrays)"
+        )
+    try:
+        return _trace(predict_fn, params, inputs)
+    except SomaxPlugError:
+        raise
+    except Exception as e:  # noqa: BLE001 (the user's model: say what was traced)
+        raise InputError(
+            f"{what}: tracing predict_fn(params, inputs) failed with {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''} (inputs' shapes: {_shapes(inputs)}; "
+            f"params' shapes: {_shapes(params)}); pass inputs of the shape the model "
+            "takes, with the batch axis first"
+        ) from e
+
+
 def _scan(closed: Any, n_leaves: int) -> _Scan:
     scan = _Scan()
     jaxpr = closed.jaxpr
@@ -630,7 +660,9 @@ def discover(
 
     Raises:
         InputError: an override names a path that does not exist (the message lists
-            the closest ones), a bias path of another layer, an unknown field or kind.
+            the closest ones), a bias path of another layer, an unknown field or kind;
+            ``params`` has no array leaves; ``predict_fn`` fails to trace on
+            ``example_inputs`` (the message names the shapes).
 
     Example:
         >>> import jax.numpy as jnp
@@ -645,7 +677,7 @@ def discover(
     paths = param_paths(params)
     overrides = dict(overrides or {})
     _check_overrides(overrides, paths)
-    closed, _, n = _trace(predict_fn, params, example_inputs)
+    closed, _, n = _trace_checked("discover", predict_fn, params, example_inputs)
     scan = _scan(closed, n)
     kernels, biases, unmatched = _match(scan, n)
     grown_sites: dict[int, _Site] = {}
@@ -851,7 +883,7 @@ def layer_io(
         (True, (4, 2))
     """
     paths = param_paths(params)
-    closed, out_shape, n = _trace(predict_fn, params, inputs)
+    closed, out_shape, n = _trace_checked("layer_io", predict_fn, params, inputs)
     scan = _scan(closed, n)
     by_kernel: dict[str, _Site] = {}
     for site in scan.sites.values():
