@@ -332,3 +332,31 @@ def test_core_imports_neither_flax_nor_equinox():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_state_spec_of_a_stateful_model_needs_init_first():
+    method = sp.compose("ggn", "cg", predict_fn=bn_only, loss="softmax_cross_entropy",
+                        has_state=True)
+    with pytest.raises(InputError, match=r"method.init\(params, model_state\) first"):
+        method.state_spec(_params())
+    method.init(_params(), STATE0)
+    assert method.state_spec(_params()).model_state["mean"].shape == (H,)
+
+
+def test_the_new_state_costs_no_second_forward_pass():
+    """The new state's ``apply`` has the operands of the loss's forward pass: XLA merges
+    them, so the compiled step has as many dots and tanhs as the same model without state."""
+    import re
+
+    def plain(p, x):
+        return bn_only(p, x, state=STATE0)[0]
+
+    counts = []
+    for f, kw, ms in ((bn_only, {"has_state": True}, STATE0), (plain, {}, None)):
+        method = sp.compose("ggn", "cg", predict_fn=f, loss="softmax_cross_entropy",
+                            damping={"name": "constant", "lam": LAM}, **kw)
+        state = method.init(_params(), ms)
+        text = jax.jit(method._step).lower(_params(), state, _batch(), jax.random.key(0))
+        text = text.compile().as_text()
+        counts.append((len(re.findall(r"= \S+ dot\(", text)), len(re.findall(r" tanh\(", text))))
+    assert counts[0] == counts[1] and counts[0][0] > 0

@@ -158,6 +158,14 @@ class Method:
         :meth:`resume`) recorded last.
         """
         ms = self._model_state_spec
+        if self.model.has_state and ms == ():
+            from somax_plug._src.errors import InputError
+
+            raise InputError(
+                "this model declares has_state=True and its state's shapes are not known "
+                "yet: call method.init(params, model_state) first (for example before "
+                "restoring a checkpoint into this method)"
+            )
         return jax.eval_shape(
             lambda p: self._init_state(
                 p, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), ms)
