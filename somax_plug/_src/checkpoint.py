@@ -67,6 +67,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -245,6 +246,11 @@ def _check_plan(header: dict[str, Any], plan: Any, where: str, allow_plugin_chan
             f"{msg}. The plan components are the same, but the plugin set (registry "
             "fingerprint) differs: plugins were added, removed or upgraded. If that is "
             "intended, restore with allow_plugin_change=True"
+        )
+    if old_reg == new_reg:  # same content and plugins but another plan fingerprint
+        raise CheckpointError(
+            f"{msg}. The plan contents and plugin sets agree but the plan fingerprints do "
+            "not: the checkpoint's header is inconsistent (edited by hand?)"
         )
 
 
@@ -470,21 +476,29 @@ def _read_header(path: Path) -> dict[str, Any]:
     return _validate_header(header, where)
 
 
-def _sniff(path: Path) -> str:
+def _what_file(path: Path) -> str:
+    """A short description of a file that is not a checkpoint (reads 8 bytes, never loads)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
     except OSError as exc:
-        return f"it cannot be read ({exc})"
+        return f"a file that cannot be read ({exc.strerror or exc})"
     if head.startswith(b"PK"):
+        return "a zip file (an old .npz checkpoint of somax_plug 0.1?)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy file"
+    return "a file"
+
+
+def _sniff(path: Path) -> str:
+    what = _what_file(path)
+    if what.startswith("a zip file"):
         return (
             "it is a zip file, probably a checkpoint in the old .npz format of somax_plug "
             "0.1 (format 1), which this version does not read. Resume it with somax_plug "
             "0.1 and save again with this version (a checkpoint is now an Orbax directory)"
         )
-    if head.startswith(b"\x93NUMPY"):
-        return "it is a NumPy .npy file, not a checkpoint"
-    return "it is a file; a somax_plug checkpoint is an Orbax directory"
+    return f"it is {what}, not a checkpoint; a somax_plug checkpoint is an Orbax directory"
 
 
 def _check_is_checkpoint(path: Path) -> None:
@@ -492,6 +506,11 @@ def _check_is_checkpoint(path: Path) -> None:
     if not os.path.lexists(path):
         hint = _interrupted_hint(path)
         raise CheckpointError(f"{where} does not exist{hint}")
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(
+            f"{where} is a symbolic link to {os.readlink(path)!r}, which does not exist or "
+            "loops; point it at a checkpoint directory"
+        )
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r} is not a somax_plug checkpoint: {_sniff(path)}")
     if not (path / HEADER_ITEM).is_dir():
@@ -548,6 +567,11 @@ def _fsync_tree(root: Path) -> None:
         _fsync(Path(dirpath))
 
 
+# Orbax's checkpointers share event loops and TensorStore contexts within a process:
+# saves from several threads of one process take turns (processes need no lock: each
+# writes its own private directory and installs it with one atomic rename)
+_SAVE_LOCK = threading.RLock()
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -592,9 +616,7 @@ def _refuse_target(path: Path) -> None:
         )
     if os.path.lexists(path) and not _is_replaceable(path):
         kind = (
-            "a directory that is not a somax_plug checkpoint"
-            if path.is_dir()
-            else ("a file" + (f" ({_sniff(path).split(',')[0].removeprefix('it is ')})"))
+            "a directory that is not a somax_plug checkpoint" if path.is_dir() else _what_file(path)
         )
         raise CheckpointError(
             f"{str(path)!r} exists and is {kind}; save replaces only an earlier "
@@ -737,20 +759,22 @@ def save(
         raise CheckpointError(f"cannot write a checkpoint in {str(parent)!r}: {exc}") from None
     try:
         staged = tmp / "checkpoint"
-        checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        try:
-            checkpointer.save(
-                staged,
-                ocp.args.Composite(
-                    params=ocp.args.StandardSave(params_tree),
-                    state=ocp.args.StandardSave(state_tree),
-                    **{HEADER_ITEM: ocp.args.JsonSave(header)},
-                ),
-            )
-        finally:
-            checkpointer.close()
-        _fsync_tree(staged)
-        _install(staged, path, tmp)
+        with _SAVE_LOCK:
+            checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+            try:
+                with _quiet():
+                    checkpointer.save(
+                        staged,
+                        ocp.args.Composite(
+                            params=ocp.args.StandardSave(params_tree),
+                            state=ocp.args.StandardSave(state_tree),
+                            **{HEADER_ITEM: ocp.args.JsonSave(header)},
+                        ),
+                    )
+            finally:
+                checkpointer.close()
+            _fsync_tree(staged)
+            _install(staged, path, tmp)
         _fsync(parent)
     except CheckpointError:
         raise
@@ -831,6 +855,11 @@ def _check_against(
         found = stored_arrays.get(_key_parts(p))
         if found is None:
             raise _bad(where, f"the array for {leaf} is missing")
+        if meta["shape"] != [int(d) for d in spec.shape] or meta["dtype"] != str(spec.dtype):
+            raise CheckpointError(
+                f"{where}: {leaf}: expected {spec.dtype}{list(spec.shape)} ({source}), found "
+                f"{meta['dtype']}{meta['shape']} (the checkpoint header lists that)"
+            )
         header_form = (meta["stored"]["shape"], meta["stored"]["dtype"])
         for what, got in (("holds", tuple(found)), ("header lists", header_form)):
             if list(got[0]) != want[0] or got[1] != want[1]:
