@@ -567,10 +567,11 @@ def _fsync_tree(root: Path) -> None:
         _fsync(Path(dirpath))
 
 
-# Orbax's checkpointers share event loops and TensorStore contexts within a process:
-# saves from several threads of one process take turns (processes need no lock: each
-# writes its own private directory and installs it with one atomic rename)
-_SAVE_LOCK = threading.RLock()
+# Orbax's checkpointers share event loops and TensorStore contexts within a process,
+# and ``_quiet`` swaps process-wide hooks: saves and restores from several threads of
+# one process take turns (processes need no lock: each save writes its own private
+# directory and installs it with one atomic rename)
+_ORBAX_LOCK = threading.RLock()
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -759,7 +760,7 @@ def save(
         raise CheckpointError(f"cannot write a checkpoint in {str(parent)!r}: {exc}") from None
     try:
         staged = tmp / "checkpoint"
-        with _SAVE_LOCK:
+        with _ORBAX_LOCK:
             checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
             try:
                 with _quiet():
@@ -956,6 +957,23 @@ def restore(
         raise CheckpointError(
             f"{where}: cannot compute this method's state spec for the saved parameters: {exc}"
         ) from None
+    with _ORBAX_LOCK:
+        return _restore_checked(
+            ocp, method, path, where, header, params_spec, state_spec, params_like
+        )
+
+
+def _restore_checked(
+    ocp: Any,
+    method: Any,
+    path: Path,
+    where: str,
+    header: dict[str, Any],
+    params_spec: PyTree,
+    state_spec: PyTree,
+    params_like: PyTree,
+) -> tuple[PyTree, PyTree]:
+    """The part of :func:`restore` that runs Orbax: shape/dtype checks, read, digests."""
     stored = _stored_arrays(ocp, path, where)
     p_source = "params_like" if params_like is not None else "the parameters' header"
     _check_against("params", params_spec, header["params"], stored["params"], where, p_source)
