@@ -428,3 +428,20 @@ def test_without_orbax_the_error_says_how_to_install_it(tmp_path, monkeypatch):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-500:]
+
+
+def test_a_bare_array_of_parameters_round_trips(tmp_path):
+    """Orbax's StandardSave takes containers only: a bare array is stored as {"value": x}."""
+    import orbax.checkpoint as ocp
+
+    method = compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse")
+    params = jnp.arange(3.0)
+    params, state, _ = method.step(params, method.init(params), (jnp.eye(3), jnp.ones(3)))
+    path = checkpoint.save(tmp_path / "c", params, state, method)
+    p, s = checkpoint.restore(path, compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse"))
+    assert_bitwise(p, params)
+    assert_bitwise(s, state)
+    assert checkpoint.read_header(path)["params"]["wrapped"] is True
+    with ocp.StandardCheckpointer() as ck:
+        raw = ck.restore(path / "params", {"value": jax.eval_shape(lambda: params)})
+    assert_bitwise(raw["value"], params)

@@ -338,6 +338,14 @@ def _describe_leaves(tree: PyTree, name: str) -> tuple[PyTree, dict[str, Any]]:
     }
 
 
+_WRAP = "value"
+
+
+def _is_bare(tree: PyTree) -> bool:
+    """A tree that is a single array (no container around it)."""
+    return tree is not None and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree))
+
+
 def _treedef_text(treedef: Any) -> str:
     import re
 
@@ -453,6 +461,8 @@ def _validate_header(header: Any, where: str) -> dict[str, Any]:
         leaves = _expect(part, "leaves", list, where, name)
         for i, meta in enumerate(leaves):
             _check_leaf_meta(meta, where, f"{name}['leaves'][{i}]")
+    if not isinstance(header["params"].get("wrapped", False), bool):
+        raise _bad(where, "the header's params['wrapped'] is not a JSON boolean")
     if "skeleton" not in header["params"]:
         raise _bad(where, "the header's params has no key 'skeleton'")
     return header
@@ -733,6 +743,10 @@ def save(
     _refuse_target(path)
     _check_state_matches(method, params, state)
     params_tree, p_header = _describe_leaves(params, "params")
+    # Orbax's StandardSave takes containers only: a bare array is stored as {"value": x}
+    p_header["wrapped"] = _is_bare(params_tree)
+    if p_header["wrapped"]:
+        params_tree = {_WRAP: params_tree}
     state_tree, s_header = _describe_leaves(state, "state")
     try:
         p_header["skeleton"] = _skeleton(params, [0])
@@ -834,6 +848,7 @@ def _check_against(
     source: str,
 ) -> None:
     """Every expected leaf must be stored, with its shape and dtype, in header and Orbax."""
+    prefix = (_WRAP,) if stored_header.get("wrapped") else ()
     with_path, treedef = jax.tree_util.tree_flatten_with_path(expected)
     if _treedef_text(treedef) != stored_header["treedef"] or len(with_path) != len(
         stored_header["leaves"]
@@ -853,7 +868,7 @@ def _check_against(
             raise _bad(where, f"the header lists {name}{meta['path']} where {leaf} belongs")
         want = _stored_form(spec)
         key_note = " (a PRNG key array, stored as its uint32 key data)" if _is_key(spec) else ""
-        found = stored_arrays.get(_key_parts(p))
+        found = stored_arrays.get(prefix + _key_parts(p))
         if found is None:
             raise _bad(where, f"the array for {leaf} is missing")
         if meta["shape"] != [int(d) for d in spec.shape] or meta["dtype"] != str(spec.dtype):
@@ -985,17 +1000,20 @@ def _restore_checked(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
         (params_spec, state_spec),
     )
+    wrapped = header["params"].get("wrapped", False)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         with _quiet():
             restored = checkpointer.restore(
                 path,
                 ocp.args.Composite(
-                    params=ocp.args.StandardRestore(placed[0]),
+                    params=ocp.args.StandardRestore({_WRAP: placed[0]} if wrapped else placed[0]),
                     state=ocp.args.StandardRestore(placed[1]),
                 ),
             )
         params, state = restored["params"], restored["state"]
+        if wrapped:
+            params = params[_WRAP]
     except Exception as exc:  # noqa: BLE001 (Orbax/TensorStore raise many kinds)
         raise _bad(where, f"Orbax cannot read its arrays ({type(exc).__name__}: {exc})") from None
     finally:
