@@ -209,9 +209,16 @@ def corrupt_cases(w: World) -> list[Case]:
     cases = []
     # every file of the checkpoint with a flipped byte: refused, or (for the files
     # Orbax does not read, e.g. commit markers) restored bitwise: never silently wrong
+    seen_unread = set()
     for rel in sorted(snapshot(w.good)):
         if (w.good / rel).is_dir():
             continue
+        # the per-process OCDBT files are merged into the item's own manifest and not
+        # read on restore: one of each directory stands for the rest (runtime)
+        if "ocdbt.process_" in rel:
+            if str(Path(rel).parent) in seen_unread:
+                continue
+            seen_unread.add(str(Path(rel).parent))
         for how, fn in (("flipped byte", flip),):  # truncations: the explicit cases below
 
             def run(rel=rel, fn=fn):
