@@ -445,3 +445,50 @@ def test_a_bare_array_of_parameters_round_trips(tmp_path):
     with ocp.StandardCheckpointer() as ck:
         raw = ck.restore(path / "params", {"value": jax.eval_shape(lambda: params)})
     assert_bitwise(raw["value"], params)
+
+
+def bn_dropout(p, x, *, state, key):
+    """A tiny model with a running mean (state) and dropout (key)."""
+    h = x @ p["w1"]
+    mean = h.mean(0)
+    h = jnp.tanh((h - mean) / jnp.sqrt(h.var(0) + 1e-5))
+    h = jnp.where(jax.random.bernoulli(key, 0.7, h.shape), h / 0.7, 0.0)
+    return h @ p["w2"], {"mean": 0.9 * state["mean"] + 0.1 * mean}
+
+
+def test_a_model_with_state_and_key_resumes_bitwise(tmp_path):
+    def make_stateful():
+        return compose(
+            "ggn",
+            "cg",
+            predict_fn=bn_dropout,
+            loss="softmax_cross_entropy",
+            has_state=True,
+            has_rng=True,
+        )
+
+    k1, k2 = jax.random.split(jax.random.key(3))
+    params = {"w1": jax.random.normal(k1, (4, 5)), "w2": jax.random.normal(k2, (5, 3))}
+    model_state = {"mean": jnp.zeros(5)}
+    method = make_stateful()
+    state = method.init(params, model_state)
+    n = 2
+    for i in range(2 * n):
+        if i == n:
+            path = checkpoint.save(tmp_path / "c", params, state, method)
+        params, state, _ = method.step(params, state, batch(i), jax.random.key(i))
+    fresh = make_stateful()
+    with pytest.raises(CheckpointError, match="call method.init"):
+        checkpoint.restore(path, fresh)  # the model state's shapes come from init
+    fresh.init(zeros_like_saved(path), model_state)
+    p, s = checkpoint.restore(path, fresh)
+    for i in range(n, 2 * n):
+        p, s, _ = fresh.step(p, s, batch(i), jax.random.key(i))
+    assert_bitwise(p, params)
+    assert_bitwise(s, state)
+
+
+def zeros_like_saved(path):
+    """Parameters of the checkpoint's shapes (zeros), for a fresh method's init."""
+    leaves = checkpoint.read_header(path)["params"]["leaves"]
+    return {m["path"][2:-2]: jnp.zeros(m["shape"], m["dtype"]) for m in leaves}
