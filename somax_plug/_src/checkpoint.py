@@ -1068,6 +1068,16 @@ def adopt(
 
     Raises:
         CheckpointError: naming the leaf, what this method expects and what was found.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from somax_plug import compose, checkpoint
+        >>> m = compose("ggn", "cg", predict_fn=lambda p, x: x @ p, loss="mse")
+        >>> params = jnp.zeros(3)
+        >>> described = checkpoint.describe(m)  # saved beside the state
+        >>> p, s = checkpoint.adopt(m, params, m.init(params), described=described)
+        >>> int(s.count)
+        0
     """
     where = "the restored state"
     if described is not None:
