@@ -492,3 +492,12 @@ def zeros_like_saved(path):
     """Parameters of the checkpoint's shapes (zeros), for a fresh method's init."""
     leaves = checkpoint.read_header(path)["params"]["leaves"]
     return {m["path"][2:-2]: jnp.zeros(m["shape"], m["dtype"]) for m in leaves}
+
+
+def test_the_docstring_examples_run():
+    import doctest
+
+    from somax_plug._src import checkpoint as impl
+
+    result = doctest.testmod(impl, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 10 and result.failed == 0
