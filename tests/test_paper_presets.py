@@ -25,6 +25,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from somax_plug import OptionError, compose
+from somax_plug._src.benchmarks.paper_presets import optax_sophia
 from somax_plug.builtin import preconditioners as P
 from somax_plug.builtin import solvers as S
 from somax_plug.builtin.presets import PRESETS
@@ -73,16 +74,7 @@ def _optax_sophia(learning_rate, weight_decay):
     assert est["num_probes"] == 1 and pre["refresh_every"] == est["every_k"] and pre["lag"]
     assert not pre["bias_correction"] and solver["bias_correction"] and not pre["abs"]
     assert pre["power"] == 1.0 and config["damping"]["lam"] == 0.0
-    return optax.contrib.sophia(
-        learning_rate,
-        b1=solver["momentum"],
-        b2=pre["beta"],
-        eps=pre["eps"],
-        gamma=pre["scale"],
-        clip_threshold=pre["clip"],
-        update_interval=est["every_k"],
-        weight_decay=weight_decay,
-    )
+    return optax_sophia(learning_rate, weight_decay)
 
 
 @pytest.mark.parametrize(

@@ -54,19 +54,22 @@ from somax_plug.builtin.presets import PRESETS
 TARGETS = {"sophia_h / optax_sophia": 1.0, "adahessian / adam": 2.5}
 
 
-def optax_sophia() -> optax.GradientTransformation:
+def optax_sophia(learning_rate: float | None = None,
+                 weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """``optax.contrib.sophia`` at the ``sophia_h`` preset's configuration (read from the
+    preset; its learning rate unless given; the preset has no weight decay)."""
     config = PRESETS["sophia_h"][1]
     pre, solver = config["preconditioner"], config["solver"]
     (est,) = config["estimators"]
     return optax.contrib.sophia(
-        config["learning_rate"],
+        config["learning_rate"] if learning_rate is None else learning_rate,
         b1=solver["momentum"],
         b2=pre["beta"],
         eps=pre["eps"],
         gamma=pre["scale"],
         clip_threshold=pre["clip"],
         update_interval=est["every_k"],
-        weight_decay=0.0,
+        weight_decay=weight_decay,
     )
 
 
