@@ -104,6 +104,8 @@ def test_auto_choose_covers_every_branch():
     assert auto.choose(20, 500, 1.0)[0] == "direct"
     assert auto.choose(300, 20, 1.0) == ("row_cholesky", "R = 20 rows < n = 300 parameters")
     choice, why = auto.choose(300, 100, 1.0)
+    assert choice == "cg" and "row_cholesky_max = 32" in why and "large_rows" in why
+    choice, why = S.Auto(large_rows="row_cg").choose(300, 100, 1.0)
     assert choice == "row_cg" and "row_cholesky_max = 32" in why
     assert auto.choose(300, 700, 1.0) == ("cg", "R = 700 rows >= n = 300 parameters")
     assert auto.choose(300, None, 1.0)[0] == "cg"
@@ -115,19 +117,22 @@ def test_auto_choose_covers_every_branch():
 
 
 @pytest.mark.parametrize(
-    ("n", "r", "want", "iters"),
+    ("n", "r", "want", "iters", "large_rows"),
     [
-        (60, 20, "row_cholesky", 1),  # R < n, few rows
-        (60, 45, "row_cg", None),  # R < n, more rows than row_cholesky_max
-        (40, 96, "cg", None),  # R >= n: the other side of the crossover
-        (12, 30, "direct", 1),  # small n
+        (60, 20, "row_cholesky", 1, "cg"),  # R < n, few rows
+        (60, 45, "cg", None, "cg"),  # R < n, more rows than row_cholesky_max: default
+        (60, 45, "row_cg", None, "row_cg"),  # the same with large_rows="row_cg"
+        (40, 96, "cg", None, "cg"),  # R >= n: the other side of the crossover
+        (12, 30, "direct", 1, "cg"),  # small n
     ],
 )
 @pytest.mark.parametrize("lam_static", [True, False])
-def test_auto_matches_a_dense_float64_solve_on_both_sides(n, r, want, iters, lam_static):
+def test_auto_matches_a_dense_float64_solve_on_both_sides(
+    n, r, want, iters, large_rows, lam_static
+):
     op, u, b = rows_system(n, r, seed=n + r)
     lam = 0.05
-    auto = S.Auto(tol=1e-12, maxiter=200)
+    auto = S.Auto(tol=1e-12, maxiter=200, large_rows=large_rows)
     rhs = as_tree(op, b)
     if lam_static:
         s, info, _ = auto.solve(op, rhs, lam, None, {}, ())

@@ -1290,7 +1290,8 @@ class Auto(Solver):
                                                             an n x n Cholesky / eigh)
         row factors, R < n, lam > 0             -> row_cholesky if R <= row_cholesky_max
                                                    (R products, vmapped, R x R Cholesky),
-                                                   else row_cg (CG on the R x R system)
+                                                   else large_rows: cg (default) or
+                                                   row_cg (CG on the R x R system)
         otherwise                               -> cg  (at most maxiter products)
 
     like lineax's ``AutoLinearSolver.select_solver``, which picks a solver from the
@@ -1322,14 +1323,21 @@ class Auto(Solver):
 
     Options:
         dense_max: the dense solve when ``n <= dense_max``.
-        row_cholesky_max: ``row_cholesky`` up to this many rows, ``row_cg`` above.
+        row_cholesky_max: ``row_cholesky`` up to this many rows, ``large_rows`` above.
+        large_rows: ``"cg"`` (default) or ``"row_cg"`` when ``row_cholesky_max < R < n``.
+            ``row_cg`` costs one product per iteration like ``cg``; measured on CPU it
+            was slower (R = 100 over n = 241: 1.51 ms per step against 0.81; a CNN at
+            R = 1,280: 1.45 s per step, inside the ``lax.cond`` on a traced ``lam``).
         tol, maxiter: of ``cg`` and ``row_cg`` (``tol`` also sets ``row_cholesky``'s
             ``converged``).
         loop: ``cg``'s loop form (see :class:`CG`).
     """
 
     dense_max: int = option(32, ge=0, doc="the dense solve when n <= dense_max")
-    row_cholesky_max: int = option(32, ge=1, doc="row_cholesky up to this R, row_cg above")
+    row_cholesky_max: int = option(32, ge=1, doc="row_cholesky up to this R; above: large_rows")
+    large_rows: str = option(
+        "cg", choices=("cg", "row_cg"), doc="the solve when row_cholesky_max < R < n"
+    )
     tol: float = option(1e-5, ge=0, doc="tolerance of cg and row_cg")
     maxiter: int = option(50, ge=1, doc="iteration budget of cg and row_cg")
     loop: str = option("auto", choices=LOOPS, doc="cg's loop form")
@@ -1344,8 +1352,8 @@ class Auto(Solver):
         rule = (
             f"solver: 'direct' if n <= {self.dense_max}; else, if the operator has row "
             f"factors and R = B*K < n: 'row_cholesky' (R <= {self.row_cholesky_max}) or "
-            "'row_cg', when lam > 0 (a traced lam: lax.cond at run time, 'cg' when lam = 0); "
-            "else 'cg'"
+            f"'{self.large_rows}', when lam > 0 (a traced lam: lax.cond at run time, 'cg' "
+            "when lam = 0); else 'cg'"
         )
         inner = self._cg().deferred_rule
         return f"{rule}; cg {inner}" if inner else rule
@@ -1364,8 +1372,12 @@ class Auto(Solver):
             return "cg", f"{big} and the operator has no row factors"
         if rows >= n:
             return "cg", f"R = {rows} rows >= n = {n} parameters"
-        row = "row_cholesky" if rows <= self.row_cholesky_max else "row_cg"
         why = f"R = {rows} rows < n = {n} parameters"
+        if rows > self.row_cholesky_max and self.large_rows == "cg":
+            return "cg", (f"{why}, but R > row_cholesky_max = {self.row_cholesky_max}: "
+                          "row_cg costs a product per iteration like cg and measured slower "
+                          "(large_rows='row_cg' to use it)")
+        row = "row_cholesky" if rows <= self.row_cholesky_max else "row_cg"
         if row == "row_cg":
             why += f", R > row_cholesky_max = {self.row_cholesky_max}"
         if lam is None:
