@@ -26,8 +26,6 @@ Usage: ``python benchmarks/bench_workloads.py [--quick] [--workloads cnn,lm]``.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -105,13 +103,3 @@ def run(
         details[name] = _strip(report)
     result["details"] = details
     return result
-
-
-if __name__ == "__main__":  # pragma: no cover
-    args = sys.argv[1:]
-    names = NAMES
-    if "--workloads" in args:
-        names = tuple(args[args.index("--workloads") + 1].split(","))
-    res = run(quick="--quick" in args, workloads=names, out=Path("bench_out"),
-              log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(json.dumps(res, indent=2, default=str))
