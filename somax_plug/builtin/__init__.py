@@ -33,7 +33,7 @@ from somax_plug import API_VERSION, hookimpl
 
 SOMAX_PLUG_API_VERSION = API_VERSION
 
-COMPONENT_MODULES = ("curvature", "estimators", "solvers", "preconditioners", "damping")
+COMPONENT_MODULES = ("curvature", "estimators", "solvers", "preconditioners", "damping", "shampoo")
 """The modules whose declared classes this plugin registers, in this order."""
 
 
