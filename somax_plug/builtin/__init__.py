@@ -21,6 +21,7 @@ module                            what it declares
 :mod:`~somax_plug.builtin.presets`          presets (compositions as data)
 :mod:`~somax_plug.builtin.resources`        resource providers
 :mod:`~somax_plug.builtin.layers`           layer map and per-layer resources
+:mod:`~somax_plug.builtin.kronecker`        KFAC, EKFAC and their factor resources
 ================================  ===========================================
 """
 
@@ -33,7 +34,8 @@ from somax_plug import API_VERSION, hookimpl
 
 SOMAX_PLUG_API_VERSION = API_VERSION
 
-COMPONENT_MODULES = ("curvature", "estimators", "solvers", "preconditioners", "damping", "shampoo")
+COMPONENT_MODULES = ("curvature", "estimators", "solvers", "preconditioners", "damping", "shampoo",
+                     "kronecker")
 """The modules whose declared classes this plugin registers, in this order."""
 
 
@@ -60,6 +62,10 @@ def somax_plug_provide_resource(name: str, registry: Any) -> Any:
         from somax_plug.builtin.layers import PROVIDERS as LAYERS
 
         return LAYERS.get(name)
+    if name.startswith("kfac_"):
+        from somax_plug.builtin.kronecker import PROVIDERS as KRONECKER
+
+        return KRONECKER.get(name)
     return PROVIDERS.get(name)
 
 

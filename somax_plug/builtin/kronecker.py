@@ -1,0 +1,798 @@
+"""Kronecker-factored curvature (plugin ``"builtin"``): KFAC and EKFAC.
+
+Notation (one dense layer ``y = a W (+ b)`` of the layer map, see
+:mod:`somax_plug.layers`): ``a_{bt}`` the layer input of example ``b`` at shared
+position ``t`` (tokens, ``T = 1`` without weight sharing) with a trailing ``1`` when
+the layer has a bias, ``g_{rbt} = (d outputs / d y_{bt})^T u_r`` the output-side
+vector of the r-th *cotangent column* ``u_r``, ``M_{rb} = sum_t a_{bt} g_{rbt}^T`` the
+per-column gradient of ``[W; b]``. The cotangent columns say which curvature is
+factored (``source``), each with ``C_block = sum_{r,b} vec(M_rb) vec(M_rb)^T``:
+
+==============  ===========================================================  =========
+source          columns ``u_r`` (per example ``b``)                            C
+==============  ===========================================================  =========
+``ggn``         the columns of the loss's output-Hessian square root ``L_b``   GGN
+                (``H_b = L_b L_b^T``, type-2 vectors: exact)
+``fisher``      ``dL/dz(z, y_s) / sqrt(c S)`` for ``S`` sampled targets        Fisher (MC)
+``empirical``   ``dL/dz(z, y) / sqrt(c)`` at the data's targets                empirical
+                                                                               Fisher
+==============  ===========================================================  =========
+
+(``c`` the reduction factor: ``1/B`` for the mean). KFAC replaces each block by
+``A (x) G`` (row-major ``vec``: ``(A (x) G) vec(M) = vec(A M G)``):
+
+* ``expand`` (positions as extra examples): ``A = 1/(B T) sum_{b,t} a a^T``,
+  ``G = sum_{r,b,t} g g^T``;
+* ``reduce`` (Eschenhagen et al. 2023): ``A = 1/B sum_b abar abar^T`` with ``abar_b``
+  the mean of ``a_{bt}`` over ``t``, ``G = sum_{r,b} gsum gsum^T`` with ``gsum`` the sum
+  over ``t``. Without weight sharing (``T = 1``) both are the same.
+
+For one example and one layer, KFAC is the GGN block exactly. EKFAC (George et al.
+2018) keeps KFAC's eigenbasis ``Q = Q_A (x) Q_G`` and replaces its eigenvalues by the
+exact diagonal of the block in that basis, ``S = sum_{r,b} (Q_A^T M_rb Q_G)**2``
+(elementwise), so that ``C_ekfac = Q diag(S) Q^T`` is never further from the block in
+Frobenius norm than KFAC.
+
+Parameters that the layer map does not cover (LayerNorm scales, embeddings, a kernel
+used twice, a conv layer, a bias that does not match its layer's output) get a
+diagonal block ``d_p = sum_r (J^T u_r)_p^2``; with more than one example the columns
+are multiplied per example by Rademacher signs first, which makes ``d`` an unbiased
+estimate of the exact diagonal ``sum_{r,b} (J_b^T u_rb)_p^2`` (exact for one example).
+They are listed, with the reason, in :attr:`KroneckerFactors.uncovered`.
+
+Resources (``kfac_factors_<source>_<approx>``; ``fisher`` draws one target per
+example) are computed once per step from the shared tapped pass (``layer_io``) and
+shared by every component that reads them.
+
+Example:
+    >>> from somax_plug.builtin.kronecker import factor_resource, PROVIDERS
+    >>> factor_resource("ggn", "expand") in PROVIDERS
+    True
+
+References: Martens & Grosse (2015), "Optimizing neural networks with
+Kronecker-factored approximate curvature"; George et al. (2018), "Fast approximate
+natural gradient descent in a Kronecker-factored eigenbasis"; Eschenhagen et al.
+(2023), "Kronecker-factored approximate curvature for modern neural network
+architectures".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from somax_plug import (
+    DIAG,
+    PSD,
+    SYMMETRIC,
+    Curvature,
+    InputError,
+    Preconditioner,
+    PytreeOperator,
+    ResourceProvider,
+    Resources,
+    Solver,
+    SolverInfo,
+    declare,
+    lazy_import,
+    option,
+    tree,
+)
+from somax_plug.layers import param_paths
+from somax_plug.losses import batch_size_of, compute_dtype, flatten_per_example
+
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+
+PyTree = Any
+Array = Any
+
+KRONECKER = "kronecker"
+"""Operator tag: ``inverse_mv(v, lam)`` and ``damped_mv(v, lam)`` are exact and cheap."""
+SOURCES = ("ggn", "fisher", "empirical")
+APPROXIMATIONS = ("expand", "reduce")
+MATRIX_MAX = 4096
+"""A 1-D leaf of the preconditioner gets a full matrix block up to this size."""
+
+__all__ = [
+    "EKFAC",
+    "KFAC",
+    "KRONECKER",
+    "PROVIDERS",
+    "Block",
+    "KFACPreconditioner",
+    "KroneckerFactors",
+    "KroneckerInverse",
+    "KroneckerOperator",
+    "blocks_of",
+    "compute_factors",
+    "factor_resource",
+]
+
+
+def factor_resource(source: str, approx: str) -> str:
+    """The resource name of the factors for ``source`` and ``approx``.
+
+    Example:
+        >>> factor_resource("fisher", "reduce")
+        'kfac_factors_fisher_reduce'
+    """
+    return f"kfac_factors_{source}_{approx}"
+
+
+# ------------------------------------------------------------------ layer blocks
+
+
+@attrs.frozen
+class Block:
+    """How one dense layer's ``[W; b]`` is viewed as a ``[din (+1), dout]`` matrix.
+
+    ``W.transpose(kernel_perm).reshape(din, dout)`` is the kernel as a matrix (rows:
+    the contracted input features, columns: the output features); the layer input
+    ``a.transpose(a_perm).reshape(B, T, din)`` and the output-side vector
+    ``g.transpose(g_perm).reshape(B, T, dout)``, with ``B`` the product of the batch
+    axes and ``T`` of the shared ones.
+    """
+
+    kernel: str
+    kernel_shape: tuple[int, ...]
+    kernel_perm: tuple[int, ...]
+    din: int
+    dout: int
+    bias: str | None
+    a_perm: tuple[int, ...]
+    a_batch: int
+    g_perm: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        """``din + 1`` with a bias, else ``din``."""
+        return self.din + (self.bias is not None)
+
+
+def _dense_block(la: Any) -> tuple[Block | None, str, bool]:
+    """``(block, reason, bias_ok)`` for one layer of the map."""
+    if la.kind != "dense":
+        return None, f"{la.kind} layer: not factored (only dense layers are)", False
+    p = dict(la.params)
+    dn = p.get("dimension_numbers")
+    if dn is None:
+        return None, "declared by an override without dimension_numbers", False
+    (lc, rc), (lb, rb) = dn
+    if tuple(lb) or tuple(rb):
+        return None, "dot_general with batch dimensions (a per-example kernel)", False
+    k1 = la.kernel_operand == 1
+    kc, ac = (tuple(rc), tuple(lc)) if k1 else (tuple(lc), tuple(rc))
+    ks = la.kernel_shape
+    kfree = tuple(i for i in range(len(ks)) if i not in kc)
+    a_nd = len(la.input_shape)
+    afree = tuple(i for i in range(a_nd) if i not in ac)
+    batch = set(la.batch_axes)
+    if not batch or not batch <= set(afree):
+        return None, f"no batch axis among the input's free axes {afree}", False
+    base = 0 if k1 else len(kfree)
+    fbase = len(afree) if k1 else 0
+    a_b = [i for i in afree if i in batch]
+    a_s = [i for i in afree if i not in batch]
+    g_b = [base + j for j, i in enumerate(afree) if i in batch]
+    g_s = [base + j for j, i in enumerate(afree) if i not in batch]
+    feat = [fbase + j for j in range(len(kfree))]
+    din = math.prod(ks[i] for i in kc)
+    dout = math.prod(ks[i] for i in kfree)
+    bias_ok = la.bias is not None and la.bias_shape is not None and math.prod(
+        la.bias_shape
+    ) == dout and tuple(d for d in la.bias_shape if d != 1) == tuple(
+        ks[i] for i in kfree if ks[i] != 1
+    )
+    block = Block(
+        kernel=la.kernel,
+        kernel_shape=tuple(ks),
+        kernel_perm=(*kc, *kfree),
+        din=din,
+        dout=dout,
+        bias=la.bias if bias_ok else None,
+        a_perm=(*a_b, *a_s, *ac),
+        a_batch=len(a_b),
+        g_perm=(*g_b, *g_s, *feat),
+    )
+    return block, "", bias_ok
+
+
+def blocks_of(layer_map: Any) -> tuple[tuple[Block, ...], tuple[tuple[str, str], ...]]:
+    """The factored blocks of a layer map and every other parameter, with the reason.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from somax_plug.layers import discover
+        >>> p = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2), "s": jnp.ones(2)}
+        >>> lm = discover(lambda p, x: p["s"] * (x @ p["w"] + p["b"]), p, jnp.ones((4, 3)))
+        >>> blocks, uncovered = blocks_of(lm)
+        >>> (blocks[0].din, blocks[0].dout, blocks[0].bias), uncovered
+        ((3, 2, 'b'), (('s', 'used by mul (not a dense or conv layer)'),))
+    """
+    blocks, uncovered = [], dict(layer_map.unmatched)
+    for la in layer_map:
+        block, why, bias_ok = _dense_block(la)
+        if block is None:
+            uncovered[la.kernel] = why
+            if la.bias is not None:
+                uncovered[la.bias] = f"bias of {la.kernel!r}, which is not factored ({why})"
+            continue
+        if la.bias is not None and not bias_ok:
+            uncovered[la.bias] = (
+                f"bias of {la.kernel!r} with shape {la.bias_shape}, not the layer's "
+                f"{block.dout} output features"
+            )
+        blocks.append(block)
+    order = {p: i for i, p in enumerate(layer_map.paths)}
+    return tuple(blocks), tuple(sorted(uncovered.items(), key=lambda kv: order.get(kv[0], 0)))
+
+
+# ------------------------------------------------------------------ the factors
+
+
+class KroneckerFactors:
+    """Per-layer factors of one step (a pytree; the layout is static).
+
+    Attributes:
+        blocks, uncovered: from :func:`blocks_of`; ``paths`` the parameter paths.
+        A, G: per block, ``[rows, rows]`` and ``[dout, dout]`` (see the module docs).
+        a, g: per block, the rows they are made of: ``a`` ``[B, T, rows]``, ``g``
+            ``[R, B, T, dout]`` (EKFAC's correction reads them).
+        diag: uncovered path -> its diagonal block (the leaf's shape).
+        approx: ``"expand"`` or ``"reduce"``.
+    """
+
+    def __init__(self, blocks: tuple, uncovered: tuple, paths: tuple, approx: str,
+                 A: list, G: list, a: list, g: list, diag: dict) -> None:  # noqa: N803
+        self.blocks, self.uncovered, self.paths, self.approx = blocks, uncovered, paths, approx
+        self.A, self.G, self.a, self.g, self.diag = A, G, a, g, diag
+
+
+jax_tree_registered = False
+
+
+def _register() -> None:
+    global jax_tree_registered
+    if jax_tree_registered:
+        return
+    jax.tree_util.register_pytree_node(
+        KroneckerFactors,
+        lambda f: ((f.A, f.G, f.a, f.g, f.diag), (f.blocks, f.uncovered, f.paths, f.approx)),
+        lambda aux, ch: KroneckerFactors(*aux, *ch),
+    )
+    jax_tree_registered = True
+
+
+def _columns(res: Resources, source: str, outputs: Any) -> Array:
+    """Cotangent columns ``[R, B, K]`` (flattened per example) for ``source``."""
+    loss = res.model.loss
+    c = loss.scale(batch_size_of(outputs))
+    dt = compute_dtype(flatten_per_example(outputs).dtype)
+    if source == "ggn":
+        sq = res["output_hessian"].sqrt
+        if sq is None:
+            raise InputError(
+                f"KFAC source 'ggn' needs the output Hessian's square root, which loss "
+                f"{loss.name!r} does not give; use source 'fisher' or 'empirical'"
+            )
+        return jnp.moveaxis(jnp.asarray(sq, dt), 2, 0)
+    if source == "fisher":
+        targets = loss.sample_targets(res.key_for("kfac_fisher"), outputs, 1)
+        grads = jax.vmap(lambda t: loss.output_grad(outputs, t))(targets)
+        return jax.vmap(flatten_per_example)(grads).astype(dt) / math.sqrt(c)
+    return flatten_per_example(res["output_grad"], dt)[None] / math.sqrt(c)
+
+
+def _unflatten(col: Array, like: Any) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    out, start = [], 0
+    for x in leaves:
+        shape = tuple(x.shape[1:])
+        size = math.prod(shape)
+        out.append(col[:, start:start + size].reshape((x.shape[0], *shape)).astype(x.dtype))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def compute_factors(res: Resources, source: str, approx: str) -> KroneckerFactors:
+    """The factors of this step from the shared tapped pass (see the module docs).
+
+    Reads ``layer_map``, ``layer_io`` and, by ``source``, ``output_hessian``,
+    ``output_grad`` or one sampled target per example (``res.key_for("kfac_fisher")``).
+    """
+    _register()
+    lm, io = res["layer_map"], res["layer_io"]
+    blocks, uncovered = blocks_of(lm)
+    paths = param_paths(res.params)
+    outputs = io.outputs
+    cols = _columns(res, source, outputs)  # [R, B, K]
+    b = cols.shape[1]
+    if uncovered and b > 1:
+        signs = jax.random.rademacher(res.key_for("kfac_signs"), (b,), cols.dtype)
+        cols = cols * signs[None, :, None]
+    us = jax.vmap(lambda col: _unflatten(col, outputs))(cols)
+    pgrads, ggrads = jax.vmap(io.vjp)(us)
+    pleaves = dict(zip(paths, jax.tree_util.tree_leaves(pgrads), strict=True))
+    dt = cols.dtype
+    A, G, a_rows, g_rows = [], [], [], []  # noqa: N806
+    for blk in blocks:
+        a = jnp.asarray(io.inputs[blk.kernel], dt).transpose(blk.a_perm)
+        bsz = math.prod(a.shape[: blk.a_batch])
+        a = a.reshape(bsz, -1, blk.din)
+        if blk.bias is not None:
+            a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), dt)], axis=-1)
+        g = jnp.asarray(ggrads[blk.kernel], dt)
+        g = g.transpose((0, *(i + 1 for i in blk.g_perm))).reshape(g.shape[0], bsz, -1, blk.dout)
+        t = a.shape[1]
+        if approx == "expand":
+            A.append(jnp.einsum("bti,btj->ij", a, a) / (bsz * t))
+            G.append(jnp.einsum("rbti,rbtj->ij", g, g))
+        else:
+            am, gs = a.mean(axis=1), g.sum(axis=2)
+            A.append(am.T @ am / bsz)
+            G.append(jnp.einsum("rbi,rbj->ij", gs, gs))
+        a_rows.append(a)
+        g_rows.append(g)
+    diag = {p: jnp.sum(jnp.square(pleaves[p].astype(dt)), axis=0) for p, _ in uncovered}
+    return KroneckerFactors(blocks, uncovered, paths, approx, A, G, a_rows, g_rows, diag)
+
+
+def _provider(source: str, approx: str) -> ResourceProvider:
+    need = {"ggn": {"output_hessian"}, "fisher": set(), "empirical": {"output_grad"}}[source]
+    return ResourceProvider(
+        factor_resource(source, approx),
+        lambda res: compute_factors(res, source, approx),
+        requires={"layer_map", "layer_io", *need},
+        plugin="builtin",
+        summary=f"Kronecker factors A, G per dense layer ({source}, KFAC-{approx}), "
+        "diagonal blocks for the rest",
+    )
+
+
+PROVIDERS = {
+    factor_resource(s, a): _provider(s, a) for s in SOURCES for a in APPROXIMATIONS
+}
+"""Resource name -> provider, one per source and approximation."""
+
+
+# ------------------------------------------------------------------ the operator
+
+
+def _eigh(m: Array) -> tuple[Array, Array]:
+    d, q = jnp.linalg.eigh(0.5 * (m + m.T))
+    return jnp.maximum(d, 0), q
+
+
+def _pi(a: Array, g: Array, dt: Any) -> Array:
+    """Martens & Grosse's pi: ``sqrt((tr A / dim A) / (tr G / dim G))`` (1 if degenerate)."""
+    ta, tg = jnp.trace(a) / a.shape[0], jnp.trace(g) / g.shape[0]
+    ok = (ta > 0) & (tg > 0)
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1), 1)), 1).astype(dt)
+
+
+class KroneckerOperator(PytreeOperator):
+    """Block-diagonal ``C = blockdiag_l(A_l (x) G_l) + diag(d)`` (KFAC) or EKFAC.
+
+    ``mv``, ``diag``, ``to_dense`` (the default, from ``mv``), and two exact products
+    with a damping ``lam``: ``damped_mv(v, lam)`` and ``inverse_mv(v, lam)``, its
+    inverse. With ``pi_damping`` a KFAC block is damped as
+    ``(A + pi sqrt(lam) I) (x) (G + sqrt(lam)/pi I)`` (Martens & Grosse 2015, sec. 6.3),
+    else (and always for EKFAC and diagonal blocks) as ``C + lam I``.
+    """
+
+    tags = frozenset({SYMMETRIC, PSD, DIAG, KRONECKER})
+    _children = ("primal", "factors", "eig")
+    _static = ("mode", "pi_damping")
+
+    def __init__(self, primal: PyTree, factors: KroneckerFactors, mode: str = "kfac",
+                 pi_damping: bool = False, eig: Any = None) -> None:
+        self.primal = primal
+        self.factors = factors
+        self.mode = mode
+        self.pi_damping = pi_damping
+        if eig is None and mode == "ekfac":
+            eig = [_ekfac_eig(a, g, ra, rg, factors.approx)
+                   for a, g, ra, rg in zip(factors.A, factors.G, factors.a, factors.g,
+                                           strict=True)]
+        self.eig = eig
+
+    @property
+    def uncovered(self) -> tuple[tuple[str, str], ...]:
+        """``(path, reason)`` of every parameter with a diagonal block."""
+        return self.factors.uncovered
+
+    # matrix views of the blocks
+    def _leaves(self, v: PyTree) -> tuple[dict, Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(v)
+        return dict(zip(self.factors.paths, leaves, strict=True)), treedef
+
+    def _mat(self, blk: Block, lv: dict, dt: Any) -> Array:
+        m = jnp.asarray(lv[blk.kernel], dt).transpose(blk.kernel_perm).reshape(blk.din, blk.dout)
+        if blk.bias is not None:
+            m = jnp.concatenate([m, jnp.asarray(lv[blk.bias], dt).reshape(1, blk.dout)], 0)
+        return m
+
+    def _put(self, blk: Block, m: Array, lv: dict, out: dict) -> None:
+        k = lv[blk.kernel]
+        shape = tuple(blk.kernel_shape[i] for i in blk.kernel_perm)
+        inv = tuple(int(i) for i in _argsort(blk.kernel_perm))
+        out[blk.kernel] = m[: blk.din].reshape(shape).transpose(inv).astype(k.dtype)
+        if blk.bias is not None:
+            out[blk.bias] = m[blk.din].reshape(lv[blk.bias].shape).astype(lv[blk.bias].dtype)
+
+    def _apply(self, v: PyTree, block_fn: Any, diag_fn: Any) -> PyTree:
+        lv, treedef = self._leaves(v)
+        dt = compute_dtype(tree.accum_dtype(v))
+        out = dict(lv)
+        for i, blk in enumerate(self.factors.blocks):
+            self._put(blk, block_fn(i, self._mat(blk, lv, dt)), lv, out)
+        for p, _ in self.factors.uncovered:
+            d = self.factors.diag[p]
+            out[p] = diag_fn(d.astype(dt), jnp.asarray(lv[p], dt)).astype(lv[p].dtype)
+        return jax.tree_util.tree_unflatten(treedef, [out[p] for p in self.factors.paths])
+
+    def _in_basis(self, i: int, m: Array, scale: Any) -> Array:
+        (qa, qg), s = self._basis(i)
+        return qa @ (scale(s) * (qa.T @ m @ qg)) @ qg.T
+
+    def _basis(self, i: int) -> tuple[tuple[Array, Array], Array]:
+        if self.mode == "ekfac":
+            qa, qg, s = self.eig[i]
+            return (qa, qg), s
+        da, qa = _eigh(self.factors.A[i])
+        dg, qg = _eigh(self.factors.G[i])
+        return (qa, qg), da[:, None] * dg[None, :]
+
+    def mv(self, v: PyTree) -> PyTree:
+        f = self.factors
+        if self.mode == "ekfac":
+            return self._apply(v, lambda i, m: self._in_basis(i, m, lambda s: s),
+                               lambda d, x: d * x)
+        return self._apply(v, lambda i, m: f.A[i].astype(m.dtype) @ m @ f.G[i].astype(m.dtype),
+                           lambda d, x: d * x)
+
+    def diag(self) -> PyTree:
+        def block(i: int, m: Array) -> Array:
+            if self.mode == "ekfac":
+                (qa, qg), s = self._basis(i)
+                return ((qa**2) @ s @ (qg**2).T).astype(m.dtype)
+            return jnp.outer(jnp.diag(self.factors.A[i]), jnp.diag(self.factors.G[i])).astype(
+                m.dtype
+            )
+
+        return self._apply(self.primal, block, lambda d, x: d * jnp.ones_like(x))
+
+    def _pis(self, i: int, lam: Array, dt: Any) -> tuple[Array, Array]:
+        a, g = self.factors.A[i].astype(dt), self.factors.G[i].astype(dt)
+        pi = _pi(a, g, dt)
+        r = jnp.sqrt(jnp.maximum(jnp.asarray(lam, dt), 0))
+        return pi * r, r / pi
+
+    def damped_mv(self, v: PyTree, lam: Array) -> PyTree:
+        """``(C + lam I) v``, or with ``pi_damping`` the factored damping of each block."""
+        if not (self.pi_damping and self.mode == "kfac"):
+            return jax.tree_util.tree_map(
+                lambda cv, x: (cv + jnp.asarray(lam, cv.dtype) * x).astype(x.dtype),
+                self.mv(v), v)
+        f = self.factors
+
+        def block(i: int, m: Array) -> Array:
+            ea, eg = self._pis(i, lam, m.dtype)
+            a = f.A[i].astype(m.dtype) + ea * jnp.eye(m.shape[0], dtype=m.dtype)
+            g = f.G[i].astype(m.dtype) + eg * jnp.eye(m.shape[1], dtype=m.dtype)
+            return a @ m @ g
+
+        return self._apply(v, block, lambda d, x: (d + lam) * x)
+
+    def inverse_mv(self, v: PyTree, lam: Array) -> PyTree:
+        """The exact inverse of :meth:`damped_mv` (eigendecompositions of the factors)."""
+        pi = self.pi_damping and self.mode == "kfac"
+
+        def block(i: int, m: Array) -> Array:
+            lam_ = jnp.asarray(lam, m.dtype)
+            if pi:
+                da, qa = _eigh(self.factors.A[i].astype(m.dtype))
+                dg, qg = _eigh(self.factors.G[i].astype(m.dtype))
+                ea, eg = self._pis(i, lam, m.dtype)
+                den = (da + ea)[:, None] * (dg + eg)[None, :]
+                return qa @ ((qa.T @ m @ qg) / den) @ qg.T
+            return self._in_basis(i, m, lambda s: 1 / (s.astype(m.dtype) + lam_))
+
+        return self._apply(v, block, lambda d, x: x / (d + lam))
+
+
+def _argsort(perm: tuple[int, ...]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _ekfac_eig(a_f: Array, g_f: Array, a: Array, g: Array, approx: str) -> tuple:
+    """``(Q_A, Q_G, S)``: KFAC's eigenbasis and the exact diagonal of the block in it."""
+    _, qa = _eigh(a_f)
+    _, qg = _eigh(g_f)
+    at, gt = a @ qa, g @ qg  # [B, T, rows], [R, B, T, dout]
+    if at.shape[1] == 1:
+        s = jnp.einsum("bi,rbj->ij", at[:, 0] ** 2, gt[:, :, 0] ** 2)
+    else:
+        def one(xs: tuple[Array, Array]) -> Array:
+            ab, gb = xs  # [T, rows], [R, T, dout]
+            return jnp.sum(jnp.einsum("ti,rtj->rij", ab, gb) ** 2, axis=0)
+
+        s = jnp.sum(jax.lax.map(one, (at, jnp.moveaxis(gt, 1, 0))), axis=0)
+    return qa, qg, s
+
+
+# ------------------------------------------------------------------ components
+
+
+def _factor_requires(o: dict) -> dict:
+    return {"resources": {factor_resource(o["source"], o["approx"])}}
+
+
+@declare(
+    "kfac",
+    summary="KFAC: block-diagonal A (x) G per dense layer (GGN, Fisher or empirical), "
+    "exact damped inverse",
+    provides={SYMMETRIC, PSD, DIAG, KRONECKER},
+    requires=_factor_requires,
+)
+@attrs.frozen
+class KFAC(Curvature):
+    """Kronecker-factored curvature ``blockdiag(A_l (x) G_l)`` (Martens & Grosse 2015).
+
+    Factors from this step's batch (the resource ``kfac_factors_<source>_<approx>``);
+    the preconditioner ``kfac`` keeps running averages of them. The operator is
+    :class:`KroneckerOperator`, whose ``inverse_mv(v, lam)`` is exact.
+
+    Example:
+        >>> KFAC(source="fisher", approx="reduce").approx
+        'reduce'
+    """
+
+    source: str = option("ggn", choices=SOURCES, doc="which curvature is factored")
+    approx: str = option("expand", choices=APPROXIMATIONS, doc="KFAC-expand or KFAC-reduce")
+    pi_damping: bool = option(False, doc="factored damping with Martens & Grosse's pi")
+
+    def build(self, res: Resources) -> KroneckerOperator:
+        return KroneckerOperator(res.params, res[factor_resource(self.source, self.approx)],
+                                 "kfac", self.pi_damping)
+
+
+@declare(
+    "ekfac",
+    summary="EKFAC: KFAC's eigenbasis with the exact diagonal in it (George et al. 2018)",
+    provides={SYMMETRIC, PSD, DIAG, KRONECKER},
+    requires=_factor_requires,
+)
+@attrs.frozen
+class EKFAC(Curvature):
+    """Eigenvalue-corrected KFAC ``Q diag(S) Q^T`` per dense layer (George et al. 2018).
+
+    ``Q = Q_A (x) Q_G`` the eigenvectors of the KFAC factors and ``S`` the exact
+    diagonal of the curvature block in that basis, from this step's batch.
+
+    Example:
+        >>> EKFAC().source
+        'ggn'
+    """
+
+    source: str = option("ggn", choices=SOURCES, doc="which curvature is factored")
+    approx: str = option("expand", choices=APPROXIMATIONS, doc="basis from KFAC-expand/reduce")
+
+    def build(self, res: Resources) -> KroneckerOperator:
+        return KroneckerOperator(res.params, res[factor_resource(self.source, self.approx)],
+                                 "ekfac")
+
+
+@declare(
+    "kronecker_inverse",
+    summary="s = (C + lam I)^-1 rhs applied exactly by a Kronecker-factored operator",
+    requires={"tags": {KRONECKER}},
+)
+@attrs.frozen
+class KroneckerInverse(Solver):
+    """The KFAC/EKFAC step: ``s = inverse_mv(rhs, lam)``, no iteration.
+
+    Needs an operator tagged ``kronecker`` (curvature ``kfac`` or ``ekfac``). Reports
+    ``iterations = 1``, the residual ``||damped_mv(s) - rhs|| / ||rhs||`` and
+    ``converged`` = finite.
+
+    Example:
+        >>> from somax_plug import spec_of
+        >>> sorted(spec_of(KroneckerInverse).requires.tags)
+        ['kronecker']
+    """
+
+    def solve(self, op: Any, rhs: PyTree, lam: Array, precond: Any, stats: Any,
+              state: PyTree) -> tuple[PyTree, SolverInfo, PyTree]:
+        s = op.inverse_mv(rhs, lam)
+        dt = tree.accum_dtype(rhs)
+        r = tree.sub(op.damped_mv(s, lam), rhs)
+        res = tree.norm(r) / jnp.maximum(tree.norm(rhs), jnp.finfo(dt).tiny)
+        info = SolverInfo(jnp.asarray(1, jnp.int32), res.astype(dt), tree.all_finite(s))
+        return s, info, state
+
+
+# ------------------------------------------------------------------ preconditioner
+
+
+def _leaf_state(x: Array) -> dict:
+    dt = jnp.result_type(x.dtype, jnp.float32)
+    st: dict[str, Any] = {"diag": jnp.zeros(x.shape, dt), "kron": jnp.zeros((), bool)}
+    if x.ndim >= 2:
+        s1, s2 = math.prod(x.shape[:-1]), x.shape[-1]
+        for k, n in (("L", s1), ("R", s2)):
+            st[k] = jnp.zeros((n, n), dt)
+            st["Q" + k] = jnp.eye(n, dtype=dt)
+            st["d" + k] = jnp.zeros((n,), dt)
+        st["pi"] = jnp.ones((), dt)
+    elif x.ndim == 1 and x.shape[0] <= MATRIX_MAX:
+        n = x.shape[0]
+        st["M"], st["QM"], st["dM"] = jnp.zeros((n, n), dt), jnp.eye(n, dtype=dt), jnp.zeros(
+            (n,), dt)
+    return st
+
+
+def _targets(f: KroneckerFactors, shapes: dict) -> tuple[dict, tuple]:
+    """Per-leaf new statistics from the factors: ``{path: {"L", "R"} | {"M"} | {"diag"}}``."""
+    new: dict[str, dict] = {}
+    misfit = []
+    for blk, a, g in zip(f.blocks, f.A, f.G, strict=True):
+        shape = shapes[blk.kernel]
+        akk = a[: blk.din, : blk.din]
+        s1, s2 = math.prod(shape[:-1]), shape[-1]
+        n = len(shape)
+        if blk.kernel_perm == tuple(range(n)) and (blk.din, blk.dout) == (s1, s2):
+            new[blk.kernel] = {"L": akk, "R": g}
+        elif n == 2 and blk.kernel_perm == (1, 0):
+            new[blk.kernel] = {"L": g, "R": akk}
+        else:
+            d = jnp.outer(jnp.diag(akk), jnp.diag(g))
+            shp = tuple(shape[i] for i in blk.kernel_perm)
+            new[blk.kernel] = {"diag": d.reshape(shp).transpose(_argsort(blk.kernel_perm))}
+            misfit.append((blk.kernel, "kernel layout is neither (in..., out) nor (out, in)"))
+        if blk.bias is not None:
+            bshape = shapes[blk.bias]
+            abb = a[blk.din, blk.din]
+            if len(bshape) == 1 and bshape[0] <= MATRIX_MAX:
+                new[blk.bias] = {"M": abb * g}
+            else:
+                new[blk.bias] = {"diag": (abb * jnp.diag(g)).reshape(bshape)}
+    for p, _ in f.uncovered:
+        new[p] = {"diag": f.diag[p]}
+    return new, tuple(misfit)
+
+
+@declare(
+    "kfac",
+    summary="KFAC preconditioner: EMA of the Kronecker factors, damped inverse every k "
+    "refreshes (KFAC-preconditioned CG, or the KFAC step with solver identity)",
+    requires=_factor_requires,
+)
+@attrs.frozen
+class KFACPreconditioner(Preconditioner):
+    """``M^-1 v`` from running averages of Kronecker factors (KFAC-preconditioned CG).
+
+    At each refresh (the component's ``every_k``) the factors of the step
+    (``kfac_factors_<source>_<approx>``) are folded into an EMA,
+    ``F <- decay F + (1 - decay) F_new`` (the first refresh sets ``F = F_new``); on
+    every ``inverse_every``-th refresh the eigendecompositions are recomputed. Then::
+
+        M^-1 vec(X) = (Q_L (x) Q_R) diag(1 / (d_L (x) d_R + lam)) (Q_L (x) Q_R)^T vec(X)
+
+    per parameter leaf ``X`` viewed as a ``[prod(shape[:-1]), shape[-1]]`` matrix
+    (``L = A, R = G`` for an ``(in..., out)`` kernel, ``L = G, R = A`` for an Equinox
+    ``(out, in)`` one); with ``pi_damping``, ``(d_L + pi sqrt(lam)) (x) (d_R +
+    sqrt(lam)/pi)``. A layer's bias gets the full ``A_bb G`` block (``A_bb`` the
+    bias-bias entry of ``A``), so unlike the curvature ``kfac`` the kernel-bias
+    coupling is dropped: the state's shapes are known from the parameters alone.
+    Leaves that the layer map does not factor get a diagonal EMA:
+    ``v / (d + lam)``. Before the first refresh ``M^-1 v = v / lam`` (``eps`` floors
+    every denominator).
+
+    Example:
+        >>> pre = KFACPreconditioner(decay=0.9, inverse_every=5)
+        >>> (pre.decay, pre.inverse_every)
+        (0.9, 5)
+    """
+
+    source: str = option("ggn", choices=SOURCES, doc="which curvature is factored")
+    approx: str = option("expand", choices=APPROXIMATIONS, doc="KFAC-expand or KFAC-reduce")
+    decay: float = option(0.95, ge=0, lt=1, doc="EMA decay of the factors")
+    inverse_every: int = option(1, ge=1, doc="recompute the inverses every n refreshes")
+    pi_damping: bool = option(False, doc="factored damping with Martens & Grosse's pi")
+    eps: float = option(1e-12, gt=0, doc="floor of the denominators")
+
+    def init(self, params: PyTree) -> PyTree:
+        paths = param_paths(params)
+        leaves = jax.tree_util.tree_leaves(params)
+        return {
+            "leaves": {p: _leaf_state(x) for p, x in zip(paths, leaves, strict=True)},
+            "count": jnp.zeros((), jnp.int32),
+        }
+
+    def update(self, res: Any, stats: Any, lam: Array, key: Array, state: PyTree) -> PyTree:
+        f = res[factor_resource(self.source, self.approx)]
+        shapes = {p: tuple(x.shape) for p, x in zip(
+            param_paths(res.params), jax.tree_util.tree_leaves(res.params), strict=True)}
+        new, _ = _targets(f, shapes)
+        count = state["count"]
+        first = count == 0
+        beta = self.decay
+        leaves = {}
+        for p, st in state["leaves"].items():
+            st = dict(st)
+            stat = new.get(p, {})
+
+            def ema(old: Array, x: Array) -> Array:
+                x = jnp.asarray(x, old.dtype)
+                return jnp.where(first, x, beta * old + (1 - beta) * x)
+
+            if "L" in stat and "L" in st:
+                st["L"], st["R"] = ema(st["L"], stat["L"]), ema(st["R"], stat["R"])
+                st["kron"] = jnp.ones((), bool)
+            elif "M" in stat and "M" in st:
+                st["M"] = ema(st["M"], stat["M"])
+                st["kron"] = jnp.ones((), bool)
+            elif "diag" in stat:
+                st["diag"] = ema(st["diag"], stat["diag"])
+                st["kron"] = jnp.zeros((), bool)
+            leaves[p] = st
+        due = (count % self.inverse_every) == 0
+        leaves = jax.lax.cond(due, _invert, lambda s: s, leaves)
+        return {"leaves": leaves, "count": count + 1}
+
+    def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
+        paths = param_paths(v)
+        leaves, treedef = jax.tree_util.tree_flatten(v)
+        out = []
+        for p, x in zip(paths, leaves, strict=True):
+            st = state["leaves"][p]
+            dt = st["diag"].dtype
+            lam_ = jnp.asarray(lam, dt)
+            eps = jnp.asarray(self.eps, dt)
+            xd = x.astype(dt)
+
+            def diag_branch(xd: Array, st: dict = st, lam_: Array = lam_) -> Array:
+                return xd / jnp.maximum(st["diag"] + lam_, eps)
+
+            if "L" in st:
+                def kron(xd: Array, st: dict = st, lam_: Array = lam_) -> Array:
+                    m = xd.reshape(st["L"].shape[0], st["R"].shape[0])
+                    if self.pi_damping:
+                        r = jnp.sqrt(jnp.maximum(lam_, 0))
+                        den = (st["dL"] + st["pi"] * r)[:, None] * (st["dR"] + r / st["pi"])[None]
+                    else:
+                        den = st["dL"][:, None] * st["dR"][None, :] + lam_
+                    t = st["QL"].T @ m @ st["QR"] / jnp.maximum(den, eps)
+                    return (st["QL"] @ t @ st["QR"].T).reshape(xd.shape)
+
+                y = jax.lax.cond(st["kron"], kron, diag_branch, xd)
+            elif "M" in st:
+                def mat(xd: Array, st: dict = st, lam_: Array = lam_) -> Array:
+                    return st["QM"] @ ((st["QM"].T @ xd) / jnp.maximum(st["dM"] + lam_, eps))
+
+                y = jax.lax.cond(st["kron"], mat, diag_branch, xd)
+            else:
+                y = diag_branch(xd)
+            out.append(y.astype(x.dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _invert(leaves: dict) -> dict:
+    out = {}
+    for p, st in leaves.items():
+        st = dict(st)
+        if "L" in st:
+            st["dL"], st["QL"] = _eigh(st["L"])
+            st["dR"], st["QR"] = _eigh(st["R"])
+            st["pi"] = _pi(st["L"], st["R"], st["L"].dtype)
+        elif "M" in st:
+            st["dM"], st["QM"] = _eigh(st["M"])
+        out[p] = st
+    return out
