@@ -18,6 +18,10 @@ preset                 composition
                        averaged, power 1/2, clip 1) + identity (momentum 0.9) +
                        lam = eps
 ``natural_gradient``   fisher (Monte-Carlo) + cg
+``shampoo``            shampoo (blocks 128, roots every 10 steps, Adam grafting)
+                       + identity (momentum 0.9)
+``soap``               soap (betas 0.95, basis every 10 steps) + identity
+                       (momentum 0.95)
 =====================  =========================================================
 
 The first-order diagonal presets (maths, defaults and departures in
@@ -141,6 +145,45 @@ PRESETS: dict[str, tuple[str, dict]] = {
             "curvature": "fisher",
             "solver": {"name": "cg", "maxiter": 10},
             "damping": {"name": "levenberg_marquardt", "init": 1.0},
+        },
+    ),
+    # Shampoo (Gupta et al. 2018; Shi et al. 2023's defaults) and SOAP (Vyas et al. 2024):
+    # docs/howto/shampoo-soap.md; the learning rates are this project's, for small models.
+    "shampoo": (
+        "Shampoo (Gupta et al. 2018): blocked L^-1/4 G R^-1/4, roots every 10 steps, "
+        "Adam grafting, momentum 0.9",
+        {
+            "preconditioner": {
+                "name": "shampoo",
+                "exponent": 0.25,
+                "beta2": 0.999,
+                "eps": 1e-12,
+                "graft": "adam",
+                "graft_beta2": 0.999,
+                "graft_eps": 1e-8,
+                "block_size": 128,
+                "precondition_every": 10,
+            },
+            "solver": {"name": "identity", "momentum": 0.9, "bias_correction": True},
+            "damping": {"name": "constant", "lam": 0.0},
+            "learning_rate": 0.01,
+        },
+    ),
+    "soap": (
+        "SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, betas "
+        "(0.95, 0.95), basis every 10 steps",
+        {
+            "preconditioner": {
+                "name": "soap",
+                "beta2": 0.95,
+                "shampoo_beta": 0.95,
+                "eps": 1e-8,
+                "block_size": 1024,
+                "precondition_every": 10,
+            },
+            "solver": {"name": "identity", "momentum": 0.95, "bias_correction": True},
+            "damping": {"name": "constant", "lam": 0.0},
+            "learning_rate": 0.003,
         },
     ),
 }
