@@ -592,27 +592,47 @@ class EKFAC(Curvature):
 @declare(
     "kronecker_inverse",
     summary="s = (C + lam I)^-1 rhs applied exactly by a Kronecker-factored operator",
-    requires={"tags": {KRONECKER}},
+    requires={"tags": {SYMMETRIC}},
 )
 @attrs.frozen
 class KroneckerInverse(Solver):
     """The KFAC/EKFAC step: ``s = inverse_mv(rhs, lam)``, no iteration.
 
-    Needs an operator tagged ``kronecker`` (curvature ``kfac`` or ``ekfac``). Reports
-    ``iterations = 1``, the residual ``||damped_mv(s) - rhs|| / ||rhs||`` and
-    ``converged`` = finite.
+    Meant for an operator tagged ``kronecker`` (curvature ``kfac`` or ``ekfac``).
+    Reports ``iterations = 1``, the residual ``||damped_mv(s) - rhs|| / ||rhs||`` and
+    ``converged`` = finite. On another symmetric operator it falls back to a dense
+    solve of ``to_dense() + lam I``, for at most ``dense_max`` parameters (an
+    :class:`~somax_plug.InputError` when the step is traced, before any FLOP,
+    otherwise).
 
     Example:
         >>> from somax_plug import spec_of
         >>> sorted(spec_of(KroneckerInverse).requires.tags)
-        ['kronecker']
+        ['symmetric']
     """
+
+    dense_max: int = option(2048, ge=1, doc="largest non-Kronecker operator solved densely")
 
     def solve(self, op: Any, rhs: PyTree, lam: Array, precond: Any, stats: Any,
               state: PyTree) -> tuple[PyTree, SolverInfo, PyTree]:
-        s = op.inverse_mv(rhs, lam)
         dt = tree.accum_dtype(rhs)
-        r = tree.sub(op.damped_mv(s, lam), rhs)
+        n = tree.size(rhs)
+        if not hasattr(op, "inverse_mv") and n > self.dense_max:
+            raise InputError(
+                f"solver 'kronecker_inverse' got a {type(op).__name__} without inverse_mv "
+                f"on {n} parameters (> dense_max={self.dense_max}); use curvature 'kfac' or "
+                "'ekfac', or an iterative solver such as 'cg'"
+            )
+        if hasattr(op, "inverse_mv"):
+            s = op.inverse_mv(rhs, lam)
+            r = tree.sub(op.damped_mv(s, lam), rhs)
+        else:
+            flat, unravel = tree.ravel(rhs)
+            d = op.to_dense().astype(flat.dtype)
+            d = d + jnp.asarray(lam, flat.dtype) * jnp.eye(d.shape[0], dtype=flat.dtype)
+            s = unravel(jnp.linalg.solve(d, flat))
+            r = tree.sub(tree.cast_like(op.mv(s), rhs), rhs)
+            r = jax.tree_util.tree_map(lambda ri, si: ri + jnp.asarray(lam, ri.dtype) * si, r, s)
         res = tree.norm(r) / jnp.maximum(tree.norm(rhs), jnp.finfo(dt).tiny)
         info = SolverInfo(jnp.asarray(1, jnp.int32), res.astype(dt), tree.all_finite(s))
         return s, info, state
