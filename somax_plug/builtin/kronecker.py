@@ -280,7 +280,13 @@ def _columns(res: Resources, source: str, outputs: Any) -> Array:
             )
         return jnp.moveaxis(jnp.asarray(sq, dt), 2, 0)
     if source == "fisher":
-        targets = loss.sample_targets(res.key_for("kfac_fisher"), outputs, 1)
+        try:
+            targets = loss.sample_targets(res.key_for("kfac_fisher"), outputs, 1)
+        except NotImplementedError as exc:
+            raise InputError(
+                f"KFAC source 'fisher' samples targets, which loss {loss.name!r} cannot: "
+                f"{exc}; or use source 'ggn' or 'empirical'"
+            ) from None
         grads = jax.vmap(lambda t: loss.output_grad(outputs, t))(targets)
         return jax.vmap(flatten_per_example)(grads).astype(dt) / math.sqrt(c)
     return flatten_per_example(res["output_grad"], dt)[None] / math.sqrt(c)
@@ -534,6 +540,26 @@ def _factor_requires(o: dict) -> dict:
     return {"resources": {factor_resource(o["source"], o["approx"])}}
 
 
+COVERAGE = ("diagonal", "strict")
+
+
+def covered(factors: KroneckerFactors, coverage: str, owner: str) -> KroneckerFactors:
+    """``factors``, or with ``coverage="strict"`` an error listing what is not factored.
+
+    Raised when the step is traced (the layer map needs the model's jaxpr), before any
+    FLOP.
+    """
+    if coverage == "strict" and factors.uncovered:
+        listed = "; ".join(f"{p!r}: {why}" for p, why in factors.uncovered)
+        raise InputError(
+            f"{owner} with coverage='strict': {len(factors.uncovered)} parameter(s) are "
+            f"not in a factored dense layer ({listed}); fix the layer map with overrides "
+            "(somax_plug.layers.layer_map_provider) or use coverage='diagonal' (a "
+            "diagonal block for each)"
+        )
+    return factors
+
+
 @declare(
     "kfac",
     summary="KFAC: block-diagonal A (x) G per dense layer (GGN, Fisher or empirical), "
@@ -557,10 +583,13 @@ class KFAC(Curvature):
     source: str = option("ggn", choices=SOURCES, doc="which curvature is factored")
     approx: str = option("expand", choices=APPROXIMATIONS, doc="KFAC-expand or KFAC-reduce")
     pi_damping: bool = option(False, doc="factored damping with Martens & Grosse's pi")
+    coverage: str = option("diagonal", choices=COVERAGE,
+                           doc="unfactored parameters: a diagonal block, or an error")
 
     def build(self, res: Resources) -> KroneckerOperator:
-        return KroneckerOperator(res.params, res[factor_resource(self.source, self.approx)],
-                                 "kfac", self.pi_damping)
+        f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
+                    "curvature 'kfac'")
+        return KroneckerOperator(res.params, f, "kfac", self.pi_damping)
 
 
 @declare(
@@ -583,10 +612,13 @@ class EKFAC(Curvature):
 
     source: str = option("ggn", choices=SOURCES, doc="which curvature is factored")
     approx: str = option("expand", choices=APPROXIMATIONS, doc="basis from KFAC-expand/reduce")
+    coverage: str = option("diagonal", choices=COVERAGE,
+                           doc="unfactored parameters: a diagonal block, or an error")
 
     def build(self, res: Resources) -> KroneckerOperator:
-        return KroneckerOperator(res.params, res[factor_resource(self.source, self.approx)],
-                                 "ekfac")
+        f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
+                    "curvature 'ekfac'")
+        return KroneckerOperator(res.params, f, "ekfac")
 
 
 @declare(
@@ -727,6 +759,8 @@ class KFACPreconditioner(Preconditioner):
     inverse_every: int = option(1, ge=1, doc="recompute the inverses every n refreshes")
     pi_damping: bool = option(False, doc="factored damping with Martens & Grosse's pi")
     eps: float = option(1e-12, gt=0, doc="floor of the denominators")
+    coverage: str = option("diagonal", choices=COVERAGE,
+                           doc="unfactored parameters: a diagonal block, or an error")
 
     def init(self, params: PyTree) -> PyTree:
         paths = param_paths(params)
@@ -737,7 +771,8 @@ class KFACPreconditioner(Preconditioner):
         }
 
     def update(self, res: Any, stats: Any, lam: Array, key: Array, state: PyTree) -> PyTree:
-        f = res[factor_resource(self.source, self.approx)]
+        f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
+                    "preconditioner 'kfac'")
         shapes = {p: tuple(x.shape) for p, x in zip(
             param_paths(res.params), jax.tree_util.tree_leaves(res.params), strict=True)}
         new, _ = _targets(f, shapes)

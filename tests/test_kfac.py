@@ -1,0 +1,493 @@
+"""KFAC and EKFAC (``somax_plug.builtin.kronecker``) against dense float64 references.
+
+The references are the dense GGN (``J^T H_out J`` from ``jax.jacfwd``) and, for the
+preconditioner, dense Kronecker products built with numpy. Tolerances are 1e-9
+relative: everything is float64 and the sizes are tiny, so only rounding is left.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.flatten_util import ravel_pytree
+
+from somax_plug import InputError, OptionError, Resources, compose, make_model
+from somax_plug.builtin.kronecker import (
+    EKFAC,
+    KFAC,
+    PROVIDERS as KRON,
+    KFACPreconditioner,
+    KroneckerInverse,
+    factor_resource,
+)
+from somax_plug.builtin.layers import PROVIDERS as LAYERS
+from somax_plug.builtin.resources import PROVIDERS as BASE
+from somax_plug.layers import param_paths
+from somax_plug.testing.references import dense_reference
+from tests.reliability import Case, check_corpus
+
+PROVIDERS = {**BASE, **LAYERS, **KRON}
+RTOL = 1e-9
+LOSSES = ("mse", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
+
+
+def _res(model, params, batch, seed=0):
+    return Resources(model, params, batch, jax.random.key(seed), PROVIDERS)
+
+
+def _mlp(sizes, act=jnp.tanh, bias=True):
+    """Plain-JAX MLP ``{"l0": {"w", "b"}, ...}`` and its predict function."""
+
+    def f(p, x):
+        for i in range(len(sizes) - 1):
+            x = x @ p[f"l{i}"]["w"] + (p[f"l{i}"]["b"] if bias else 0)
+            if i < len(sizes) - 2:
+                x = act(x)
+        return x
+
+    return f
+
+
+def _params(sizes, seed, bias=True):
+    rng = np.random.default_rng(seed)
+    p = {}
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        p[f"l{i}"] = {"w": jnp.asarray(rng.normal(size=(m, n)) / math.sqrt(m))}
+        if bias:
+            p[f"l{i}"]["b"] = jnp.asarray(0.3 * rng.normal(size=(n,)))
+    return p
+
+
+def _batch(loss, b, din, dout, seed, tokens=None):
+    rng = np.random.default_rng(seed + 100)
+    lead = (b,) if tokens is None else (b, tokens)
+    x = jnp.asarray(rng.normal(size=(*lead, din)))
+    if loss == "softmax_cross_entropy":
+        y = jnp.asarray(rng.integers(0, dout, size=lead), jnp.int32)
+    elif loss == "sigmoid_binary_cross_entropy":
+        y = jnp.asarray(rng.integers(0, 2, size=(*lead, dout)), jnp.float64)
+    else:
+        y = jnp.asarray(rng.normal(size=(*lead, dout)))
+    return x, y
+
+
+def _offsets(params):
+    """Parameter path -> slice of the ravelled vector."""
+    out, start = {}, 0
+    for p, x in zip(param_paths(params), jax.tree_util.tree_leaves(params), strict=True):
+        out[p] = slice(start, start + x.size)
+        start += x.size
+    return out
+
+
+def _layer_index(params, layer):
+    """Ravel indices of ``l{layer}``'s kernel and bias (a layer's block)."""
+    off = _offsets(params)
+    idx = [np.arange(s.start, s.stop) for p, s in off.items() if p.startswith(f"{layer}/")]
+    return np.concatenate(idx)
+
+
+def _block(d, idx):
+    return np.asarray(d)[np.ix_(idx, idx)]
+
+
+def _matrix_order(op, i):
+    """Ravel index of each entry of block ``i``'s ``[rows, dout]`` matrix view."""
+    flat, unravel = ravel_pytree(op.primal)
+    labels = unravel(jnp.arange(flat.size, dtype=jnp.float64))
+    lv = dict(zip(op.factors.paths, jax.tree_util.tree_leaves(labels), strict=True))
+    return np.asarray(op._mat(op.factors.blocks[i], lv, jnp.float64)).astype(int)
+
+
+def _close(a, b, what, rtol=RTOL):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(np.linalg.norm(b), 1e-300)
+    assert np.linalg.norm(a - b) <= rtol * scale, f"{what}: ||a - b|| = {np.linalg.norm(a - b)}"
+
+
+# ------------------------------------------------------------------ (i), (ii)
+
+
+@given(
+    din=st.integers(1, 4),
+    dout=st.integers(1, 3),
+    loss=st.sampled_from(LOSSES),
+    bias=st.booleans(),
+    approx=st.sampled_from(("expand", "reduce")),
+    seed=st.integers(0, 50),
+)
+def test_single_layer_one_example_kfac_is_the_ggn(din, dout, loss, bias, approx, seed):
+    dout = max(dout, 2) if loss == "softmax_cross_entropy" else dout
+    sizes = (din, dout)
+    model = make_model(_mlp(sizes, bias=bias), loss)
+    params, batch = _params(sizes, seed, bias), _batch(loss, 1, din, dout, seed)
+    op = KFAC(approx=approx).build(_res(model, params, batch))
+    _close(op.to_dense(), dense_reference("ggn", model, params, batch), "KFAC vs GGN")
+    assert op.uncovered == ()
+
+
+@given(widths=st.lists(st.integers(1, 3), min_size=2, max_size=4), seed=st.integers(0, 50))
+def test_deep_linear_mse_one_example_blocks_are_ggn_blocks(widths, seed):
+    sizes = tuple(widths)
+    model = make_model(_mlp(sizes, act=lambda x: x), "mse")
+    params, batch = _params(sizes, seed), _batch("mse", 1, sizes[0], sizes[-1], seed)
+    op = KFAC().build(_res(model, params, batch))
+    dense, ggn = np.asarray(op.to_dense()), np.asarray(dense_reference("ggn", model, params, batch))
+    for layer in range(len(sizes) - 1):
+        idx = _layer_index(params, f"l{layer}")
+        _close(_block(dense, idx), _block(ggn, idx), f"block of layer {layer}")
+        rest = np.setdiff1d(np.arange(dense.shape[0]), idx)
+        assert np.all(dense[np.ix_(idx, rest)] == 0), "KFAC is block-diagonal over layers"
+
+
+# ------------------------------------------------------------------ (iii)
+
+
+@given(
+    batch_size=st.integers(1, 3),
+    loss=st.sampled_from(LOSSES),
+    approx=st.sampled_from(("expand", "reduce")),
+    seed=st.integers(0, 50),
+)
+def test_ekfac_diagonal_is_exact_in_the_kfac_eigenbasis(batch_size, loss, approx, seed):
+    sizes = (3, 2, 2)
+    model = make_model(_mlp(sizes), loss)
+    params, batch = _params(sizes, seed), _batch(loss, batch_size, 3, 2, seed)
+    res = _res(model, params, batch)
+    ekfac, kfac = EKFAC(approx=approx).build(res), KFAC(approx=approx).build(res)
+    ggn = np.asarray(dense_reference("ggn", model, params, batch))
+    dense_e, dense_k = np.asarray(ekfac.to_dense()), np.asarray(kfac.to_dense())
+    for i in range(len(ekfac.factors.blocks)):
+        qa, qg, s = (np.asarray(x) for x in ekfac.eig[i])
+        order = _matrix_order(ekfac, i).ravel()  # matrix entry (row-major) -> ravel index
+        block = ggn[np.ix_(order, order)]
+        q = np.kron(qa, qg)
+        _close(np.diag(q.T @ block @ q), np.asarray(s).ravel(), f"EKFAC diagonal, block {i}")
+        err_e = np.linalg.norm(dense_e[np.ix_(order, order)] - block)
+        err_k = np.linalg.norm(dense_k[np.ix_(order, order)] - block)
+        assert err_e <= err_k * (1 + 1e-9) + 1e-12, (err_e, err_k)
+        if batch_size == 1:  # one example: KFAC, hence EKFAC, is the block exactly
+            assert err_e <= RTOL * np.linalg.norm(block) + 1e-15
+
+
+# ------------------------------------------------------------------ (iv)
+
+
+@given(
+    lam=st.floats(1e-3, 10.0),
+    mode=st.sampled_from(("kfac", "kfac_pi", "ekfac")),
+    seed=st.integers(0, 50),
+)
+def test_inverse_mv_inverts_the_damped_operator(lam, mode, seed):
+    sizes = (3, 4, 2)
+    model = make_model(_mlp(sizes), "softmax_cross_entropy")
+    params, batch = _params(sizes, seed), _batch("softmax_cross_entropy", 3, 3, 2, seed)
+    res = _res(model, params, batch)
+    op = (EKFAC() if mode == "ekfac" else KFAC(pi_damping=mode == "kfac_pi")).build(res)
+    flat, unravel = ravel_pytree(params)
+    v = jnp.asarray(np.random.default_rng(seed).normal(size=flat.size))
+    back = op.inverse_mv(op.damped_mv(unravel(v), lam), lam)
+    _close(ravel_pytree(back)[0], v, "inverse_mv(damped_mv(v))")
+    if mode != "kfac_pi":  # exact damping: the inverse of C + lam I
+        dense = np.asarray(op.to_dense()) + lam * np.eye(flat.size)
+        _close(ravel_pytree(op.inverse_mv(unravel(v), lam))[0], np.linalg.solve(dense, v),
+               "inverse_mv vs dense solve")
+
+
+def test_pi_damping_is_factored_with_the_trace_ratio():
+    sizes = (3, 2)
+    model = make_model(_mlp(sizes), "mse")
+    params, batch = _params(sizes, 0), _batch("mse", 4, 3, 2, 0)
+    res = _res(model, params, batch)
+    op, lam = KFAC(pi_damping=True).build(res), 0.7
+    a, g = (np.asarray(x) for x in (op.factors.A[0], op.factors.G[0]))
+    pi = math.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+    want = np.kron(a + pi * math.sqrt(lam) * np.eye(len(a)), g + math.sqrt(lam) / pi * np.eye(len(g)))
+    order = _matrix_order(op, 0).ravel()
+    flat, unravel = ravel_pytree(params)
+    dense = np.stack([ravel_pytree(op.damped_mv(unravel(e), lam))[0] for e in np.eye(flat.size)], 1)
+    _close(dense[np.ix_(order, order)], want, "factored damping")
+
+
+# ------------------------------------------------------------------ (v) expand vs reduce
+
+
+@given(batch_size=st.integers(1, 3), seed=st.integers(0, 50), source=st.sampled_from(
+    ("ggn", "empirical", "fisher")))
+def test_expand_and_reduce_coincide_without_weight_sharing(batch_size, seed, source):
+    sizes = (2, 3, 2)
+    model = make_model(_mlp(sizes), "softmax_cross_entropy")
+    params, batch = _params(sizes, seed), _batch("softmax_cross_entropy", batch_size, 2, 2, seed)
+    res = _res(model, params, batch, seed)
+    e = KFAC(source=source, approx="expand").build(res).to_dense()
+    r = KFAC(source=source, approx="reduce").build(res).to_dense()
+    _close(e, r, "expand vs reduce")
+
+
+@given(batch_size=st.integers(1, 3), tokens=st.integers(2, 3), seed=st.integers(0, 50))
+def test_expand_and_reduce_with_tokens_match_their_formulas(batch_size, tokens, seed):
+    # a linear layer on [B, T, D] with MSE: g = sqrt(c) e_(t, j) per column, so
+    # G_expand = G_reduce = B T c I, A_expand = mean_{b,t} a a^T, A_reduce = mean_b abar abar^T
+    din, dout = 3, 2
+    model = make_model(lambda p, x: x @ p["w"] + p["b"], "mse")
+    params = {"w": jnp.asarray(np.random.default_rng(seed).normal(size=(din, dout))),
+              "b": jnp.zeros(dout)}
+    x, y = _batch("mse", batch_size, din, dout, seed, tokens=tokens)
+    res = _res(model, params, (x, y))
+    a = np.concatenate([np.asarray(x), np.ones((batch_size, tokens, 1))], -1)
+    c = 1.0 / batch_size
+    fe, fr = res[factor_resource("ggn", "expand")], res[factor_resource("ggn", "reduce")]
+    _close(fe.A[0], np.einsum("bti,btj->ij", a, a) / (batch_size * tokens), "A expand")
+    abar = a.mean(1)
+    _close(fr.A[0], abar.T @ abar / batch_size, "A reduce")
+    for f in (fe, fr):
+        _close(f.G[0], batch_size * tokens * c * np.eye(dout), "G")
+    assert not np.allclose(fe.A[0], fr.A[0])
+
+
+# ------------------------------------------------------------------ (vi) Flax, Equinox
+
+
+def _plain_factors(sizes, params, x, y):
+    model = make_model(_mlp(sizes, act=jax.nn.relu), "softmax_cross_entropy")
+    return _res(model, params, (x, y))[factor_resource("ggn", "expand")]
+
+
+def test_flax_and_equinox_factors_equal_plain_jax():
+    flax_nn = pytest.importorskip("flax.linen")
+    eqx = pytest.importorskip("equinox")
+    sizes = (4, 3, 2)
+    params = _params(sizes, 1)
+    x, y = _batch("softmax_cross_entropy", 3, 4, 2, 1)
+    want = _plain_factors(sizes, params, x, y)
+
+    class MLP(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, h):
+            h = jax.nn.relu(flax_nn.Dense(3, param_dtype=jnp.float64)(h))
+            return flax_nn.Dense(2, param_dtype=jnp.float64)(h)
+
+    fparams = {"params": {f"Dense_{i}": {"kernel": params[f"l{i}"]["w"],
+                                          "bias": params[f"l{i}"]["b"]} for i in range(2)}}
+    fmodel = make_model(MLP().apply, "softmax_cross_entropy")
+
+    key = jax.random.key(0)
+    net = eqx.nn.MLP(4, 2, 3, 1, activation=jax.nn.relu, key=key, dtype=jnp.float64)
+    for i in range(2):
+        net = eqx.tree_at(lambda n, i=i: (n.layers[i].weight, n.layers[i].bias), net,
+                          (params[f"l{i}"]["w"].T, params[f"l{i}"]["b"]))
+    eparams, static = eqx.partition(net, eqx.is_array)
+    emodel = make_model(lambda p, h: jax.vmap(eqx.combine(p, static))(h), "softmax_cross_entropy")
+
+    for name, model, p in (("flax", fmodel, fparams), ("equinox", emodel, eparams)):
+        got = _res(model, p, (x, y))[factor_resource("ggn", "expand")]
+        assert len(got.blocks) == 2 and got.uncovered == (), (name, got.uncovered)
+        for i in range(2):
+            _close(got.A[i], want.A[i], f"{name} A of layer {i}")
+            _close(got.G[i], want.G[i], f"{name} G of layer {i}")
+        # and the operators agree on the (layout-permuted) parameters
+        op = KFAC().build(_res(model, p, (x, y)))
+        ref = dense_reference("ggn", model, p, (x, y))
+        assert np.linalg.eigvalsh(np.asarray(op.to_dense())).min() > -1e-12
+        assert np.asarray(ref).shape == np.asarray(op.to_dense()).shape
+
+
+# ------------------------------------------------------------------ uncovered parameters
+
+
+def _scaled_model():
+    def f(p, x):
+        h = jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"]) * p["scale"]
+        return h @ p["l1"]["w"] + p["l1"]["b"]
+
+    params = {**_params((3, 2, 2), 3), "scale": jnp.asarray([1.5, -0.5])}
+    return make_model(f, "softmax_cross_entropy"), params
+
+
+def test_unfactored_parameters_get_an_exact_diagonal_block_and_are_listed():
+    model, params = _scaled_model()
+    batch = _batch("softmax_cross_entropy", 1, 3, 2, 3)
+    op = KFAC().build(_res(model, params, batch))
+    assert [p for p, _ in op.uncovered] == ["scale"]
+    assert "used by mul" in op.uncovered[0][1]
+    ggn = np.asarray(dense_reference("ggn", model, params, batch))
+    s = _offsets(params)["scale"]
+    dense = np.asarray(op.to_dense())
+    _close(np.diag(dense)[s], np.diag(ggn)[s], "diagonal block (one example: exact)")
+    assert np.count_nonzero(dense[s][:, np.r_[: s.start, s.stop : dense.shape[0]]]) == 0
+
+
+def test_unfactored_diagonal_is_unbiased_over_sign_draws():
+    model, params = _scaled_model()
+    batch = _batch("softmax_cross_entropy", 3, 3, 2, 4)
+    ggn = np.asarray(dense_reference("ggn", model, params, batch))
+    s = _offsets(params)["scale"]
+    fn = jax.jit(lambda key: KFAC().build(
+        Resources(model, params, batch, key, PROVIDERS)).factors.diag["scale"])
+    draws = np.stack([np.asarray(fn(jax.random.key(i))) for i in range(400)])
+    se = draws.std(0, ddof=1) / math.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(0) - np.diag(ggn)[s]) <= 5 * se + 1e-12)
+
+
+def test_strict_coverage_refuses_unfactored_parameters():
+    model, params = _scaled_model()
+    batch = _batch("softmax_cross_entropy", 2, 3, 2, 3)
+    with pytest.raises(InputError, match="'scale': used by mul"):
+        KFAC(coverage="strict").build(_res(model, params, batch))
+
+
+# ------------------------------------------------------------------ preconditioner
+
+
+def test_preconditioner_applies_the_damped_per_leaf_kronecker_inverse():
+    sizes = (3, 4, 2)
+    model = make_model(_mlp(sizes), "softmax_cross_entropy")
+    params = _params(sizes, 5)
+    b1, b2 = (_batch("softmax_cross_entropy", 3, 3, 2, s) for s in (5, 6))
+    pre, lam = KFACPreconditioner(decay=0.8, inverse_every=2), 0.3
+    state = pre.init(params)
+    f1 = _res(model, params, b1)[factor_resource("ggn", "expand")]
+    f2 = _res(model, params, b2)[factor_resource("ggn", "expand")]
+    s1 = pre.update(_res(model, params, b1), {}, lam, None, state)
+    s2 = pre.update(_res(model, params, b2), {}, lam, None, s1)
+    # EMA: the first refresh sets the factors, the second averages them
+    for i, layer in enumerate(("l0", "l1")):
+        ema_a = 0.8 * np.asarray(f1.A[i]) + 0.2 * np.asarray(f2.A[i])
+        ema_g = 0.8 * np.asarray(f1.G[i]) + 0.2 * np.asarray(f2.G[i])
+        st_w = s2["leaves"][f"{layer}/w"]
+        din = sizes[i]
+        _close(st_w["L"], ema_a[:din, :din], "EMA of A (kernel part)")
+        _close(st_w["R"], ema_g, "EMA of G")
+        _close(s2["leaves"][f"{layer}/b"]["M"], ema_a[din, din] * ema_g, "bias block")
+
+    flat, unravel = ravel_pytree(params)
+    v = jnp.asarray(np.random.default_rng(0).normal(size=flat.size))
+    off = _offsets(params)
+
+    def dense_inverse(f):
+        m = np.zeros((flat.size, flat.size))
+        for i, layer in enumerate(("l0", "l1")):
+            a, g, din = np.asarray(f["A"][i]), np.asarray(f["G"][i]), sizes[i]
+            w, bsl = off[f"{layer}/w"], off[f"{layer}/b"]
+            m[w, w] = np.kron(a[:din, :din], g)
+            m[bsl, bsl] = a[din, din] * g
+        return np.linalg.inv(m + lam * np.eye(flat.size))
+
+    # inverse_every=2: after the second refresh the inverse is still the first one's
+    got = ravel_pytree(pre.apply(s2, unravel(v), lam))[0]
+    _close(got, dense_inverse({"A": f1.A, "G": f1.G}) @ v, "stale inverse (inverse_every=2)")
+    s3 = pre.update(_res(model, params, b1), {}, lam, None, s2)
+    ema = {"A": [0.8 * (0.8 * a1 + 0.2 * a2) + 0.2 * a1 for a1, a2 in zip(f1.A, f2.A, strict=True)],
+           "G": [0.8 * (0.8 * g1 + 0.2 * g2) + 0.2 * g1 for g1, g2 in zip(f1.G, f2.G, strict=True)]}
+    got = ravel_pytree(pre.apply(s3, unravel(v), lam))[0]
+    _close(got, dense_inverse(ema) @ v, "refreshed inverse of the EMA")
+
+
+def test_preconditioner_before_any_refresh_is_one_over_lambda():
+    params = _params((2, 2), 0)
+    pre = KFACPreconditioner()
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    out = pre.apply(pre.init(params), v, 0.5)
+    assert all(np.allclose(x, 2.0) for x in jax.tree_util.tree_leaves(out))
+
+
+# ------------------------------------------------------------------ in a step
+
+
+@pytest.mark.parametrize("composition", [
+    {"curvature": "kfac", "solver": "kronecker_inverse",
+     "damping": {"name": "levenberg_marquardt", "init": 1.0}},
+    {"curvature": "ekfac", "solver": "kronecker_inverse",
+     "damping": {"name": "levenberg_marquardt", "init": 1.0}},
+    {"curvature": "ggn", "solver": {"name": "cg", "maxiter": 5},
+     "preconditioner": {"name": "kfac"}, "damping": {"name": "levenberg_marquardt", "init": 1.0}},
+])
+def test_compositions_decrease_the_loss(composition):
+    sizes = (3, 4, 2)
+    f = _mlp(sizes)
+    params, (x, y) = _params(sizes, 2), _batch("softmax_cross_entropy", 8, 3, 2, 2)
+    method = compose(predict_fn=f, loss="softmax_cross_entropy", **composition)
+    state = method.init(params)
+    model = make_model(f, "softmax_cross_entropy")
+    first = float(model.loss(f(params, x), y))
+    for i in range(5):
+        params, state, _ = method.step(params, state, (x, y), jax.random.key(i))
+    assert float(model.loss(f(params, x), y)) < first
+
+
+def test_kronecker_inverse_solves_exactly_in_a_step():
+    sizes = (3, 2)
+    model = make_model(_mlp(sizes), "mse")
+    params, batch = _params(sizes, 0), _batch("mse", 4, 3, 2, 0)
+    op = KFAC().build(_res(model, params, batch))
+    g = jax.grad(lambda p: model.loss(model.outputs(p, batch[0]), batch[1]))(params)
+    s, info, _ = KroneckerInverse().solve(op, g, 0.1, None, {}, ())
+    dense = np.asarray(op.to_dense()) + 0.1 * np.eye(ravel_pytree(params)[0].size)
+    _close(ravel_pytree(s)[0], np.linalg.solve(dense, ravel_pytree(g)[0]), "direct solve")
+    assert float(info.residual) < 1e-10 and bool(info.converged)
+
+
+# ------------------------------------------------------------------ bad input corpus
+
+
+def _fisher_without_sampler():
+    params = _params((3, 2), 0)
+    method = compose(predict_fn=_mlp((3, 2)), loss=lambda z, y: jnp.sum((z - y) ** 2, -1),
+                     curvature={"name": "kfac", "source": "fisher"}, solver="kronecker_inverse")
+    return method.step(params, method.init(params), _batch("mse", 2, 3, 2, 0), jax.random.key(0))
+
+
+def _scaled_step(composition):
+    model, params = _scaled_model()
+    method = compose(predict_fn=model.outputs, loss="softmax_cross_entropy", **composition)
+    return method.step(params, method.init(params), _batch("softmax_cross_entropy", 2, 3, 2, 0),
+                       jax.random.key(0))
+
+
+CASES = [
+    Case("unknown source", lambda: compose(predict_fn=_mlp((3, 2)), loss="mse",
+                                           curvature={"name": "kfac", "source": "hessian"}),
+         says=("source", "ggn")),
+    Case("unknown approximation", lambda: compose(
+        predict_fn=_mlp((3, 2)), loss="mse", curvature={"name": "ekfac", "approx": "sum"}),
+        says=("approx", "expand")),
+    Case("negative decay", lambda: compose(
+        predict_fn=_mlp((3, 2)), loss="mse", curvature="ggn", solver="cg",
+        preconditioner={"name": "kfac", "decay": -0.1}), says=("decay",)),
+    Case("inverse_every 0", lambda: compose(
+        predict_fn=_mlp((3, 2)), loss="mse", curvature="ggn", solver="cg",
+        preconditioner={"name": "kfac", "inverse_every": 0}), says=("inverse_every",)),
+    Case("unknown coverage", lambda: compose(
+             predict_fn=_mlp((3, 2)), loss="mse", curvature={"name": "kfac",
+                                                             "coverage": "some"}),
+         says=("coverage", "strict")),
+    Case("strict coverage, a LayerNorm-like scale",
+         lambda: _scaled_step({"curvature": {"name": "kfac", "coverage": "strict"},
+                               "solver": "kronecker_inverse"}),
+         says=("'scale'", "coverage='diagonal'")),
+    Case("strict coverage in the preconditioner",
+         lambda: _scaled_step({"curvature": "ggn", "solver": "cg",
+                               "preconditioner": {"name": "kfac", "coverage": "strict"}}),
+         says=("preconditioner 'kfac'", "'scale'")),
+    Case("fisher source with a loss that cannot sample", _fisher_without_sampler,
+         says=("fisher", "'ggn' or 'empirical'")),
+    Case("unfactored parameters are handled, not dropped",
+         lambda: _scaled_step({"curvature": "kfac", "solver": "kronecker_inverse"}),
+         expect="ok"),
+]
+
+
+def test_bad_input_corpus():
+    counts = check_corpus("kfac", CASES)
+    assert counts["named"] >= 8
+
+
+def test_option_errors_are_option_errors():
+    with pytest.raises(OptionError, match="decay"):
+        KFACPreconditioner(decay=1.5)
