@@ -18,7 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from somax_plug import Estimator, InputError, Requires, Resources, compose, declare, make_model
+from somax_plug import (
+    CompositionError,
+    Estimator,
+    InputError,
+    Requires,
+    Resources,
+    compose,
+    declare,
+    make_model,
+)
 from somax_plug.layers import (
     LayerMap,
     discover,
@@ -678,6 +687,15 @@ def test_a_component_that_requires_layer_resources_is_planned_and_stepped():
     text = method.plan.explain()
     for name in ("layer_map", "layer_io", "layer_inputs", "layer_output_grads"):
         assert name in text and method.plan.resource(name).producer == f"builtin:{name}"
+    assert "layer map:\n  required by estimator[0]:LayerGradNorm;" in text
+    # with the model's params and inputs, the map itself: every kernel, shapes, sharing
+    full = method.explain(params, x)
+    assert full.startswith(text) and str(discover(f, params, x)) in full
+    assert "l1/w" in full and "l2/w" in full
+    plain = compose("ggn", "cg", predict_fn=f, loss="mse")
+    assert "layer map" not in plain.explain(params, x)
+    with pytest.raises(CompositionError, match="reads no layer map"):
+        plain.layer_map(params, x)
     state = method.init(params)
     _, state, info = method.step(params, state, (x, y), jax.random.key(0))
     g = jax.grad(lambda p: make_model(f, "mse").loss_value(p, (x, y)))(params)
@@ -791,3 +809,31 @@ def test_core_imports_without_flax_or_equinox():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+MODEL_FACTORY = """
+import jax.numpy as jnp
+
+def f(p, x):
+    return jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"]
+
+def make():
+    params = {"l1": {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)}, "l2": {"w": jnp.ones((5, 2))}}
+    return f, params, jnp.ones((3, 4))
+"""
+
+
+def test_cli_plan_prints_the_layer_map_of_a_model(tmp_path, monkeypatch, capsys):
+    from somax_plug._src.cli import main
+
+    (tmp_path / "my_layers_model.py").write_text(MODEL_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "sgn", "--model", "my_layers_model:make"]) == 0
+    out = capsys.readouterr().out
+    import my_layers_model as m
+
+    assert str(discover(*m.make())) in out and "l1/w" in out and "l2/w" in out
+    assert main(["plan", "sgn", "--model", "my_layers_model"]) == 2
+    assert "expected MODULE:FUNCTION" in capsys.readouterr().err
+    assert main(["plan", "sgn", "--model", "my_layers_model:nope"]) == 2
+    assert "cannot load it" in capsys.readouterr().err

@@ -219,11 +219,54 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     composition = load_composition(args.config)
     plan = make_plan(composition, unplanned=args.unplanned)
+    layer_map = None if args.model is None else _layer_map_of(plan, args.model)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        out = plan.to_dict()
+        if layer_map is not None:
+            out["layer_map"] = str(layer_map).splitlines()
+        print(json.dumps(out, indent=2))
     else:
         print(plan.explain())
+        if layer_map is not None:
+            print(layer_map)
     return 0
+
+
+def _layer_map_of(plan: Any, spec: str) -> Any:
+    """The layer map that ``plan``'s ``layer_map`` provider finds for ``--model MOD:FN``.
+
+    ``FN()`` returns ``(predict_fn, params, example_inputs)``; a plan that reads no
+    layer map uses the built-in provider (and the map is printed all the same).
+    """
+    import jax
+
+    from somax_plug._src.errors import CompositionError
+    from somax_plug._src.layers import layer_map_provider
+    from somax_plug._src.model import make_model
+    from somax_plug._src.resources import Resources
+
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise CompositionError(
+            f"--model {spec!r}: expected MODULE:FUNCTION (for example mypkg.models:mlp), "
+            "a function of no arguments returning (predict_fn, params, example_inputs)"
+        )
+    if os.getcwd() not in sys.path:  # a console script does not put the cwd on the path
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+        predict_fn, params, inputs = factory()
+    except (ImportError, AttributeError) as exc:
+        raise CompositionError(f"--model {spec!r}: cannot load it: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise CompositionError(
+            f"--model {spec!r}: it must return (predict_fn, params, example_inputs): {exc}"
+        ) from exc
+    found = next((r.provider for r in plan.resources if r.name == "layer_map"), None)
+    provider = found if found is not None else layer_map_provider()
+    res = Resources(make_model(predict_fn, "mse"), params, (inputs, None), jax.random.key(0),
+                    {"layer_map": provider})
+    return res["layer_map"]
 
 
 def _delegate(module: str, argv: Sequence[str]) -> int:
@@ -257,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="explain the plan of a composition (TOML file or preset)")
     p.add_argument("config", help="a .toml file, or the name of a preset")
     p.add_argument("--unplanned", action="store_true", help="explain the unplanned variant")
+    p.add_argument("--model", metavar="MODULE:FUNCTION", default=None,
+                   help="also print the layer map of this model: FUNCTION() returns "
+                   "(predict_fn, params, example_inputs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

@@ -31,8 +31,9 @@ For softmax cross-entropy with probabilities ``p = softmax(z_b)`` and label mass
 ``m = sum_k y_k`` (1 for integer labels and one-hot rows), ``H_b = c m (diag p - p p^T)``
 and ``L_b = sqrt(c m) (diag(sqrt p) - p sqrt(p)^T)``; indeed
 ``L L^T = diag p - 2 p p^T + p (sqrt(p)^T sqrt(p)) p^T = diag p - p p^T``. Extra axes
-between the batch and the class axis (sequences) sum into the per-example loss and make
-``L_b`` block diagonal.
+between the batch and the class axis (tokens, pixels) are positions: ``"mean"`` averages
+over every counted position of the batch (padding excluded with ``ignore_label``), and
+``L_b`` is block diagonal over them (see :class:`SoftmaxCrossEntropy`).
 
 Any callable ``loss(outputs, targets) -> [B]`` is accepted too (:class:`CallableLoss`):
 its output Hessian is ``jax.jvp`` of ``jax.grad`` and its square root comes from
@@ -171,6 +172,24 @@ class Loss(ABC):
         """The reduction factor c: ``1/B`` for ``"mean"``, ``1`` for ``"sum"`` (static)."""
         return 1.0 / batch_size if self.reduction == "mean" else 1.0
 
+    def position_scale(self, outputs: PyTree, targets: PyTree) -> Array | float:
+        """The factor ``s`` with ``H_out = s * blockdiag(unit per-position Hessians)``.
+
+        For most losses it is the reduction factor c (:meth:`scale`); a loss that
+        averages over positions as well (softmax cross-entropy on ``[B, T, C]``
+        outputs) returns ``c q``, with q its per-position weight. Monte-Carlo
+        estimators divide their sampled outer products by it.
+        """
+        return self.scale(batch_size_of(outputs))
+
+    def mask_samples(self, samples: PyTree, targets: PyTree) -> PyTree:
+        """Sampled targets with the real targets' ignored positions kept ignored.
+
+        ``samples`` are :meth:`sample_targets` draws (stacked first); the default keeps
+        them as they are (a loss with no ignored positions).
+        """
+        return samples
+
     def __call__(self, outputs: PyTree, targets: PyTree) -> Array:
         """Reduced loss (a scalar in :func:`compute_dtype` of the outputs)."""
         per = self.per_example(outputs, targets)
@@ -255,9 +274,17 @@ class MSE(Loss):
         return outputs[None] + noise
 
 
+def _check_ignore_label(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise CompositionError(
+            f"softmax_cross_entropy: ignore_label must be an integer label value that marks "
+            f"padding (for example -1) or None, got {value!r}"
+        )
+
+
 @attrs.frozen
 class SoftmaxCrossEntropy(Loss):
-    """Softmax cross-entropy over the last axis of the logits.
+    """Softmax cross-entropy over the last axis of the logits, averaged over positions.
 
     Targets are integer labels (``[B, ...]``, ``optax.losses.
     softmax_cross_entropy_with_integer_labels``) or one-hot / soft labels of the logits'
@@ -265,9 +292,32 @@ class SoftmaxCrossEntropy(Loss):
     gives a NaN loss (and a NaN gradient row) for its example, even under ``jit``:
     never the wrapped class ``y mod C`` (which indexing would pick for ``-1``), so a
     step on such a batch is rejected rather than trained; ``Method.step`` refuses such
-    labels with an ``InputError`` before tracing where they are concrete. Axes between
-    the batch axis and the class axis are summed into ``l_b``. ``sample_targets`` draws
-    integer labels from ``Categorical(softmax(z))``.
+    labels with an ``InputError`` before tracing where they are concrete.
+
+    **Positions.** Every axis between the batch axis and the class axis (tokens of a
+    sequence, pixels of a segmentation) is a *position*; each counted position
+    contributes one cross-entropy ``l_{bt}``. ``reduction="mean"`` is the mean over the
+    counted positions of the batch, as language-model practice and
+    ``optax...with_integer_labels(logits, labels).mean()`` have it; ``"sum"`` is the sum::
+
+        L = (1/N) sum_{b,t} m_{bt} l_{bt}   (mean),      L = sum_{b,t} m_{bt} l_{bt}   (sum)
+
+    with ``m_{bt} = 0`` where the label equals ``ignore_label`` (padding) and 1
+    otherwise, and ``N = max(sum m, 1)`` (integer labels) or ``N = B * P`` (P positions
+    per example, soft labels, whose rows carry their own mass). For ``[B, C]`` logits
+    (one position) this is the usual mean over examples. In the per-example form the
+    library works with, ``l_b = q sum_t m_{bt} l_{bt}`` and ``L = c sum_b l_b`` with
+    ``c = 1/B`` and the per-position weight ``q = B / N`` (mean) or ``q = 1`` (sum), a
+    constant of the step's targets; the output Hessian of each counted position is
+    ``c q (diag p - p p^T)`` (:meth:`position_scale` is ``c q``), and the GGN, the
+    Fisher, the row-space solvers and Gauss-Newton-Bartlett all use it.
+    ``sample_targets`` draws integer labels from ``Categorical(softmax(z))``;
+    :meth:`mask_samples` keeps the ignored positions ignored in the draws.
+
+    Attributes:
+        ignore_label: an integer label value that marks padding (``m_{bt} = 0``: no
+            loss, gradient or curvature), for example ``-1``; None (the default):
+            every position counts and every label must be a class index.
 
     Example:
         >>> import jax.numpy as jnp
@@ -275,7 +325,14 @@ class SoftmaxCrossEntropy(Loss):
         >>> z, u = jnp.zeros((1, 2), jnp.float32), jnp.array([[1.0, 0.0]], jnp.float32)
         >>> ce.output_hessian_mv(z, jnp.array([1]), u)
         Array([[ 0.25, -0.25]], dtype=float32)
+        >>> seq = SoftmaxCrossEntropy(ignore_label=-1)  # [B, T, C] logits, [B, T] labels
+        >>> round(float(seq(jnp.zeros((1, 3, 2)), jnp.array([[0, 1, -1]]))), 4)  # log 2
+        0.6931
     """
+
+    ignore_label: int | None = attrs.field(
+        default=None, kw_only=True, validator=_check_ignore_label
+    )
 
     name: ClassVar[str] = "softmax_cross_entropy"
 
@@ -283,23 +340,59 @@ class SoftmaxCrossEntropy(Loss):
     def _integer_labels(targets: Array) -> bool:
         return jnp.issubdtype(jnp.result_type(targets), jnp.integer)
 
-    @staticmethod
-    def _valid_labels(outputs: Array, targets: Array) -> Array:
-        """``0 <= y < C`` per label: an out-of-range label gives NaN, never a wrapped class."""
-        return (targets >= 0) & (targets < outputs.shape[-1])
+    def _counted(self, targets: Array) -> Array:
+        """Integer labels: True where the position counts (its label is not ignored)."""
+        if self.ignore_label is None:
+            return jnp.ones(targets.shape, bool)
+        return targets != self.ignore_label
+
+    def _valid_labels(self, outputs: Array, targets: Array) -> Array:
+        """``0 <= y < C`` or ignored, per label: a bad label gives NaN, never a wrapped class."""
+        return ((targets >= 0) & (targets < outputs.shape[-1])) | ~self._counted(targets)
 
     def _label_mass(self, logits: Array, targets: Array) -> Array:
-        """``m = sum_k y_k`` per position (``[B, ..., 1]``), 1 for integer labels."""
+        """``m = sum_k y_k`` per position (``[B, ..., 1]``): 1, or 0 where ignored."""
         cdt = compute_dtype(logits.dtype)
         if self._integer_labels(targets):
-            return jnp.ones((*logits.shape[:-1], 1), cdt)
+            return self._counted(targets)[..., None].astype(cdt)
         return jnp.sum(targets.astype(cdt), axis=-1, keepdims=True)
+
+    def _position_weight(self, outputs: Array, targets: Array) -> Array | float:
+        """q: ``B / N`` for the mean over positions, 1 for the sum (see the class doc)."""
+        if self.reduction == "sum":
+            return 1.0
+        positions = math.prod(outputs.shape[1:-1])
+        if self.ignore_label is None or not self._integer_labels(targets):
+            return 1.0 / positions
+        cdt = compute_dtype(outputs.dtype)
+        counted = jnp.sum(self._counted(targets).astype(cdt))
+        return outputs.shape[0] / jnp.maximum(counted, 1.0)
+
+    def position_scale(self, outputs: Array, targets: Array) -> Array | float:
+        return self.scale(batch_size_of(outputs)) * self._position_weight(outputs, targets)
+
+    def mask_samples(self, samples: Array, targets: Array) -> Array:
+        if self.ignore_label is None or not self._integer_labels(targets):
+            return samples
+        return jnp.where(self._counted(targets), samples, self.ignore_label)
+
+    def _one_hot(self, outputs: Array, targets: Array) -> Array:
+        cdt = compute_dtype(outputs.dtype)
+        if not self._integer_labels(targets):
+            return targets.astype(cdt)
+        counted = self._counted(targets)
+        y = jax.nn.one_hot(jnp.where(counted, targets, 0), outputs.shape[-1], dtype=cdt)
+        y = y * counted[..., None]
+        return jnp.where(self._valid_labels(outputs, targets)[..., None], y, jnp.nan)
 
     def per_example(self, outputs: Array, targets: Array) -> Array:
         cdt = compute_dtype(outputs.dtype)
         logits = outputs.astype(cdt)
         if self._integer_labels(targets):
-            per = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
+            counted = self._counted(targets)
+            safe = jnp.where(counted, targets, 0)
+            per = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
+            per = jnp.where(counted, per, 0.0)
             per = jnp.where(self._valid_labels(outputs, targets), per, jnp.nan)
         else:
             if targets.shape != outputs.shape:
@@ -308,19 +401,15 @@ class SoftmaxCrossEntropy(Loss):
                     f"{outputs.shape}, got {targets.shape} (or pass integer labels)"
                 )
             per = optax.losses.softmax_cross_entropy(logits, targets.astype(cdt))
-        return _sum_trailing(per)
+        return self._position_weight(outputs, targets) * _sum_trailing(per)
 
     def output_grad(self, outputs: Array, targets: Array) -> Array:
         cdt = compute_dtype(outputs.dtype)
         p = jax.nn.softmax(outputs.astype(cdt), axis=-1)
-        if self._integer_labels(targets):
-            y = jax.nn.one_hot(targets, outputs.shape[-1], dtype=cdt)
-            y = jnp.where(self._valid_labels(outputs, targets)[..., None], y, jnp.nan)
-        else:
-            y = targets.astype(cdt)
+        y = self._one_hot(outputs, targets)
         m = self._label_mass(outputs, targets)
-        c = self.scale(batch_size_of(outputs))
-        return (c * (m * p - y)).astype(outputs.dtype)
+        s = self.position_scale(outputs, targets)
+        return (s * (m * p - y)).astype(outputs.dtype)
 
     def output_hessian_mv(self, outputs: Array, targets: Array, u: Array) -> Array:
         cdt = compute_dtype(outputs.dtype)
@@ -328,8 +417,8 @@ class SoftmaxCrossEntropy(Loss):
         u = u.astype(cdt)
         pu = p * u
         hu = pu - p * jnp.sum(pu, axis=-1, keepdims=True)
-        c = self.scale(batch_size_of(outputs))
-        return (c * self._label_mass(outputs, targets) * hu).astype(outputs.dtype)
+        s = self.position_scale(outputs, targets)
+        return (s * self._label_mass(outputs, targets) * hu).astype(outputs.dtype)
 
     def output_hessian_sqrt(self, outputs: Array, targets: Array) -> Array:
         cdt = compute_dtype(outputs.dtype)
@@ -339,7 +428,7 @@ class SoftmaxCrossEntropy(Loss):
         sq = jnp.sqrt(p)
         eye = jnp.eye(n_cls, dtype=cdt)
         blocks = sq[..., :, None] * eye - p[..., :, None] * sq[..., None, :]  # [B, T, C, C]
-        blocks = blocks * jnp.sqrt(self.scale(b) * m)[..., None]
+        blocks = blocks * jnp.sqrt(self.position_scale(outputs, targets) * m)[..., None]
         t = p.shape[1]
         if t == 1:
             return blocks[:, 0]
@@ -458,7 +547,9 @@ def get_loss(
             ``fn(outputs, targets) -> [B]`` (wrapped in :class:`CallableLoss`).
         reduction: ``"mean"`` or ``"sum"``; None keeps an instance's own reduction and
             means ``"mean"`` for names and callables.
-        **options: extra fields for :class:`CallableLoss` (``convex``, ``sampler``).
+        **options: fields of a built-in loss (``ignore_label`` of
+            ``softmax_cross_entropy``) or of :class:`CallableLoss` (``convex``,
+            ``sampler``).
 
     Raises:
         CompositionError: unknown name (the message lists the valid names).
@@ -475,9 +566,12 @@ def get_loss(
                 f"unknown loss {loss!r}; valid names: {', '.join(sorted(LOSSES))}, or pass a "
                 f"callable loss(outputs, targets) -> per-example losses [B].{hint}"
             )
-        if options:
-            raise CompositionError(f"loss {loss!r} takes no options, got {sorted(options)}")
-        return cls(reduction=red)
+        allowed = sorted(f.name for f in attrs.fields(cls) if f.name != "reduction")
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            takes = f"options {', '.join(allowed)}" if allowed else "no options"
+            raise CompositionError(f"loss {loss!r} takes {takes}, got {unknown}")
+        return cls(reduction=red, **options)
     if callable(loss):
         return CallableLoss(loss, reduction=red, **options)
     raise CompositionError(

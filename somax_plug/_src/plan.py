@@ -294,6 +294,17 @@ class Plan:
             phase = ", after the update" if r.phase == "after_update" else ""
             lines.append(f"  {r.name:<18} <- {r.producer:<28} [{cadence}{phase}]")
             lines.append(f"  {'':<18}    consumed by: {', '.join(map(str, r.consumers))}")
+        layer_map = next((r for r in self.resources if r.name == "layer_map"), None)
+        if layer_map is not None:
+            users = sorted({str(c) for r in self.resources if r.name.startswith("layer_")
+                            for c in r.consumers if c.kind == "component"})
+            lines.append("layer map:")
+            lines.append(
+                f"  required by {', '.join(users) or 'the layer resources'}; found in the "
+                f"model's jaxpr when the step is traced ({layer_map.producer}). "
+                "Method.explain(params, inputs) prints it: every dense/conv kernel with "
+                "its shapes and shared axes, and the parameters it does not cover"
+            )
         if self.hooks:
             lines.append("hooks:")
             for hook, plugin in self.hooks:

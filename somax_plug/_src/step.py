@@ -301,6 +301,38 @@ class Method:
         if sig is not None:
             self._contract_seen.add(sig)
 
+    def layer_map(self, params: Any, inputs: Any, model_state: Any = None) -> Any:
+        """The ``LayerMap`` this method's plan finds for ``params`` and ``inputs``.
+
+        Computed by the plan's own ``layer_map`` provider (a plugin's override
+        included), outside any step; ``model_state`` is needed for a model with state
+        (``has_state=True``). Raises ``CompositionError`` when the plan reads no layer
+        map.
+        """
+        import jax
+
+        from somax_plug._src.errors import CompositionError
+        from somax_plug._src.resources import Resources
+
+        provider = self.core.providers.get("layer_map")
+        if provider is None:
+            raise CompositionError(
+                "this method's plan reads no layer map (no component requires the "
+                "'layer_map' resource); use somax_plug.layers.discover(predict_fn, params, "
+                "inputs) to see the layers of a model"
+            )
+        model = self.model
+        if model.has_state and model_state is None:
+            raise CompositionError(
+                "this model has state (has_state=True): pass model_state= (for example "
+                "method.init(...).model_state) to see its layer map"
+            )
+        if not model.plain:
+            model = model.bind(model_state, jax.random.key(0))
+        res = Resources(model, params, (inputs, None), jax.random.key(0),
+                        {"layer_map": provider})
+        return res["layer_map"]
+
     def _checked_state_spec(self, params: Any) -> Any:
         from somax_plug._src.errors import InputError
 
@@ -312,15 +344,25 @@ class Method:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    def explain(self) -> str:
+    def explain(self, params: Any = None, inputs: Any = None, model_state: Any = None) -> str:
         """The plan's explanation, then the choices components made when the step was traced.
 
         A component that decides something from static shapes while tracing (solver
         ``auto``: which solve; ``cg``: which loop form) records the decision and its
         reason in ``recorded_choices()``; they appear here once a step (or the Optax
         bridge's update) has been traced, and the plan's rule is printed before that.
+
+        Args:
+            params, inputs: the model's parameters and a batch of inputs (shapes only
+                matter). Where the plan reads the ``layer_map`` resource (a component
+                that needs per-layer structure), the layer map that the step's own
+                provider finds for them is printed too (``LayerMap``: every dense/conv
+                kernel, its shapes and shared axes, and the parameters not covered).
+            model_state: the model's state, for a model with ``has_state=True``.
         """
         text = self.plan.explain()
+        if params is not None and inputs is not None and "layer_map" in self.core.providers:
+            text += "\n" + str(self.layer_map(params, inputs, model_state))
         chosen, pending = [], []
         for c in self.plan.components:
             recorded = getattr(c.instance, "recorded_choices", None)

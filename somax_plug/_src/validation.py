@@ -303,6 +303,9 @@ class InputValidator:
             return
         values = np.asarray(labels)
         bad = (values < 0) | (values >= classes)
+        ignore = self.model.loss.ignore_label
+        if ignore is not None:
+            bad &= values != ignore
         if not bad.any():
             return
         where = np.argwhere(bad)
@@ -312,8 +315,10 @@ class InputValidator:
             f"{int(bad.sum())} of {values.size} integer labels are outside [0, {classes - 1}] "
             f"(targets{list(first)} = {int(values[first])}; min {int(values.min())}, max "
             f"{int(values.max())}); integer labels must be class indices 0..{classes - 1}. "
-            "Remap them, drop those examples, or pass one-hot/soft targets with an all-zero "
-            "row for positions to ignore"
+            "Remap them, drop those examples, mark padding with "
+            "get_loss('softmax_cross_entropy', ignore_label=-1) (that label then counts "
+            "nowhere), or pass one-hot/soft targets with an all-zero row for positions to "
+            "ignore"
         )
 
     def _num_classes(self, params: PyTree, inputs: PyTree) -> int | None:

@@ -183,14 +183,14 @@ class FisherOperator(_RowSpaceOperator):
     """
 
     tags = frozenset({SYMMETRIC, PSD, ROW_SPACE})
-    _children = ("primal", "_lin", "_g")
-    _static = ("_w",)
+    _children = ("primal", "_lin", "_g", "_w")
 
-    def __init__(self, primal: PyTree, lin: Linearization, grads: Array, c: float) -> None:
+    def __init__(self, primal: PyTree, lin: Linearization, grads: Array, c: Any) -> None:
         self.primal = primal
         self._lin = lin
         self._g = grads
-        self._w = 1.0 / math.sqrt(c * grads.shape[0])
+        # c may be traced (a loss that averages over counted positions: c q, q = B / N)
+        self._w = jax.lax.rsqrt(jnp.asarray(c * grads.shape[0], grads.dtype))
 
     def _rows(self, v: PyTree) -> Array:
         uf = flatten_per_example(self._lin.jvp(v), self._g.dtype)
@@ -344,8 +344,9 @@ class Fisher(Curvature):
         lin = res["linearization"]
         loss = res.model.loss
         outputs = lin.outputs
-        c = loss.scale(batch_size_of(outputs))
+        c = loss.position_scale(outputs, res.targets)
         targets = loss.sample_targets(res.key_for("fisher"), outputs, self.num_samples)
+        targets = loss.mask_samples(targets, res.targets)
         grads = jax.vmap(lambda t: loss.output_grad(outputs, t))(targets)
         flat = jax.vmap(flatten_per_example)(grads)
         flat = flat.astype(compute_dtype(flat.dtype))

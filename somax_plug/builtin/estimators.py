@@ -354,8 +354,9 @@ class GNBDiag(Estimator):
             )
         lin = res["linearization"]
         outputs, primal = lin.outputs, res.params
-        c = loss.scale(outputs.shape[0])
+        c = loss.position_scale(outputs, res.targets)
         labels = loss.sample_targets(key, outputs, self.num_samples)
+        labels = loss.mask_samples(labels, res.targets)
 
         def body(i: Array, acc: PyTree) -> PyTree:
             g = lin.vjp(loss.output_grad(outputs, labels[i]))

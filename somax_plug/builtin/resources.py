@@ -151,12 +151,19 @@ def _per_example_grads(res: Resources) -> PyTree:
         eye = jax.numpy.eye(losses.shape[0], dtype=losses.dtype)
         return jax.vmap(lambda row: vjp(row)[0])(eye)
 
+    # the batch's own weights, not those of a batch of one: c * l_b = w_b * l_b(one) with
+    # w_b = position_scale(batch) / position_scale(example b alone) -- c for most losses,
+    # c q / q_b for a loss that averages over positions (softmax cross-entropy [B, T, C])
+    full = model.loss.position_scale(jax.eval_shape(model.outputs, params, inputs), targets)
+
     def one(x: PyTree, y: PyTree) -> PyTree:
         x1 = jax.tree_util.tree_map(lambda a: a[None], x)
         y1 = jax.tree_util.tree_map(lambda a: a[None], y)
 
         def scaled_loss(p: PyTree) -> jax.Array:
-            return c * model.loss.per_example(model.outputs(p, x1), y1)[0]
+            out = model.outputs(p, x1)
+            w = full / model.loss.position_scale(out, y1)
+            return w * model.loss.per_example(out, y1)[0]
 
         return jax.grad(scaled_loss)(params)
 
