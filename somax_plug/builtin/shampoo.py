@@ -91,7 +91,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from somax_plug import CompositionError, Preconditioner, declare, lazy_import, option
+from somax_plug import CompositionError, InputError, Preconditioner, declare, lazy_import, option
 
 jax = lazy_import("jax")
 jnp = lazy_import("jax.numpy")
@@ -287,13 +287,22 @@ class _Kronecker(Preconditioner):
         leaves, treedef = jax.tree_util.tree_flatten(params)
         return leaves, treedef, self.layouts(params)
 
-    def _check_state(self, state: PyTree, n: int) -> None:
-        if not isinstance(state, dict) or len(state.get("leaves", ())) != n:
-            got = len(state.get("leaves", ())) if isinstance(state, dict) else type(state)
-            raise CompositionError(
-                f"preconditioner {self.name!r}: its state holds {got} parameter leaves, the "
-                f"tree has {n}; initialise the state from the same parameters (init(params))"
+    def _check_state(self, state: PyTree, like: PyTree) -> None:
+        """Refuse a state made for other parameters (a clear error, not a reshape error)."""
+        want = jax.eval_shape(self.init, like)
+        got_shapes = jax.tree_util.tree_map(jnp.shape, state)
+        want_shapes = jax.tree_util.tree_map(jnp.shape, want)
+        if got_shapes != want_shapes:
+            raise InputError(
+                f"preconditioner {self.name!r}: its state was made for other parameters "
+                f"(state shapes {_short(got_shapes)}, these parameters need "
+                f"{_short(want_shapes)}); initialise it from the same parameters (init(params))"
             )
+
+
+def _short(x: Any, limit: int = 160) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @declare(
@@ -351,8 +360,9 @@ class Shampoo(_Kronecker):
         return g / (jnp.sqrt(vhat) + jnp.asarray(self.graft_eps, v.dtype))
 
     def update(self, res: Any, stats: Stats, lam: Array, key: Array, state: PyTree) -> PyTree:
-        leaves, _, lays = self._leaves(_grad(self.name, res))
-        self._check_state(state, len(leaves))
+        grad = _grad(self.name, res)
+        self._check_state(state, grad)
+        leaves, _, lays = self._leaves(grad)
         calls = state["count"]
         count = calls + 1
         due = (calls % self.precondition_every) == 0
@@ -387,8 +397,8 @@ class Shampoo(_Kronecker):
         return {"count": count, "leaves": tuple(out)}
 
     def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
+        self._check_state(state, v)
         leaves, treedef, lays = self._leaves(v)
-        self._check_state(state, len(leaves))
         count = state["count"]
         out = []
         for x, lay, st in zip(leaves, lays, state["leaves"], strict=True):
@@ -464,8 +474,9 @@ class SOAP(_Kronecker):
         return {"count": jnp.zeros((), jnp.int32), "leaves": tuple(out)}
 
     def update(self, res: Any, stats: Stats, lam: Array, key: Array, state: PyTree) -> PyTree:
-        leaves, _, lays = self._leaves(_grad(self.name, res))
-        self._check_state(state, len(leaves))
+        grad = _grad(self.name, res)
+        self._check_state(state, grad)
+        leaves, _, lays = self._leaves(grad)
         calls = state["count"]
         due = (calls % self.precondition_every) == 0
         b2 = self.beta2
@@ -496,8 +507,8 @@ class SOAP(_Kronecker):
         return {"count": calls + 1, "leaves": tuple(out)}
 
     def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
+        self._check_state(state, v)
         leaves, treedef, lays = self._leaves(v)
-        self._check_state(state, len(leaves))
         count = state["count"]
         out = []
         for x, lay, st in zip(leaves, lays, state["leaves"], strict=True):
