@@ -47,7 +47,7 @@ Which parameters get what (``explain``):
 
 * a matrix ``[m, n]``: blocks of at most ``block_size x block_size`` (the last ones
   zero-padded; the padding changes nothing, since the factors of a padded block are
-  block-diagonal), one ``L``, ``R`` per block, all blocks at once (``vmap``);
+  block-diagonal), one ``L``, ``R`` per block, all blocks at once (batched);
 * a parameter with more than two axes: ``reshape="merge_leading"`` (default) reshapes
   ``[a, b, ..., n]`` to ``[a*b*..., n]`` (for a flax HWIO conv kernel: rows = the
   receptive field times the input channels, columns = the output channels);
