@@ -153,6 +153,7 @@ def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
         paper_presets,
         peers,
         planning,
+        shampoo,
         time_to_accuracy,
     )
 
@@ -165,6 +166,7 @@ def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
         "paper_presets": lambda q, s: paper_presets.run(quick=q, smoke=s),
         "krylov": _krylov,
         "time_to_accuracy": lambda q, s: time_to_accuracy.run(quick=q, smoke=s),
+        "shampoo": lambda q, s: shampoo.run(quick=q, smoke=s),
     }
 
 
@@ -359,7 +361,7 @@ def _workload_list(text: str) -> list[str]:
 def _part_names() -> tuple[str, ...]:
     """The parts, in order (without importing them: ``--help`` stays instant)."""
     return ("planning", "peers", "matvec", "flops", "preset_flops", "paper_presets", "krylov",
-            "time_to_accuracy")
+            "time_to_accuracy", "shampoo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
