@@ -109,6 +109,11 @@ _LAZY = {
     "data_parallel_mesh": "sharding",
     "shard_batch": "sharding",
     "shard_large_2d": "sharding",
+    # many processes (jax.distributed)
+    "init_distributed": "distributed",
+    "process_batch": "distributed",
+    "process_slice": "distributed",
+    "to_host": "distributed",
     # errors
     "SomaxPlugError": "errors",
     "RegistryError": "errors",

@@ -137,6 +137,74 @@ def _ocp() -> Any:
     return ocp
 
 
+def _processes() -> int:
+    return jax.process_count()
+
+
+def _checkpointer(ocp: Any) -> Any:
+    """Orbax's checkpointer; in a multi-process run, one that acts in this process alone.
+
+    Every process then reads (and process 0 alone writes) on its own, with no
+    Orbax barrier between processes: :func:`save` synchronises them itself.
+    """
+    if _processes() == 1:
+        return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"somax_plug_p{me}"
+    )
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
+        params=ocp.StandardCheckpointHandler(multiprocessing_options=mp),
+        state=ocp.StandardCheckpointHandler(multiprocessing_options=mp),
+        **{HEADER_ITEM: ocp.JsonCheckpointHandler(multiprocessing_options=mp)},
+    )
+    return ocp.Checkpointer(handler, multiprocessing_options=mp)
+
+
+def _local_copy(tree: PyTree, name: str) -> PyTree:
+    """Every array as a NumPy copy in this process (for process 0's write).
+
+    A replicated leaf is this process's own copy; a leaf split across processes is
+    gathered (``process_allgather``, a collective: every process calls this, in the
+    same order). Orbax refuses process-local ``jax.Array`` s in a multi-process run,
+    and a PRNG key array has no NumPy form, so a key leaf is refused here.
+    """
+    from somax_plug._src.distributed import to_host
+
+    def one(path: Any, x: Any) -> Any:
+        if _is_key(x):
+            raise CheckpointError(
+                f"{name}{jax.tree_util.keystr(path)} is a PRNG key array, which a "
+                "multi-process save cannot write; keep its jax.random.key_data (uint32) "
+                "in the state instead, or save from a single-process run"
+            )
+        return to_host(x) if isinstance(x, jax.Array) else x
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _as_process_0(path: Path, write: Any) -> None:
+    """Run ``write()`` in process 0 only; every process returns when it is done, or raises."""
+    from jax.experimental import multihost_utils
+
+    error = ""
+    if jax.process_index() == 0:
+        try:
+            write()
+        except CheckpointError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 (reported to every process below)
+            error = f"{type(exc).__name__}: {exc}"
+    code = np.frombuffer(error.encode("utf-8")[:2000].ljust(2000, b"\0"), np.uint8)
+    seen = bytes(np.asarray(multihost_utils.broadcast_one_to_all(code))).rstrip(b"\0")
+    if seen:
+        raise CheckpointError(
+            f"process 0 of {_processes()} could not write checkpoint {str(path)!r}: "
+            f"{seen.decode('utf-8', 'replace')}"
+        )
+
+
 # ------------------------------------------------------------------- the plan
 def _plan_content(plan: Any) -> dict[str, Any]:
     body = dict(plan.to_dict_without_fingerprint())
@@ -722,8 +790,12 @@ def save(
     Returns:
         ``Path(path)``.
 
-    In a multi-process run, call it from one process (``jax.process_index() == 0``):
-    replicated leaves are read from the local copy.
+    In a multi-process run (``jax.distributed``), call it in *every* process, with
+    the same arguments, as every other step of the program: leaves split across
+    processes are gathered (a collective), replicated ones read from this process's
+    copy; process 0 writes the checkpoint (``path`` must be on a file system that every
+    process that restores can read) and every process returns once it is complete,
+    or raises the same :class:`CheckpointError`.
     """
     ocp = _ocp()
     path = Path(path)
@@ -742,6 +814,9 @@ def save(
         ) from None
     _refuse_target(path)
     _check_state_matches(method, params, state)
+    multi = _processes() > 1
+    if multi:
+        params, state = _local_copy(params, "params"), _local_copy(state, "state")
     params_tree, p_header = _describe_leaves(params, "params")
     # Orbax's StandardSave takes containers only: a bare array is stored as {"value": x}
     p_header["wrapped"] = _is_bare(params_tree)
@@ -766,6 +841,15 @@ def save(
         "metadata": metadata,
     }
     header["header_sha256"] = _header_digest(header)
+    if multi:
+        _as_process_0(path, lambda: _write(ocp, path, params_tree, state_tree, header))
+    else:
+        _write(ocp, path, params_tree, state_tree, header)
+    return path
+
+
+def _write(ocp: Any, path: Path, params_tree: PyTree, state_tree: PyTree, header: dict) -> None:
+    """Stage the Orbax checkpoint in a private directory, fsync it, swap it in."""
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -775,7 +859,7 @@ def save(
     try:
         staged = tmp / "checkpoint"
         with _ORBAX_LOCK:
-            checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+            checkpointer = _checkpointer(ocp)
             try:
                 with _quiet():
                     checkpointer.save(
@@ -800,7 +884,6 @@ def save(
         ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 # ------------------------------------------------------------------ restore
@@ -995,13 +1078,13 @@ def _restore_checked(
     _check_against(
         "state", state_spec, header["state"], stored["state"], where, "this method's state spec"
     )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     placed = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
         (params_spec, state_spec),
     )
     wrapped = header["params"].get("wrapped", False)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer = _checkpointer(ocp)
     try:
         with _quiet():
             restored = checkpointer.restore(

@@ -278,12 +278,17 @@ class DataParallel:
     def place(self, params: PyTree, state: PyTree, batch: PyTree, key: Any) -> tuple:
         """Put the step's arguments where the sharded step expects them.
 
-        ``jax.device_put`` returns arrays that already have the target sharding as
-        they are, so after the first step this costs no copy.
+        Arrays that already have the target sharding are used as they are, so after
+        the first step this costs no copy. With a mesh over several processes, a host
+        value (parameters, state, key, or a batch not made by
+        :func:`somax_plug.process_batch`) is this process's copy of the global value,
+        the same in every process (:func:`somax_plug._src.distributed.put_global`).
         """
+        from somax_plug._src.distributed import put_global
+
         return (
-            jax.device_put(params, self.params_shardings),
-            jax.device_put(state, self.state_shardings),
-            jax.device_put(batch, self.batch),
-            jax.device_put(key, self.replicated),
+            put_global(params, self.params_shardings),
+            put_global(state, self.state_shardings),
+            put_global(batch, jax.tree_util.tree_map(lambda _: self.batch, batch)),
+            put_global(key, self.replicated),
         )

@@ -108,7 +108,9 @@ class Method:
         state = self._init_state(params, model_state)
         self._bind(params, state)
         if self.data_parallel is not None:
-            state = jax.device_put(state, self.data_parallel.state_shardings)
+            from somax_plug._src.distributed import put_global
+
+            state = put_global(state, self.data_parallel.state_shardings)
         return state
 
     def _set_model_state(self, model_state: Any) -> None:
@@ -183,8 +185,10 @@ class Method:
             self._set_model_state(state.model_state)
         self._bind(params, state)
         if self.data_parallel is not None:
-            params = jax.device_put(params, self.data_parallel.params_shardings)
-            state = jax.device_put(state, self.data_parallel.state_shardings)
+            from somax_plug._src.distributed import put_global
+
+            params = put_global(params, self.data_parallel.params_shardings)
+            state = put_global(state, self.data_parallel.state_shardings)
         return params, state
 
     def _bind(self, params: Any, state: Any) -> None:

@@ -1,0 +1,257 @@
+"""One process of the multi-process test (tests/test_multiprocess.py), or its references.
+
+Run as ``python tests/multiprocess_worker.py ROLE OUT_DIR [COORDINATOR NUM_PROCESSES
+PROCESS_ID]``. Roles:
+
+* ``train`` (a process of a group): joins the group with
+  :func:`somax_plug.init_distributed` (2 virtual CPU devices per process, gloo), builds
+  the global mesh, feeds its own rows of every global batch through
+  :func:`somax_plug.process_batch` and runs ``STEPS`` steps of every case of
+  :data:`CASES` and of the Optax bridge; after step ``SAVE_AT`` of ``sgn`` it saves a
+  checkpoint (every process calls :func:`somax_plug.checkpoint.save`). Writes
+  ``train-<pid>.npz`` (parameters and solver iteration counts per case).
+* ``reference``: one process, 4 virtual devices, no ``jax.distributed``: the same
+  cases on a 4-device mesh, a 2-device mesh and one device; writes ``ref-<n>dev.npz``.
+* ``resume`` (a process of a second group): restores the checkpoint into a
+  two-process method, runs the remaining steps (``resume-<pid>.npz``); then process 1
+  dies (``os._exit``) before the next step and process 0 must fail with an error
+  (it writes ``fault-0.txt`` with the error it saw).
+* ``resume_single``: restores the same checkpoint in one process (one device),
+  continues, writes ``resume-single.npz``.
+
+Float64 throughout, so that the comparisons can be tight.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# bounded in time: a worker that hangs (a lost peer, a stuck collective) prints
+# where it is and exits
+faulthandler.dump_traceback_later(float(os.environ.get("SOMAX_WORKER_TIMEOUT", "150")), exit=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+ROLE, OUT = sys.argv[1], Path(sys.argv[2])
+GROUP = ROLE in ("train", "resume")
+
+import jax  # noqa: E402
+
+if GROUP:
+    from somax_plug import init_distributed  # noqa: E402
+
+    init_distributed(
+        sys.argv[3],
+        num_processes=int(sys.argv[4]),
+        process_id=int(sys.argv[5]),
+        local_device_count=2,
+        initialization_timeout_s=60,
+        heartbeat_timeout_s=5,
+        shutdown_timeout_s=10,
+    )
+else:
+    jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from somax_plug import (  # noqa: E402
+    as_optax,
+    checkpoint,
+    compose,
+    data_parallel_mesh,
+    process_batch,
+    process_slice,
+    to_host,
+)
+
+STEPS, SAVE_AT, N, D_IN, HIDDEN, D_OUT = 5, 3, 16, 4, 6, 3
+LOSS = "softmax_cross_entropy"
+CASES = {
+    "sgn": dict(preset="sgn"),
+    "gauss_newton_lm": dict(preset="gauss_newton_lm"),
+    "sophia_h": dict(preset="sophia_h"),
+    "pcg_jacobi": dict(
+        curvature="ggn",
+        solver={"name": "cg", "maxiter": 10, "tol": 1e-5},
+        estimators=[{"name": "hutchinson_diag", "every_k": 2, "num_probes": 2}],
+        preconditioner="jacobi",
+        damping={"name": "constant", "lam": 0.1},
+    ),
+}
+
+
+def predict(params, x):
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"]
+
+
+def init_params():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "w1": np.asarray(jax.random.normal(k1, (D_IN, HIDDEN), jnp.float64)) / np.sqrt(D_IN),
+        "b1": np.zeros(HIDDEN),
+        "w2": np.asarray(jax.random.normal(k2, (HIDDEN, D_OUT), jnp.float64)) / np.sqrt(HIDDEN),
+        "b2": np.zeros(D_OUT),
+    }
+
+
+def global_batches():
+    """The global batches, as NumPy, the same in every process (each feeds its rows)."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(D_IN, D_OUT))
+    out = []
+    for _ in range(STEPS):
+        x = rng.normal(size=(N, D_IN))
+        out.append((x, np.argmax(x @ w, axis=-1).astype(np.int32)))
+    return out
+
+
+def mesh_for(n_devices):
+    return None if n_devices == 1 else data_parallel_mesh(n_devices)
+
+
+def feed(batch, mesh):
+    """The batch as the step gets it: per-process rows in a group, whole otherwise."""
+    if mesh is None:
+        return batch
+    rows = process_slice(N, mesh)
+    return process_batch(tuple(leaf[rows] for leaf in batch), mesh)
+
+
+def method_for(name, mesh):
+    kw = dict(CASES[name])
+    return compose(predict_fn=predict, loss=LOSS, mesh=mesh, **kw)
+
+
+def run_case(name, mesh, data, start=0, params=None, state=None, save=None):
+    method = method_for(name, mesh)
+    if params is None:
+        params = init_params()
+        state = method.init(params)
+    iters = []
+    for i in range(start, STEPS):
+        params, state, info = method.step(params, state, feed(data[i], mesh), jax.random.key(i))
+        iters.append(int(to_host(info["solver_iterations"])))
+        if save is not None and i + 1 == SAVE_AT:
+            checkpoint.save(save, params, state, method, metadata={"step": SAVE_AT})
+    return to_host(params), np.asarray(iters)
+
+
+def run_optax(mesh, data):
+    """sgn's direction (constant damping) through the Optax bridge, in the user's own jit."""
+    tx = optax.chain(
+        as_optax(
+            preset="sgn",
+            damping={"name": "constant", "lam": 0.1},
+            predict_fn=predict,
+            loss=LOSS,
+            mesh=mesh,
+        ),
+        optax.scale_by_learning_rate(0.5),
+    )
+
+    def loss_fn(p, batch):
+        logits = predict(p, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    @jax.jit
+    def train_step(p, opt_state, batch):
+        g = jax.grad(loss_fn)(p, batch)
+        updates, opt_state = tx.update(g, opt_state, p, batch=batch)
+        return optax.apply_updates(p, updates), opt_state
+
+    params = init_params()
+    opt_state = tx.init(params)
+    if mesh is not None:
+        from somax_plug._src.distributed import put_global
+        from somax_plug._src.sharding import replicated
+
+        params = put_global(params, jax.tree_util.tree_map(lambda _: replicated(mesh), params))
+    for i in range(STEPS):
+        params, opt_state = train_step(params, opt_state, feed(data[i], mesh))
+    return to_host(params)
+
+
+def flat(prefix, params):
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in params.items()}
+
+
+def all_cases(mesh, save=None):
+    data = global_batches()
+    out = {}
+    for name in CASES:
+        params, iters = run_case(name, mesh, data, save=save if name == "sgn" else None)
+        out.update(flat(name, params))
+        out[f"{name}/iterations"] = iters
+    out.update(flat("optax", run_optax(mesh, data)))
+    return out
+
+
+def restore_and_continue(mesh, path):
+    method = method_for("sgn", mesh)
+    params, state = checkpoint.restore(path, method)
+    restored_count = int(to_host(state.count))
+    p, iters = run_case("sgn", mesh, global_batches(), SAVE_AT, params, state)
+    return {**flat("sgn", p), "sgn/iterations": iters, "count": np.asarray(restored_count)}
+
+
+def main():
+    t0 = time.time()
+    ckpt = OUT / "ckpt-sgn"
+    if ROLE == "train":
+        mesh = data_parallel_mesh()
+        assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
+        out = all_cases(mesh, save=ckpt)
+        np.savez(OUT / f"train-{jax.process_index()}.npz", **out)
+    elif ROLE == "reference":
+        for n in (4, 2, 1):
+            np.savez(OUT / f"ref-{n}dev.npz", **all_cases(mesh_for(n)))
+    elif ROLE == "resume_single":
+        np.savez(OUT / "resume-single.npz", **restore_and_continue(None, ckpt))
+    elif ROLE == "resume":
+        mesh = data_parallel_mesh()
+        np.savez(OUT / f"resume-{jax.process_index()}.npz", **restore_and_continue(mesh, ckpt))
+        fault(mesh)
+    print(f"{ROLE} done in {time.time() - t0:.1f} s", flush=True)
+
+
+def fault(mesh):
+    """Process 1 dies before a step; process 0's step must fail, not hang."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("before the fault")
+    if jax.process_index() == 1:
+        os._exit(17)
+    method = method_for("sgn", mesh)
+    params = init_params()
+    state = method.init(params)
+    t0 = time.time()
+    try:
+        for i in range(3):
+            params, state, info = method.step(
+                params, state, feed(global_batches()[i], mesh), jax.random.key(i)
+            )
+            to_host(info["loss"])
+        text = "no error"
+    except Exception as exc:  # noqa: BLE001 (the test reads what it was)
+        text = f"{type(exc).__name__}: {exc}"
+    (OUT / "fault-0.txt").write_text(f"{time.time() - t0:.1f}\n{text}")
+    print("fault seen:", text[:300], flush=True)
+    os._exit(3)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
