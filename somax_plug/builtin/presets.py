@@ -22,6 +22,11 @@ preset                 composition
                        + identity (momentum 0.9)
 ``soap``               soap (betas 0.95, basis every 10 steps) + identity
                        (momentum 0.95)
+``kfac``               kfac curvature (for the damping's model) + kfac
+                       preconditioner (EMA 0.95, inverses every 10) + identity
+                       + levenberg_marquardt
+``ekfac``              ekfac + kronecker_inverse + levenberg_marquardt
+``ggn_cg_kfac``        ggn + cg preconditioned by kfac + levenberg_marquardt
 =====================  =========================================================
 
 The first-order diagonal presets (maths, defaults and departures in
@@ -184,6 +189,35 @@ PRESETS: dict[str, tuple[str, dict]] = {
             "solver": {"name": "identity", "momentum": 0.95, "bias_correction": True},
             "damping": {"name": "constant", "lam": 0.0},
             "learning_rate": 0.003,
+        },
+    ),
+    "kfac": (
+        "KFAC (Martens & Grosse 2015): GGN Kronecker factors every step (EMA 0.95), "
+        "inverses every 10 refreshes, Levenberg-Marquardt damping",
+        {
+            "curvature": "kfac",
+            "preconditioner": {"name": "kfac", "decay": 0.95, "inverse_every": 10},
+            "solver": "identity",
+            "damping": {"name": "levenberg_marquardt", "init": 1.0},
+        },
+    ),
+    "ekfac": (
+        "EKFAC (George et al. 2018): KFAC's eigenbasis with the exact diagonal in it, "
+        "damped inverse applied directly, Levenberg-Marquardt damping",
+        {
+            "curvature": "ekfac",
+            "solver": "kronecker_inverse",
+            "damping": {"name": "levenberg_marquardt", "init": 1.0},
+        },
+    ),
+    "ggn_cg_kfac": (
+        "GGN-CG preconditioned by KFAC (factor EMA 0.95, inverses every step), "
+        "Levenberg-Marquardt damping",
+        {
+            "curvature": "ggn",
+            "solver": {"name": "cg", "maxiter": 10, "tol": 1e-5},
+            "preconditioner": {"name": "kfac", "decay": 0.95, "inverse_every": 1},
+            "damping": {"name": "levenberg_marquardt", "init": 1.0},
         },
     ),
 }
