@@ -127,3 +127,33 @@ def run(repeats: int = 15, block: int = 10, quick: bool = False, smoke: bool = F
         "targets": TARGETS,
         "machine": machine_info(),
     }
+
+
+def time_to_target(workload: str = "lm", seeds: tuple[int, ...] = (0,),
+                   max_seconds: float | None = None) -> dict[str, Any]:
+    """Time to the workload's target: ``shampoo``, ``soap`` and Adam over its grid.
+
+    The workloads runner (:func:`somax_plug._src.workloads.runner.run`: interleaved,
+    fresh minibatches, compilation and evaluation off the clock) with only these
+    contenders; ``max_seconds`` caps each run's training clock (default: the
+    workload's budget). Returns the runner's summary per contender (status, median time
+    and steps to target, final held-out loss, step time).
+    """
+    import dataclasses
+
+    from somax_plug._src.workloads import cnn, lm, runner
+    from somax_plug._src.workloads import contenders as C
+
+    w = (lm if workload == "lm" else cnn).make("full")
+    budget = w.budget if max_seconds is None else dataclasses.replace(
+        w.budget, max_seconds=max_seconds)
+    roster = [C.adam(lr) for lr in w.adam_grid] + [C.preset(n) for n in PRESETS]
+    report = runner.run(w, roster, seeds=seeds, budget=budget)
+    rows = {}
+    for name, summ in report["summary"].items():
+        rows[name] = {k: summ.get(k) for k in (
+            "status", "median_time_to_target_s", "median_steps_to_target", "median_final_loss",
+            "median_step_ms", "compile_s", "median_steps", "errors")}
+    return {"workload": w.title, "target": w.target.to_dict(), "budget": budget.to_dict(),
+            "seeds": list(seeds), "summary": rows, "machine": machine_info(),
+            "load_average": report["load_average"]}
