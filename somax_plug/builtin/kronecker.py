@@ -80,7 +80,6 @@ from somax_plug import (
     option,
     tree,
 )
-from somax_plug.layers import param_paths
 from somax_plug.losses import batch_size_of, compute_dtype, flatten_per_example
 
 jax = lazy_import("jax")
@@ -110,6 +109,13 @@ __all__ = [
     "compute_factors",
     "factor_resource",
 ]
+
+
+def param_paths(params: PyTree) -> tuple[str, ...]:
+    """:func:`somax_plug.layers.param_paths` (imported when first used: it imports JAX)."""
+    from somax_plug.layers import param_paths as paths
+
+    return paths(params)
 
 
 def factor_resource(source: str, approx: str) -> str:
@@ -813,11 +819,12 @@ class KFACPreconditioner(Preconditioner):
             eps = jnp.asarray(self.eps, dt)
             xd = x.astype(dt)
 
-            def diag_branch(xd: Array, st: dict = st, lam_: Array = lam_) -> Array:
+            def diag_branch(xd: Array, st: dict = st, lam_: Array = lam_,
+                            eps: Array = eps) -> Array:
                 return xd / jnp.maximum(st["diag"] + lam_, eps)
 
             if "L" in st:
-                def kron(xd: Array, st: dict = st, lam_: Array = lam_) -> Array:
+                def kron(xd: Array, st: dict = st, lam_: Array = lam_, eps: Array = eps) -> Array:
                     m = xd.reshape(st["L"].shape[0], st["R"].shape[0])
                     if self.pi_damping:
                         r = jnp.sqrt(jnp.maximum(lam_, 0))
@@ -829,7 +836,7 @@ class KFACPreconditioner(Preconditioner):
 
                 y = jax.lax.cond(st["kron"], kron, diag_branch, xd)
             elif "M" in st:
-                def mat(xd: Array, st: dict = st, lam_: Array = lam_) -> Array:
+                def mat(xd: Array, st: dict = st, lam_: Array = lam_, eps: Array = eps) -> Array:
                     return st["QM"] @ ((st["QM"].T @ xd) / jnp.maximum(st["dM"] + lam_, eps))
 
                 y = jax.lax.cond(st["kron"], mat, diag_branch, xd)
