@@ -21,10 +21,12 @@ from somax_plug import InputError, OptionError, Resources, compose, make_model
 from somax_plug.builtin.kronecker import (
     EKFAC,
     KFAC,
-    PROVIDERS as KRON,
     KFACPreconditioner,
     KroneckerInverse,
     factor_resource,
+)
+from somax_plug.builtin.kronecker import (
+    PROVIDERS as KRON,
 )
 from somax_plug.builtin.layers import PROVIDERS as LAYERS
 from somax_plug.builtin.resources import PROVIDERS as BASE
@@ -214,7 +216,8 @@ def test_pi_damping_is_factored_with_the_trace_ratio():
     op, lam = KFAC(pi_damping=True).build(res), 0.7
     a, g = (np.asarray(x) for x in (op.factors.A[0], op.factors.G[0]))
     pi = math.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
-    want = np.kron(a + pi * math.sqrt(lam) * np.eye(len(a)), g + math.sqrt(lam) / pi * np.eye(len(g)))
+    r = math.sqrt(lam)
+    want = np.kron(a + pi * r * np.eye(len(a)), g + r / pi * np.eye(len(g)))
     order = _matrix_order(op, 0).ravel()
     flat, unravel = ravel_pytree(params)
     dense = np.stack([ravel_pytree(op.damped_mv(unravel(e), lam))[0] for e in np.eye(flat.size)], 1)
@@ -458,22 +461,25 @@ def _scaled_step(composition):
                        jax.random.key(0))
 
 
+def _compose(**kw):
+    return compose(predict_fn=_mlp((3, 2)), loss="mse", **kw)
+
+
 CASES = [
-    Case("unknown source", lambda: compose(predict_fn=_mlp((3, 2)), loss="mse",
-                                           curvature={"name": "kfac", "source": "hessian"}, solver="kronecker_inverse"),
+    Case("unknown source", lambda: _compose(curvature={"name": "kfac", "source": "hessian"},
+                                            solver="kronecker_inverse"),
          says=("source", "ggn")),
-    Case("unknown approximation", lambda: compose(
-        predict_fn=_mlp((3, 2)), loss="mse", curvature={"name": "ekfac", "approx": "sum"}, solver="kronecker_inverse"),
-        says=("approx", "expand")),
-    Case("negative decay", lambda: compose(
-        predict_fn=_mlp((3, 2)), loss="mse", curvature="ggn", solver="cg",
-        preconditioner={"name": "kfac", "decay": -0.1}), says=("decay",)),
-    Case("inverse_every 0", lambda: compose(
-        predict_fn=_mlp((3, 2)), loss="mse", curvature="ggn", solver="cg",
-        preconditioner={"name": "kfac", "inverse_every": 0}), says=("inverse_every",)),
-    Case("unknown coverage", lambda: compose(
-             predict_fn=_mlp((3, 2)), loss="mse", curvature={"name": "kfac",
-                                                             "coverage": "some"}, solver="kronecker_inverse"),
+    Case("unknown approximation", lambda: _compose(curvature={"name": "ekfac", "approx": "sum"},
+                                                   solver="kronecker_inverse"),
+         says=("approx", "expand")),
+    Case("negative decay", lambda: _compose(curvature="ggn", solver="cg",
+                                            preconditioner={"name": "kfac", "decay": -0.1}),
+         says=("decay",)),
+    Case("inverse_every 0", lambda: _compose(
+        curvature="ggn", solver="cg", preconditioner={"name": "kfac", "inverse_every": 0}),
+        says=("inverse_every",)),
+    Case("unknown coverage", lambda: _compose(curvature={"name": "kfac", "coverage": "some"},
+                                              solver="kronecker_inverse"),
          says=("coverage", "strict")),
     Case("strict coverage, a LayerNorm-like scale",
          lambda: _scaled_step({"curvature": {"name": "kfac", "coverage": "strict"},
@@ -499,3 +505,15 @@ def test_bad_input_corpus():
 def test_option_errors_are_option_errors():
     with pytest.raises(OptionError, match="decay"):
         KFACPreconditioner(decay=1.5)
+
+
+def test_method_explain_lists_the_unfactored_parameters():
+    model, params = _scaled_model()
+    method = compose(predict_fn=model.outputs, loss="softmax_cross_entropy", curvature="kfac",
+                     solver="kronecker_inverse")
+    assert "diagonal block" in method.explain()  # the rule, before the first step
+    batch = _batch("softmax_cross_entropy", 2, 3, 2, 0)
+    method.step(params, method.init(params), batch, jax.random.key(0))
+    text = method.explain()
+    assert "scale: diagonal block (used by mul" in text
+    assert "l0/w + l0/b: Kronecker block A 4x4, G 2x2" in text

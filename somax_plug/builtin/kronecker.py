@@ -549,6 +549,45 @@ def _factor_requires(o: dict) -> dict:
 COVERAGE = ("diagonal", "strict")
 
 
+class _Choices:
+    """Per-parameter decisions recorded when the step is traced (not part of equality)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[str, None] = {}
+
+    def add(self, text: str) -> None:
+        self.entries.setdefault(text, None)
+
+
+def _choices_field() -> Any:
+    return attrs.field(factory=_Choices, init=False, eq=False, hash=False, repr=False)
+
+
+class _Explained:
+    """``deferred_rule`` / ``recorded_choices`` for ``Method.explain()``."""
+
+    @property
+    def deferred_rule(self) -> str:
+        """The per-layer rule (printed by ``plan.explain()`` before the first step)."""
+        return ("per dense layer of the layer map: [W; b] -> A (x) G; every other "
+                "parameter -> a diagonal block (listed here once the step is traced)"
+                + ("; coverage='strict': an error instead" if self.coverage == "strict" else ""))
+
+    def recorded_choices(self) -> list[str]:
+        """What was factored and what got a diagonal block, with the reason."""
+        return list(self._choices.entries)
+
+    def _record(self, f: KroneckerFactors) -> None:
+        for blk in f.blocks:
+            bias = f" + {blk.bias}" if blk.bias else ""
+            self._choices.add(f"{blk.kernel}{bias}: Kronecker block A {blk.rows}x{blk.rows}, "
+                              f"G {blk.dout}x{blk.dout}")
+        for p, why in f.uncovered:
+            self._choices.add(f"{p}: diagonal block ({why})")
+
+
 def covered(factors: KroneckerFactors, coverage: str, owner: str) -> KroneckerFactors:
     """``factors``, or with ``coverage="strict"`` an error listing what is not factored.
 
@@ -574,7 +613,7 @@ def covered(factors: KroneckerFactors, coverage: str, owner: str) -> KroneckerFa
     requires=_factor_requires,
 )
 @attrs.frozen
-class KFAC(Curvature):
+class KFAC(Curvature, _Explained):
     """Kronecker-factored curvature ``blockdiag(A_l (x) G_l)`` (Martens & Grosse 2015).
 
     Factors from this step's batch (the resource ``kfac_factors_<source>_<approx>``);
@@ -591,10 +630,12 @@ class KFAC(Curvature):
     pi_damping: bool = option(False, doc="factored damping with Martens & Grosse's pi")
     coverage: str = option("diagonal", choices=COVERAGE,
                            doc="unfactored parameters: a diagonal block, or an error")
+    _choices: _Choices = _choices_field()
 
     def build(self, res: Resources) -> KroneckerOperator:
         f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
                     "curvature 'kfac'")
+        self._record(f)
         return KroneckerOperator(res.params, f, "kfac", self.pi_damping)
 
 
@@ -605,7 +646,7 @@ class KFAC(Curvature):
     requires=_factor_requires,
 )
 @attrs.frozen
-class EKFAC(Curvature):
+class EKFAC(Curvature, _Explained):
     """Eigenvalue-corrected KFAC ``Q diag(S) Q^T`` per dense layer (George et al. 2018).
 
     ``Q = Q_A (x) Q_G`` the eigenvectors of the KFAC factors and ``S`` the exact
@@ -620,10 +661,12 @@ class EKFAC(Curvature):
     approx: str = option("expand", choices=APPROXIMATIONS, doc="basis from KFAC-expand/reduce")
     coverage: str = option("diagonal", choices=COVERAGE,
                            doc="unfactored parameters: a diagonal block, or an error")
+    _choices: _Choices = _choices_field()
 
     def build(self, res: Resources) -> KroneckerOperator:
         f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
                     "curvature 'ekfac'")
+        self._record(f)
         return KroneckerOperator(res.params, f, "ekfac")
 
 
@@ -733,7 +776,7 @@ def _targets(f: KroneckerFactors, shapes: dict) -> tuple[dict, tuple]:
     requires=_factor_requires,
 )
 @attrs.frozen
-class KFACPreconditioner(Preconditioner):
+class KFACPreconditioner(Preconditioner, _Explained):
     """``M^-1 v`` from running averages of Kronecker factors (KFAC-preconditioned CG).
 
     At each refresh (the component's ``every_k``) the factors of the step
@@ -767,6 +810,7 @@ class KFACPreconditioner(Preconditioner):
     eps: float = option(1e-12, gt=0, doc="floor of the denominators")
     coverage: str = option("diagonal", choices=COVERAGE,
                            doc="unfactored parameters: a diagonal block, or an error")
+    _choices: _Choices = _choices_field()
 
     def init(self, params: PyTree) -> PyTree:
         paths = param_paths(params)
@@ -779,9 +823,12 @@ class KFACPreconditioner(Preconditioner):
     def update(self, res: Any, stats: Any, lam: Array, key: Array, state: PyTree) -> PyTree:
         f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
                     "preconditioner 'kfac'")
+        self._record(f)
         shapes = {p: tuple(x.shape) for p, x in zip(
             param_paths(res.params), jax.tree_util.tree_leaves(res.params), strict=True)}
-        new, _ = _targets(f, shapes)
+        new, misfit = _targets(f, shapes)
+        for p, why in misfit:
+            self._choices.add(f"{p}: diagonal block in the preconditioner ({why})")
         count = state["count"]
         first = count == 0
         beta = self.decay
