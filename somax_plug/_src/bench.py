@@ -150,6 +150,7 @@ def _krylov(quick: bool, smoke: bool) -> dict[str, Any]:
 def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
     from somax_plug._src.benchmarks import (
         flops,
+        kfac,
         paper_presets,
         peers,
         planning,
@@ -167,6 +168,7 @@ def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
         "krylov": _krylov,
         "time_to_accuracy": lambda q, s: time_to_accuracy.run(quick=q, smoke=s),
         "shampoo": lambda q, s: shampoo.run(quick=q, smoke=s),
+        "kfac": lambda q, s: kfac.run(quick=q, smoke=s),
     }
 
 
