@@ -120,7 +120,7 @@ def _quiet() -> Iterator[None]:
         if failed:  # Orbax's other workers finish failing on their own threads
             sys.stderr = io.StringIO()
             time.sleep(0.25)
-        gc.collect()
+            gc.collect()  # their abandoned futures report now, while the hook is silent
         sys.stderr = stderr
         sys.unraisablehook = hook
         for lg, level in zip(loggers, levels, strict=True):
