@@ -309,6 +309,69 @@ def test_flax_and_equinox_factors_equal_plain_jax():
         assert np.asarray(ref).shape == np.asarray(op.to_dense()).shape
 
 
+# ------------------------------------------------------------------ conv layers
+
+
+def _cnn(spec):
+    """A VALID 3x3 conv (2 -> 4 channels, ``spec`` layouts) + tanh + dense, and params."""
+    rng = np.random.default_rng(7)
+    kshape = (3, 3, 2, 4) if spec[1] == "HWIO" else (4, 2, 3, 3)
+    params = {"k": jnp.asarray(rng.normal(size=kshape) / 3), "b": jnp.asarray(rng.normal(size=4)),
+              "w": jnp.asarray(rng.normal(size=(4 * 4 * 4, 3)) / 8)}
+
+    def f(p, x):
+        h = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "VALID", dimension_numbers=spec)
+        h = h + (p["b"] if spec[2] == "NHWC" else p["b"][:, None, None])
+        return jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"]
+
+    shape = (2, 6, 6, 2) if spec[0] == "NHWC" else (2, 2, 6, 6)
+    x = jnp.asarray(rng.normal(size=shape))
+    y = jnp.asarray(rng.integers(0, 3, size=2), jnp.int32)
+    return make_model(f, "softmax_cross_entropy"), params, (x, y)
+
+
+@pytest.mark.parametrize("spec", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")])
+def test_conv_layers_are_factored_from_im2col_patches(spec):
+    model, params, batch = _cnn(spec)
+    res = _res(model, params, batch)
+    f = res[factor_resource("empirical", "expand")]
+    assert [b.kernel for b in f.blocks] == ["k", "w"] and f.uncovered == ()
+    blk = f.blocks[0]
+    # one column u = dL/dz / sqrt(c): sum_{b,t} a g^T is the gradient of [K; b] / sqrt(c)
+    m = np.einsum("bti,btj->ij", f.a[0], f.g[0][0]) * math.sqrt(0.5)
+    grad = jax.grad(lambda p: model.loss(model.outputs(p, batch[0]), batch[1]))(params)
+    gk = np.asarray(grad["k"]).transpose(blk.kernel_perm).reshape(blk.din, blk.dout)
+    _close(m[: blk.din], gk, "kernel gradient from the patches")
+    _close(m[blk.din], grad["b"], "bias gradient")
+    # and EKFAC's diagonal is exact in the KFAC basis of the conv block (weight sharing)
+    op = EKFAC().build(res)
+    ggn = np.asarray(dense_reference("ggn", model, params, batch))
+    order = _matrix_order(op, 0).ravel()
+    qa, qg, s = (np.asarray(x) for x in op.eig[0])
+    q = np.kron(qa, qg)
+    _close(np.diag(q.T @ ggn[np.ix_(order, order)] @ q), s.ravel(), "EKFAC diagonal (conv)")
+
+
+def test_preconditioner_factors_an_hwio_conv_kernel_in_its_own_layout():
+    model, params, batch = _cnn(("NHWC", "HWIO", "NHWC"))
+    res = _res(model, params, batch)
+    f = res[factor_resource("ggn", "expand")]
+    pre, lam = KFACPreconditioner(), 0.2
+    state = pre.update(res, {}, lam, None, pre.init(params))
+    st = state["leaves"]["k"]
+    assert bool(st["kron"])
+    blk = f.blocks[0]
+    a = np.asarray(f.A[0])[: blk.din, : blk.din]
+    # rows of A are (in, h, w); the leaf (h, w, in) is a [h w in, out] matrix
+    rows = np.arange(blk.din).reshape(2, 3, 3).transpose(1, 2, 0).ravel()
+    _close(st["L"], a[np.ix_(rows, rows)], "A in the kernel's layout")
+    v = {k: jnp.asarray(np.random.default_rng(1).normal(size=x.shape)) for k, x in params.items()}
+    got = np.asarray(pre.apply(state, v, lam)["k"]).ravel()
+    want = np.linalg.solve(np.kron(np.asarray(st["L"]), np.asarray(f.G[0])) + lam * np.eye(72),
+                           np.asarray(v["k"]).ravel())
+    _close(got, want, "M^-1 on the conv kernel")
+
+
 # ------------------------------------------------------------------ uncovered parameters
 
 

@@ -33,8 +33,12 @@ exact diagonal of the block in that basis, ``S = sum_{r,b} (Q_A^T M_rb Q_G)**2``
 (elementwise), so that ``C_ekfac = Q diag(S) Q^T`` is never further from the block in
 Frobenius norm than KFAC.
 
+A conv layer is factored the same way with ``a_{bt}`` the im2col patch of the input at
+output position ``t`` (``conv_general_dilated_patches``, features ordered ``(in channel,
+window)``) and the kernel viewed as ``[in * window, out]``.
+
 Parameters that the layer map does not cover (LayerNorm scales, embeddings, a kernel
-used twice, a conv layer, a bias that does not match its layer's output) get a
+used twice, a grouped conv, a bias that does not match its layer's output) get a
 diagonal block ``d_p = sum_r (J^T u_r)_p^2``; with more than one example the columns
 are multiplied per example by Rademacher signs first, which makes ``d`` an unbiased
 estimate of the exact diagonal ``sum_{r,b} (J_b^T u_rb)_p^2`` (exact for one example).
@@ -62,6 +66,7 @@ import math
 from typing import Any
 
 import attrs
+import numpy as np
 
 from somax_plug import (
     DIAG,
@@ -151,6 +156,9 @@ class Block:
     a_perm: tuple[int, ...]
     a_batch: int
     g_perm: tuple[int, ...]
+    conv: tuple[tuple[str, Any], ...] = ()
+    """For a conv layer: the patch parameters (the input ``a`` is first replaced by its
+    im2col patches, ``conv_general_dilated_patches``, features ordered ``(in, window)``)."""
 
     @property
     def rows(self) -> int:
@@ -158,10 +166,57 @@ class Block:
         return self.din + (self.bias is not None)
 
 
+def _bias_ok(la: Any, feature_shape: tuple[int, ...], dout: int) -> bool:
+    return la.bias is not None and la.bias_shape is not None and math.prod(
+        la.bias_shape) == dout and tuple(d for d in la.bias_shape if d != 1) == tuple(
+        d for d in feature_shape if d != 1)
+
+
+def _conv_block(la: Any) -> tuple[Block | None, str, bool]:
+    p = dict(la.params)
+    dn = p.get("dimension_numbers")
+    if dn is None or "window_strides" not in p:
+        return None, "conv declared by an override without its parameters", False
+    if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
+        return None, "grouped convolution", False
+    lhs, rhs, out = (tuple(x) for x in dn)
+    ks = la.kernel_shape
+    o_ax, i_ax, k_sp = rhs[0], rhs[1], rhs[2:]
+    din = ks[i_ax] * math.prod(ks[i] for i in k_sp)
+    dout = ks[o_ax]
+    bias_ok = _bias_ok(la, (dout,), dout)
+    order = (out[0], *out[2:], out[1])  # patches and outputs: (N, spatial..., features)
+    conv = (
+        ("filter_shape", tuple(ks[i] for i in k_sp)),
+        ("window_strides", tuple(p["window_strides"])),
+        ("padding", p["padding"]),
+        ("lhs_dilation", p.get("lhs_dilation")),
+        ("rhs_dilation", p.get("rhs_dilation")),
+        ("dimension_numbers", (lhs, rhs, out)),
+    )
+    block = Block(kernel=la.kernel, kernel_shape=tuple(ks), kernel_perm=(i_ax, *k_sp, o_ax),
+                  din=din, dout=dout, bias=la.bias if bias_ok else None, a_perm=order,
+                  a_batch=1, g_perm=order, conv=conv)
+    return block, "", bias_ok
+
+
+def _patches(a: Array, conv: tuple[tuple[str, Any], ...]) -> Array:
+    """im2col: the input patches of a conv, features ``(in channel, window...)``."""
+    c = dict(conv)
+    lhs, rhs, out = c["dimension_numbers"]
+    dn = jax.lax.ConvDimensionNumbers(lhs, rhs, out)
+    return jax.lax.conv_general_dilated_patches(
+        a, c["filter_shape"], c["window_strides"], c["padding"],
+        lhs_dilation=c["lhs_dilation"], rhs_dilation=c["rhs_dilation"],
+        dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+
+
 def _dense_block(la: Any) -> tuple[Block | None, str, bool]:
     """``(block, reason, bias_ok)`` for one layer of the map."""
+    if la.kind == "conv":
+        return _conv_block(la)
     if la.kind != "dense":
-        return None, f"{la.kind} layer: not factored (only dense layers are)", False
+        return None, f"{la.kind} layer: not factored", False
     p = dict(la.params)
     dn = p.get("dimension_numbers")
     if dn is None:
@@ -187,11 +242,7 @@ def _dense_block(la: Any) -> tuple[Block | None, str, bool]:
     feat = [fbase + j for j in range(len(kfree))]
     din = math.prod(ks[i] for i in kc)
     dout = math.prod(ks[i] for i in kfree)
-    bias_ok = la.bias is not None and la.bias_shape is not None and math.prod(
-        la.bias_shape
-    ) == dout and tuple(d for d in la.bias_shape if d != 1) == tuple(
-        ks[i] for i in kfree if ks[i] != 1
-    )
+    bias_ok = _bias_ok(la, tuple(ks[i] for i in kfree), dout)
     block = Block(
         kernel=la.kernel,
         kernel_shape=tuple(ks),
@@ -331,7 +382,10 @@ def compute_factors(res: Resources, source: str, approx: str) -> KroneckerFactor
     dt = cols.dtype
     A, G, a_rows, g_rows = [], [], [], []  # noqa: N806
     for blk in blocks:
-        a = jnp.asarray(io.inputs[blk.kernel], dt).transpose(blk.a_perm)
+        a = jnp.asarray(io.inputs[blk.kernel], dt)
+        if blk.conv:
+            a = _patches(a, blk.conv)
+        a = a.transpose(blk.a_perm)
         bsz = math.prod(a.shape[: blk.a_batch])
         a = a.reshape(bsz, -1, blk.din)
         if blk.bias is not None:
@@ -748,7 +802,12 @@ def _targets(f: KroneckerFactors, shapes: dict) -> tuple[dict, tuple]:
         akk = a[: blk.din, : blk.din]
         s1, s2 = math.prod(shape[:-1]), shape[-1]
         n = len(shape)
-        if blk.kernel_perm == tuple(range(n)) and (blk.din, blk.dout) == (s1, s2):
+        if blk.kernel_perm[-1] == n - 1 and (blk.din, blk.dout) == (s1, s2):
+            # output axis last (dense (in..., out), conv HWIO): A's rows to leaf order
+            rows = np.arange(s1).reshape([shape[i] for i in blk.kernel_perm[:-1]])
+            rows = rows.transpose(_argsort(blk.kernel_perm[:-1])).ravel()
+            if not np.array_equal(rows, np.arange(s1)):
+                akk = akk[np.ix_(rows, rows)]
             new[blk.kernel] = {"L": akk, "R": g}
         elif n == 2 and blk.kernel_perm == (1, 0):
             new[blk.kernel] = {"L": g, "R": akk}
