@@ -24,9 +24,11 @@ preset                 composition
                        (momentum 0.95)
 ``kfac``               kfac curvature (for the damping's model) + kfac
                        preconditioner (EMA 0.95, inverses every 10) + identity
-                       + levenberg_marquardt
-``ekfac``              ekfac + kronecker_inverse + levenberg_marquardt
-``ggn_cg_kfac``        ggn + cg preconditioned by kfac + levenberg_marquardt
+                       + levenberg_marquardt; Monte-Carlo Fisher factors
+``ekfac``              ekfac (Monte-Carlo Fisher) + kronecker_inverse +
+                       levenberg_marquardt
+``ggn_cg_kfac``        ggn + cg preconditioned by kfac (Monte-Carlo Fisher
+                       factors) + levenberg_marquardt
 =====================  =========================================================
 
 The first-order diagonal presets (maths, defaults and departures in
@@ -192,20 +194,21 @@ PRESETS: dict[str, tuple[str, dict]] = {
         },
     ),
     "kfac": (
-        "KFAC (Martens & Grosse 2015): GGN Kronecker factors every step (EMA 0.95), "
-        "inverses every 10 refreshes, Levenberg-Marquardt damping",
+        "KFAC (Martens & Grosse 2015): Monte-Carlo Fisher Kronecker factors every step "
+        "(EMA 0.95), inverses every 10 refreshes, Levenberg-Marquardt damping",
         {
-            "curvature": "kfac",
-            "preconditioner": {"name": "kfac", "decay": 0.95, "inverse_every": 10},
+            "curvature": {"name": "kfac", "source": "fisher"},
+            "preconditioner": {"name": "kfac", "source": "fisher", "decay": 0.95,
+                               "inverse_every": 10},
             "solver": "identity",
             "damping": {"name": "levenberg_marquardt", "init": 1.0},
         },
     ),
     "ekfac": (
-        "EKFAC (George et al. 2018): KFAC's eigenbasis with the exact diagonal in it, "
-        "damped inverse applied directly, Levenberg-Marquardt damping",
+        "EKFAC (George et al. 2018): KFAC's eigenbasis with the exact diagonal in it "
+        "(Monte-Carlo Fisher), damped inverse applied directly, Levenberg-Marquardt damping",
         {
-            "curvature": "ekfac",
+            "curvature": {"name": "ekfac", "source": "fisher"},
             "solver": "kronecker_inverse",
             "damping": {"name": "levenberg_marquardt", "init": 1.0},
         },
@@ -216,7 +219,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {
             "curvature": "ggn",
             "solver": {"name": "cg", "maxiter": 10, "tol": 1e-5},
-            "preconditioner": {"name": "kfac", "decay": 0.95, "inverse_every": 1},
+            "preconditioner": {"name": "kfac", "source": "fisher", "decay": 0.95,
+                               "inverse_every": 1},
             "damping": {"name": "levenberg_marquardt", "init": 1.0},
         },
     ),
