@@ -464,6 +464,24 @@ def test_preconditioner_applies_the_damped_per_leaf_kronecker_inverse():
     _close(got, dense_inverse(ema) @ v, "refreshed inverse of the EMA")
 
 
+def test_preconditioner_uses_the_block_diagonal_above_max_dim():
+    sizes = (3, 4, 2)
+    model = make_model(_mlp(sizes), "softmax_cross_entropy")
+    params, batch = _params(sizes, 5), _batch("softmax_cross_entropy", 3, 3, 2, 5)
+    res = _res(model, params, batch)
+    f = res[factor_resource("ggn", "expand")]
+    pre, lam = KFACPreconditioner(max_dim=3), 0.3
+    state = pre.update(res, {}, lam, None, pre.init(params))
+    assert "L" not in state["leaves"]["l0/w"] and "M" not in state["leaves"]["l0/b"]
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    out = pre.apply(state, v, lam)
+    a, g = np.asarray(f.A[0]), np.asarray(f.G[0])
+    _close(out["l0"]["w"], 1 / (np.outer(np.diag(a)[:3], np.diag(g)) + lam),
+           "diagonal of A (x) G")
+    _close(out["l0"]["b"], 1 / (a[3, 3] * np.diag(g) + lam), "bias diagonal")
+    assert any("max_dim=3" in c for c in pre.recorded_choices())
+
+
 def test_preconditioner_before_any_refresh_is_one_over_lambda():
     params = _params((2, 2), 0)
     pre = KFACPreconditioner()

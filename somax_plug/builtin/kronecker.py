@@ -98,7 +98,7 @@ KRONECKER = "kronecker"
 SOURCES = ("ggn", "fisher", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
 MATRIX_MAX = 4096
-"""A 1-D leaf of the preconditioner gets a full matrix block up to this size."""
+"""The preconditioner's default ``max_dim``: the largest factor it keeps (4096^2 numbers)."""
 
 __all__ = [
     "EKFAC",
@@ -776,17 +776,17 @@ class KroneckerInverse(Solver):
 # ------------------------------------------------------------------ preconditioner
 
 
-def _leaf_state(x: Array) -> dict:
+def _leaf_state(x: Array, max_dim: int) -> dict:
     dt = jnp.result_type(x.dtype, jnp.float32)
     st: dict[str, Any] = {"diag": jnp.zeros(x.shape, dt), "kron": jnp.zeros((), bool)}
-    if x.ndim >= 2:
-        s1, s2 = math.prod(x.shape[:-1]), x.shape[-1]
+    s1, s2 = math.prod(x.shape[:-1]), x.shape[-1] if x.ndim else 1
+    if x.ndim >= 2 and max(s1, s2) <= max_dim:
         for k, n in (("L", s1), ("R", s2)):
             st[k] = jnp.zeros((n, n), dt)
             st["Q" + k] = jnp.eye(n, dtype=dt)
             st["d" + k] = jnp.zeros((n,), dt)
         st["pi"] = jnp.ones((), dt)
-    elif x.ndim == 1 and x.shape[0] <= MATRIX_MAX:
+    elif x.ndim == 1 and x.shape[0] <= max_dim:
         n = x.shape[0]
         st["M"], st["QM"], st["dM"] = jnp.zeros((n, n), dt), jnp.eye(n, dtype=dt), jnp.zeros(
             (n,), dt)
@@ -802,27 +802,26 @@ def _targets(f: KroneckerFactors, shapes: dict) -> tuple[dict, tuple]:
         akk = a[: blk.din, : blk.din]
         s1, s2 = math.prod(shape[:-1]), shape[-1]
         n = len(shape)
+        kdiag = jnp.outer(jnp.diag(akk), jnp.diag(g)).reshape(
+            tuple(shape[i] for i in blk.kernel_perm)).transpose(_argsort(blk.kernel_perm))
         if blk.kernel_perm[-1] == n - 1 and (blk.din, blk.dout) == (s1, s2):
             # output axis last (dense (in..., out), conv HWIO): A's rows to leaf order
             rows = np.arange(s1).reshape([shape[i] for i in blk.kernel_perm[:-1]])
             rows = rows.transpose(_argsort(blk.kernel_perm[:-1])).ravel()
             if not np.array_equal(rows, np.arange(s1)):
                 akk = akk[np.ix_(rows, rows)]
-            new[blk.kernel] = {"L": akk, "R": g}
+            new[blk.kernel] = {"L": akk, "R": g, "diag": kdiag}
         elif n == 2 and blk.kernel_perm == (1, 0):
-            new[blk.kernel] = {"L": g, "R": akk}
+            new[blk.kernel] = {"L": g, "R": akk, "diag": kdiag}
         else:
-            d = jnp.outer(jnp.diag(akk), jnp.diag(g))
-            shp = tuple(shape[i] for i in blk.kernel_perm)
-            new[blk.kernel] = {"diag": d.reshape(shp).transpose(_argsort(blk.kernel_perm))}
+            new[blk.kernel] = {"diag": kdiag}
             misfit.append((blk.kernel, "kernel layout is neither (in..., out) nor (out, in)"))
         if blk.bias is not None:
             bshape = shapes[blk.bias]
             abb = a[blk.din, blk.din]
-            if len(bshape) == 1 and bshape[0] <= MATRIX_MAX:
-                new[blk.bias] = {"M": abb * g}
-            else:
-                new[blk.bias] = {"diag": (abb * jnp.diag(g)).reshape(bshape)}
+            bdiag = (abb * jnp.diag(g)).reshape(bshape)
+            new[blk.bias] = {"M": abb * g, "diag": bdiag} if len(bshape) == 1 else {
+                "diag": bdiag}
     for p, _ in f.uncovered:
         new[p] = {"diag": f.diag[p]}
     return new, tuple(misfit)
@@ -851,9 +850,10 @@ class KFACPreconditioner(Preconditioner, _Explained):
     sqrt(lam)/pi)``. A layer's bias gets the full ``A_bb G`` block (``A_bb`` the
     bias-bias entry of ``A``), so unlike the curvature ``kfac`` the kernel-bias
     coupling is dropped: the state's shapes are known from the parameters alone.
-    Leaves that the layer map does not factor get a diagonal EMA:
-    ``v / (d + lam)``. Before the first refresh ``M^-1 v = v / lam`` (``eps`` floors
-    every denominator).
+    Leaves that the layer map does not factor, and leaves whose factors would be larger
+    than ``max_dim`` (an embedding table), get a diagonal EMA (for a layer: the
+    block's exact diagonal ``diag(A) (x) diag(G)``): ``v / (d + lam)``. Before the
+    first refresh ``M^-1 v = v / lam`` (``eps`` floors every denominator).
 
     Example:
         >>> pre = KFACPreconditioner(decay=0.9, inverse_every=5)
@@ -869,13 +869,16 @@ class KFACPreconditioner(Preconditioner, _Explained):
     eps: float = option(1e-12, gt=0, doc="floor of the denominators")
     coverage: str = option("diagonal", choices=COVERAGE,
                            doc="unfactored parameters: a diagonal block, or an error")
+    max_dim: int = option(MATRIX_MAX, ge=1,
+                          doc="a factor larger than this: the block's diagonal instead")
     _choices: _Choices = _choices_field()
 
     def init(self, params: PyTree) -> PyTree:
         paths = param_paths(params)
         leaves = jax.tree_util.tree_leaves(params)
         return {
-            "leaves": {p: _leaf_state(x) for p, x in zip(paths, leaves, strict=True)},
+            "leaves": {p: _leaf_state(x, self.max_dim) for p, x in zip(paths, leaves,
+                                                                         strict=True)},
             "count": jnp.zeros((), jnp.int32),
         }
 
@@ -909,6 +912,9 @@ class KFACPreconditioner(Preconditioner, _Explained):
             elif "diag" in stat:
                 st["diag"] = ema(st["diag"], stat["diag"])
                 st["kron"] = jnp.zeros((), bool)
+                if "L" in stat or "M" in stat:
+                    self._choices.add(f"{p}: diagonal block in the preconditioner (a factor "
+                                      f"larger than max_dim={self.max_dim})")
             leaves[p] = st
         due = (count % self.inverse_every) == 0
         leaves = jax.lax.cond(due, _invert, lambda s: s, leaves)
