@@ -1038,6 +1038,10 @@ def restore(
         ``(params, state)`` ready for :meth:`~somax_plug.Method.step` (adopted with
         :meth:`~somax_plug.Method.resume`).
 
+    In a multi-process run, call it in every process: each reads the checkpoint on its
+    own (no Orbax barrier) and :meth:`~somax_plug.Method.resume` lays the arrays out
+    over the method's global mesh.
+
     Raises:
         CheckpointError: another plan or plugin set; a structure, shape or dtype that
             differs from the method's state spec (naming the leaf, expected and found);
