@@ -32,7 +32,20 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from reliability import Case, check_corpus
+
+from somax_plug import (
+    InputError,
+    data_parallel_mesh,
+    init_distributed,
+    process_batch,
+    process_slice,
+    shard_batch,
+    to_host,
+)
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 ROOT = WORKER.parents[1]
@@ -161,3 +174,80 @@ def test_two_processes_match_one_process_resume_and_fail_cleanly(tmp_path):
         assert any(c in log0 for c in clear), log0[-3000:]
     finally:
         procs.kill_all()
+
+
+# ------------------------------------------------------- in this process (fast)
+def _join(**kw):
+    args = dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=0,
+                local_device_count=None, cpu_collectives=None)
+    args.update(kw)
+    return init_distributed(**args)
+
+
+def _same_as_shard_batch(got):
+    x, y = got
+    good = (np.arange(8.0).reshape(4, 2), np.arange(4))
+    want_x, want_y = shard_batch(good, data_parallel_mesh(1))
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(want_x))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))
+    assert x.sharding.spec == want_x.sharding.spec and x.shape == (4, 2)
+
+
+def _all_rows(got):
+    assert got == slice(0, 8), got
+
+
+def test_distributed_helpers_refuse_bad_input():
+    mesh = data_parallel_mesh(1)
+    good = (np.arange(8.0).reshape(4, 2), np.arange(4))
+    cases = [
+        Case("num_processes 0", lambda: _join(num_processes=0), says=("num_processes", ">= 1")),
+        Case("process_id out of range", lambda: _join(process_id=2),
+             says=("process_id", "[0, 1]")),
+        Case("address without a port", lambda: _join(coordinator_address="localhost"),
+             says=("host:port", "localhost")),
+        Case("heartbeat 0 s", lambda: _join(heartbeat_timeout_s=0),
+             says=("heartbeat_timeout_s", ">= 1")),
+        Case("local_device_count 0", lambda: _join(local_device_count=0),
+             says=("local_device_count", ">= 1")),
+        # this process has created arrays already: JAX cannot join a group any more
+        Case("after other JAX calls", _join, error=InputError,
+             says=("could not join", "before any other JAX call")),
+        Case("process_batch: not a mesh", lambda: process_batch(good, "mesh"),
+             says=("jax.sharding.Mesh",)),
+        Case("process_batch: no such axis", lambda: process_batch(good, mesh, axis="batch"),
+             says=("'batch'", "not an axis")),
+        Case("process_batch: no arrays", lambda: process_batch((), mesh), says=("no arrays",)),
+        Case("process_batch: a scalar leaf", lambda: process_batch((np.ones(4), 1.0), mesh),
+             says=("local_batch[1]", "scalar")),
+        Case("process_batch: sizes differ",
+             lambda: process_batch((np.ones((4, 2)), np.ones(3)), mesh),
+             says=("4 examples", "3", "leading batch axis")),
+        Case("process_batch: empty", lambda: process_batch((np.ones((0, 2)), np.ones(0)), mesh),
+             says=("0 examples", "positive multiple")),
+        Case("process_slice: 0 rows", lambda: process_slice(0, mesh),
+             says=("global_batch_size", "positive multiple")),
+        Case("process_batch: one process = shard_batch", lambda: process_batch(good, mesh),
+             expect="ok", check=_same_as_shard_batch),
+        Case("process_slice: one process owns all rows", lambda: process_slice(8, mesh),
+             expect="ok", check=_all_rows),
+    ]
+    counts = check_corpus("distributed helpers", cases)
+    assert counts["named"] == 13 and counts["ok"] == 2
+
+
+def test_to_host_and_put_global_in_one_process():
+    from somax_plug._src.distributed import put_global
+    from somax_plug._src.sharding import replicated
+
+    mesh = data_parallel_mesh(1)
+    tree = {"rho": jnp.full((), jnp.nan), "w": jnp.arange(3.0), "key": jax.random.key(3)}
+    placed = put_global(tree, jax.tree_util.tree_map(lambda _: replicated(mesh), tree))
+    assert all(x.sharding == replicated(mesh) for x in jax.tree_util.tree_leaves(placed))
+    host = to_host(placed)
+    assert np.isnan(host["rho"]) and isinstance(host["w"], np.ndarray)
+    np.testing.assert_array_equal(host["w"], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(host["key"], np.asarray(jax.random.key_data(tree["key"])))
+    assert put_global(placed, jax.tree_util.tree_map(lambda _: replicated(mesh), tree))["w"] is (
+        placed["w"]
+    )  # already laid out: no copy

@@ -48,7 +48,6 @@ Example (each of two processes, ``process_id`` 0 and 1)::
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -140,15 +139,24 @@ def init_distributed(
             "somax_plug.init_distributed before any other JAX call (jax.devices(), "
             "creating an array)"
         ) from exc
-    jax.distributed.initialize(
-        coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=initialization_timeout_s,
-        heartbeat_timeout_seconds=heartbeat_timeout_s,
-        shutdown_timeout_seconds=shutdown_timeout_s,
-    )
-    os.environ.setdefault("SOMAX_PLUG_PROCESS_ID", str(process_id))
+    try:
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=initialization_timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            shutdown_timeout_seconds=shutdown_timeout_s,
+        )
+    except Exception as exc:  # noqa: BLE001 (JAX raises RuntimeError or XlaRuntimeError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"process {process_id} of {num_processes} could not join the group at "
+            f"{coordinator_address} ({type(exc).__name__}: {first}); call init_distributed "
+            "once, before any other JAX call, and start every process with the same "
+            "coordinator address and num_processes (process 0 runs the coordinator) "
+            f"within initialization_timeout_s={initialization_timeout_s}"
+        ) from exc
 
 
 def _data_sharding(mesh: Mesh, axis: str) -> NamedSharding:
