@@ -318,14 +318,14 @@ def _cnn(spec):
     rng = np.random.default_rng(7)
     kshape = (3, 3, 2, 4) if spec[1] == "HWIO" else (4, 2, 3, 3)
     params = {"k": jnp.asarray(rng.normal(size=kshape) / 3), "b": jnp.asarray(rng.normal(size=4)),
-              "w": jnp.asarray(rng.normal(size=(4 * 4 * 4, 3)) / 8)}
+              "w": jnp.asarray(rng.normal(size=(4 * 2 * 2, 3)) / 4)}
 
     def f(p, x):
         h = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "VALID", dimension_numbers=spec)
         h = h + (p["b"] if spec[2] == "NHWC" else p["b"][:, None, None])
         return jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"]
 
-    shape = (2, 6, 6, 2) if spec[0] == "NHWC" else (2, 2, 6, 6)
+    shape = (2, 4, 4, 2) if spec[0] == "NHWC" else (2, 2, 4, 4)
     x = jnp.asarray(rng.normal(size=shape))
     y = jnp.asarray(rng.integers(0, 3, size=2), jnp.int32)
     return make_model(f, "softmax_cross_entropy"), params, (x, y)
