@@ -94,9 +94,18 @@ def _kfac_jax(k: int, params: Any, batch: Any) -> tuple[Any, Any, str]:
     return step, state, patch or "not needed"
 
 
+def _copy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
 def _chain(step: Any, params: Any, state: Any, batch: Any, block: int) -> Any:
-    """A call running ``block`` steps, the state carried from call to call."""
+    """A call running ``block`` steps, the state carried from call to call.
+
+    Parameters, state and batch are copied first: kfac-jax donates its arguments'
+    buffers, which must not delete another contender's.
+    """
     keys = list(jax.random.split(jax.random.key(1), block))
+    params, state, batch = _copy(params), _copy(state), _copy(batch)
     box = {"p": params, "s": state}
 
     def go() -> Any:
@@ -170,7 +179,7 @@ def run(repeats: int = 15, block: int = 10, quick: bool = False,
         method = _ours(k)
         calls[f"kfac k={k}"] = _chain(method.step, params, method.init(params), batch, block)
         try:
-            step, state, patch = _kfac_jax(k, params, batch)
+            step, state, patch = _kfac_jax(k, _copy(params), _copy(batch))
         except ImportError:
             patch = "kfac-jax not installed (pip install somax-plug[bench])"
             continue
