@@ -107,6 +107,7 @@ _LAZY = {
     "as_optax": "optax_bridge",
     # data parallelism
     "data_parallel_mesh": "sharding",
+    "DataParallel": "sharding",
     "shard_batch": "sharding",
     "shard_large_2d": "sharding",
     # many processes (jax.distributed)

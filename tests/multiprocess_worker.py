@@ -65,6 +65,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from somax_plug import (  # noqa: E402
+    DataParallel,
     as_optax,
     checkpoint,
     compose,
@@ -78,6 +79,9 @@ STEPS, SAVE_AT, N, D_IN, HIDDEN, D_OUT = 5, 3, 16, 4, 6, 3
 LOSS = "softmax_cross_entropy"
 CASES = {
     "sgn": dict(preset="sgn"),
+    # canonical reductions (DataParallel(reduce_chunks=4)): bitwise the same for any
+    # number of devices and processes
+    "sgn_chunked": dict(preset="sgn"),
     "gauss_newton_lm": dict(preset="gauss_newton_lm"),
     "sophia_h": dict(preset="sophia_h"),
     "pcg_jacobi": dict(
@@ -130,6 +134,8 @@ def feed(batch, mesh):
 
 def method_for(name, mesh):
     kw = dict(CASES[name])
+    if name.endswith("_chunked"):
+        mesh = DataParallel(data_parallel_mesh(1) if mesh is None else mesh, reduce_chunks=4)
     return compose(predict_fn=predict, loss=LOSS, mesh=mesh, **kw)
 
 
@@ -217,7 +223,10 @@ def main():
     elif ROLE == "reference":
         np.savez(OUT / "ref-4dev.npz", **all_cases(mesh_for(4)))
         # 2 devices: the Krylov iteration counts (and parameters) of the CG cases
-        np.savez(OUT / "ref-2dev.npz", **all_cases(mesh_for(2), only=("sgn", "pcg_jacobi")))
+        np.savez(
+            OUT / "ref-2dev.npz",
+            **all_cases(mesh_for(2), only=("sgn", "sgn_chunked", "pcg_jacobi")),
+        )
     elif ROLE == "resume_single":
         np.savez(OUT / "ref-1dev.npz", **all_cases(mesh_for(1)))
         np.savez(OUT / "resume-single.npz", **restore_and_continue(None, ckpt))

@@ -464,6 +464,29 @@ def test_preconditioner_applies_the_damped_per_leaf_kronecker_inverse():
     _close(got, dense_inverse(ema) @ v, "refreshed inverse of the EMA")
 
 
+def test_preconditioner_pi_damping_caches_the_factored_inverses():
+    sizes = (3, 4, 2)
+    model = make_model(_mlp(sizes), "softmax_cross_entropy")
+    params, batch = _params(sizes, 4), _batch("softmax_cross_entropy", 3, 3, 2, 4)
+    res = _res(model, params, batch)
+    pre, lam = KFACPreconditioner(pi_damping=True), 0.4
+    state = pre.update(res, {}, lam, None, pre.init(params))
+    v = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(np.random.default_rng(2).normal(size=x.shape)), params)
+    out = pre.apply(state, v, 123.0)  # the lam of the refresh, not of the call
+    r = math.sqrt(lam)
+    for layer in ("l0", "l1"):
+        st = state["leaves"][f"{layer}/w"]
+        left, right = np.asarray(st["L"]), np.asarray(st["R"])
+        pi = math.sqrt((np.trace(left) / len(left)) / (np.trace(right) / len(right)))
+        m = np.kron(left + pi * r * np.eye(len(left)), right + r / pi * np.eye(len(right)))
+        _close(np.asarray(out[layer]["w"]).ravel(),
+               np.linalg.solve(m, np.asarray(v[layer]["w"]).ravel()), f"{layer} kernel")
+        mb = np.asarray(state["leaves"][f"{layer}/b"]["M"])
+        _close(out[layer]["b"], np.linalg.solve(mb + lam * np.eye(len(mb)), v[layer]["b"]),
+               f"{layer} bias")
+
+
 def test_preconditioner_uses_the_block_diagonal_above_max_dim():
     sizes = (3, 4, 2)
     model = make_model(_mlp(sizes), "softmax_cross_entropy")

@@ -24,7 +24,20 @@ shape (diagonal EMAs, momenta) are then split the same way.
 
 Multi-host: call ``jax.distributed.initialize()`` first in every process; the
 mesh from :func:`data_parallel_mesh` then spans every process's devices (see
-``docs/howto/multi-device.md``).
+``docs/howto/multi-process.md``).
+
+Device-count-independent reductions (``DataParallel(mesh, reduce_chunks=K)``, passed
+as ``compose(..., mesh=DataParallel(...))``): GSPMD sums over the batch as per-device
+partial sums plus an all-reduce, so the rounding of the gradient and of every
+curvature product depends on how many devices share the batch. With ``reduce_chunks
+= K`` the model is evaluated on ``K`` fixed chunks of the batch (``vmap`` over
+chunks, the parameters broadcast to one copy per chunk), and every reverse-mode
+reduction over the batch (the gradient, ``J^T u``, Hessian-vector products) is the
+transpose of that broadcast, made canonical: the ``K`` per-chunk sums are gathered
+and added in the fixed order ``((c_0 + c_1) + c_2) + ...`` on every device. The
+chunks do not depend on the devices, so 1, 2, 4, ... devices (and processes) give
+bitwise the same gradients and products, hence the same Krylov iteration counts.
+Cost: ``K`` copies of each parameter-shaped cotangent (spread over the devices).
 
 Example:
     >>> import jax
@@ -169,14 +182,26 @@ class DataParallel:
         param_sharding: optional rule ``(path, leaf) -> PartitionSpec | None`` for
             parameters and state leaves (see the module docstring).
 
+        reduce_chunks: ``None`` (GSPMD's reductions), or ``K``: reduce over the batch
+            in ``K`` fixed chunks in a fixed order, the same for any number of devices
+            (see the module docstring). ``K`` must be a multiple of the data axis size
+            and divide every batch size; plain models only (no state, no key).
+
     Example:
         >>> dp = DataParallel(data_parallel_mesh(1))
         >>> dp.data_axis, dp.data_size
         ('data', 1)
+        >>> DataParallel(data_parallel_mesh(1), reduce_chunks=4).reduce_chunks
+        4
     """
 
     def __init__(
-        self, mesh: Mesh, data_axis: str | None = None, param_sharding: ShardingRule | None = None
+        self,
+        mesh: Mesh,
+        data_axis: str | None = None,
+        param_sharding: ShardingRule | None = None,
+        *,
+        reduce_chunks: int | None = None,
     ) -> None:
         if not isinstance(mesh, Mesh):
             raise InputError(
@@ -196,6 +221,19 @@ class DataParallel:
         self.mesh = mesh
         self.data_axis = data_axis
         self.param_sharding = param_sharding
+        n = int(dict(mesh.shape)[data_axis])
+        if reduce_chunks is not None and (
+            isinstance(reduce_chunks, bool)
+            or not isinstance(reduce_chunks, int)
+            or reduce_chunks < 1
+            or reduce_chunks % n
+        ):
+            raise InputError(
+                f"reduce_chunks must be a positive multiple of the {n} devices of the data "
+                f"axis {data_axis!r} (e.g. {max(n, 8) // n * n}; the same value on every "
+                f"device count), or None; got {reduce_chunks!r}"
+            )
+        self.reduce_chunks = reduce_chunks
         self.batch = NamedSharding(mesh, PartitionSpec(data_axis))
         self.replicated = replicated(mesh)
         self.params_shardings: PyTree = None
@@ -208,6 +246,14 @@ class DataParallel:
 
     def check_batch_size(self, batch_size: int) -> None:
         """Raise :class:`InputError` unless ``batch_size`` splits evenly over the data axis."""
+        k = self.reduce_chunks
+        if k is not None and batch_size % k:
+            lower = batch_size - batch_size % k or k
+            raise InputError(
+                f"batch size {batch_size} is not divisible by reduce_chunks={k} (the fixed "
+                f"chunks of the canonical reductions); use a multiple of {k} (e.g. {lower} "
+                f"or {lower + k}), or DataParallel(..., reduce_chunks=None)"
+            )
         n = self.data_size
         if batch_size % n:
             lower = batch_size - batch_size % n or n
@@ -292,3 +338,93 @@ class DataParallel:
             put_global(batch, jax.tree_util.tree_map(lambda _: self.batch, batch)),
             put_global(key, self.replicated),
         )
+
+
+# ------------------------------------------------- canonical (chunked) reductions
+def canonical_model(model: Any, dp: DataParallel) -> Any:
+    """``model`` with its predict_fn evaluated on ``dp.reduce_chunks`` fixed chunks.
+
+    The parameters enter through :func:`_chunk_broadcast` (one copy per chunk; its
+    transpose, the sum over the chunks, runs in a fixed order on every device), so
+    every reduction over the batch that autodiff makes for the parameters is the same
+    sum in the same order for any number of devices. Inputs whose leading size does
+    not split into the chunks (a single example inside a ``vmap``) use the model as it
+    is (nothing is reduced over a batch there).
+    """
+    import attrs
+
+    if not model.plain:
+        raise InputError(
+            "reduce_chunks needs a plain model (no has_state, no has_rng): batch "
+            "statistics or one dropout mask per batch change when the batch is evaluated "
+            "in chunks; use DataParallel(..., reduce_chunks=None) for this model"
+        )
+    k = int(dp.reduce_chunks)
+    predict = model.predict_fn
+    spec = {"k": k, "chunked": NamedSharding(dp.mesh, PartitionSpec(dp.data_axis)),
+            "rep": dp.replicated}
+
+    def chunk_broadcast(params: PyTree) -> PyTree:
+        return jax.tree_util.tree_map(lambda x: _chunk_broadcast_p().bind(x, **spec), params)
+
+    def predict_fn(params: PyTree, inputs: PyTree) -> PyTree:
+        sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(inputs)}
+        if len(sizes) != 1 or None in sizes or next(iter(sizes)) % k:
+            return predict(params, inputs)
+        xs = jax.tree_util.tree_map(lambda x: x.reshape((k, x.shape[0] // k, *x.shape[1:])), inputs)
+        out = jax.vmap(predict)(chunk_broadcast(params), xs)  # one parameter copy per chunk
+        return jax.tree_util.tree_map(lambda o: o.reshape((-1, *o.shape[2:])), out)
+
+    return attrs.evolve(model, predict_fn=predict_fn)
+
+
+def _chunk_sum(ct: Any, *, k: int, rep: NamedSharding) -> Any:
+    """``ct[0] + ct[1] + ... + ct[k-1]`` in that order, on the gathered ``(k, ...)`` array."""
+    ct = jax.lax.with_sharding_constraint(ct, rep)
+    out = ct[0]
+    for i in range(1, k):
+        out = out + ct[i]
+    return out
+
+
+def _broadcast_impl(x: Any, *, k: int, chunked: NamedSharding, rep: NamedSharding) -> Any:
+    y = jax.numpy.broadcast_to(x, (k, *np.shape(x)))
+    return jax.lax.with_sharding_constraint(y, chunked)
+
+
+_CHUNK_BROADCAST: list = []
+
+
+def _chunk_broadcast_p() -> Any:
+    """The primitive ``x -> (x, x, ..., x)`` (``k`` copies, sharded over the data axis).
+
+    Linear; its transpose is :func:`_chunk_sum` (a fixed-order sum, where a plain
+    ``broadcast_to`` would transpose to XLA's device-dependent all-reduce). Its
+    batching rule binds it again (the ``vmap`` axis moved behind the chunk axis), so
+    the transpose stays canonical under ``vmap`` too (the row-space solvers' Gram
+    matrices, the estimators' probe batches).
+    """
+    if _CHUNK_BROADCAST:
+        return _CHUNK_BROADCAST[0]
+    from jax.extend.core import Primitive
+    from jax.interpreters import ad, batching, mlir
+
+    prim = Primitive("somax_plug_chunk_broadcast")
+    prim.def_impl(_broadcast_impl)
+    prim.def_abstract_eval(lambda x, *, k, chunked, rep: x.update(shape=(k, *x.shape)))
+    mlir.register_lowering(prim, mlir.lower_fun(_broadcast_impl, multiple_results=False))
+
+    def transpose(ct: Any, x: Any, *, k: int, chunked: NamedSharding, rep: NamedSharding) -> list:
+        if type(ct) is ad.Zero:
+            return [ad.Zero(x.aval)]
+        return [_chunk_sum(ct, k=k, rep=rep)]
+
+    ad.deflinear2(prim, transpose)
+
+    def batch(args: tuple, dims: tuple, **params: Any) -> tuple:
+        (x,), (d,) = args, dims
+        return prim.bind(jax.numpy.moveaxis(x, d, 0), **params), 1
+
+    batching.primitive_batchers[prim] = batch
+    _CHUNK_BROADCAST.append(prim)
+    return prim

@@ -73,9 +73,16 @@ class Method:
         self.mesh = mesh
         self.data_parallel = None
         if mesh is not None:
-            from somax_plug._src.sharding import DataParallel
+            from somax_plug._src.sharding import DataParallel, canonical_model
 
-            self.data_parallel = DataParallel(mesh, param_sharding=param_sharding)
+            if isinstance(mesh, DataParallel):  # a layout with options (reduce_chunks)
+                if param_sharding is not None:
+                    mesh.param_sharding = param_sharding
+                self.data_parallel, self.mesh = mesh, mesh.mesh
+            else:
+                self.data_parallel = DataParallel(mesh, param_sharding=param_sharding)
+            if self.data_parallel.reduce_chunks is not None:
+                model = canonical_model(model, self.data_parallel)
         elif param_sharding is not None:
             from somax_plug._src.errors import InputError
 

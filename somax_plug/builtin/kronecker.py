@@ -845,9 +845,12 @@ class KFACPreconditioner(Preconditioner, _Explained):
         M^-1 vec(X) = (Q_L (x) Q_R) diag(1 / (d_L (x) d_R + lam)) (Q_L (x) Q_R)^T vec(X)
 
     per parameter leaf ``X`` viewed as a ``[prod(shape[:-1]), shape[-1]]`` matrix
-    (``L = A, R = G`` for an ``(in..., out)`` kernel, ``L = G, R = A`` for an Equinox
-    ``(out, in)`` one); with ``pi_damping``, ``(d_L + pi sqrt(lam)) (x) (d_R +
-    sqrt(lam)/pi)``. A layer's bias gets the full ``A_bb G`` block (``A_bb`` the
+    (``L = A, R = G`` for an ``(in..., out)`` kernel or an HWIO conv kernel, ``L = G,
+    R = A`` for an Equinox ``(out, in)`` one). With ``pi_damping``, the factored
+    damping ``M^-1 X = (L + pi sqrt(lam) I)^-1 X (R + sqrt(lam)/pi I)^-1`` with the
+    two inverses computed (and ``lam`` taken) at the inverse refresh, as kfac-jax
+    does: half the cost of an application, the damping as of the last refresh.
+    A layer's bias gets the full ``A_bb G`` block (``A_bb`` the
     bias-bias entry of ``A``), so unlike the curvature ``kfac`` the kernel-bias
     coupling is dropped: the state's shapes are known from the parameters alone.
     Leaves that the layer map does not factor, and leaves whose factors would be larger
@@ -917,7 +920,11 @@ class KFACPreconditioner(Preconditioner, _Explained):
                                       f"larger than max_dim={self.max_dim})")
             leaves[p] = st
         due = (count % self.inverse_every) == 0
-        leaves = jax.lax.cond(due, _invert, lambda s: s, leaves)
+        lam_now = jnp.asarray(lam)
+        lam_now = lam_now.astype(jnp.result_type(lam_now.dtype, jnp.float32))
+        leaves = jax.lax.cond(
+            due, lambda lv, lm: _invert(lv, lm if self.pi_damping else None, self.eps),
+            lambda lv, lm: lv, leaves, lam_now)
         return {"leaves": leaves, "count": count + 1}
 
     def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
@@ -938,17 +945,17 @@ class KFACPreconditioner(Preconditioner, _Explained):
             if "L" in st:
                 def kron(xd: Array, st: dict = st, lam_: Array = lam_, eps: Array = eps) -> Array:
                     m = xd.reshape(st["L"].shape[0], st["R"].shape[0])
-                    if self.pi_damping:
-                        r = jnp.sqrt(jnp.maximum(lam_, 0))
-                        den = (st["dL"] + st["pi"] * r)[:, None] * (st["dR"] + r / st["pi"])[None]
-                    else:
-                        den = st["dL"][:, None] * st["dR"][None, :] + lam_
+                    if self.pi_damping:  # the factors' damped inverses, cached
+                        return (st["QL"] @ m @ st["QR"]).reshape(xd.shape)
+                    den = st["dL"][:, None] * st["dR"][None, :] + lam_
                     t = st["QL"].T @ m @ st["QR"] / jnp.maximum(den, eps)
                     return (st["QL"] @ t @ st["QR"].T).reshape(xd.shape)
 
                 y = jax.lax.cond(st["kron"], kron, diag_branch, xd)
             elif "M" in st:
                 def mat(xd: Array, st: dict = st, lam_: Array = lam_, eps: Array = eps) -> Array:
+                    if self.pi_damping:
+                        return st["QM"] @ xd
                     return st["QM"] @ ((st["QM"].T @ xd) / jnp.maximum(st["dM"] + lam_, eps))
 
                 y = jax.lax.cond(st["kron"], mat, diag_branch, xd)
@@ -958,7 +965,13 @@ class KFACPreconditioner(Preconditioner, _Explained):
         return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _invert(leaves: dict) -> dict:
+def _damped_inverse(d: Array, q: Array, shift: Array, eps: float) -> Array:
+    return (q / jnp.maximum(d + shift, eps)[None, :]) @ q.T
+
+
+def _invert(leaves: dict, lam: Array | None, eps: float) -> dict:
+    """Eigendecompositions; with ``lam`` (pi damping) the damped inverses themselves,
+    ``(L + pi sqrt(lam))^-1`` and ``(R + sqrt(lam)/pi)^-1``, stored in ``QL`` / ``QR``."""
     out = {}
     for p, st in leaves.items():
         st = dict(st)
@@ -966,7 +979,13 @@ def _invert(leaves: dict) -> dict:
             st["dL"], st["QL"] = _eigh(st["L"])
             st["dR"], st["QR"] = _eigh(st["R"])
             st["pi"] = _pi(st["L"], st["R"], st["L"].dtype)
+            if lam is not None:
+                r = jnp.sqrt(jnp.maximum(lam, 0)).astype(st["L"].dtype)
+                st["QL"] = _damped_inverse(st["dL"], st["QL"], st["pi"] * r, eps)
+                st["QR"] = _damped_inverse(st["dR"], st["QR"], r / st["pi"], eps)
         elif "M" in st:
             st["dM"], st["QM"] = _eigh(st["M"])
+            if lam is not None:
+                st["QM"] = _damped_inverse(st["dM"], st["QM"], lam.astype(st["M"].dtype), eps)
         out[p] = st
     return out

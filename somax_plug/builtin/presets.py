@@ -23,8 +23,9 @@ preset                 composition
 ``soap``               soap (betas 0.95, basis every 10 steps) + identity
                        (momentum 0.95)
 ``kfac``               kfac curvature (for the damping's model) + kfac
-                       preconditioner (EMA 0.95, inverses every 10) + identity
-                       + levenberg_marquardt; Monte-Carlo Fisher factors
+                       preconditioner (EMA 0.95, pi-damped inverses every 10)
+                       + identity + levenberg_marquardt; Monte-Carlo Fisher
+                       factors
 ``ekfac``              ekfac (Monte-Carlo Fisher) + kronecker_inverse +
                        levenberg_marquardt
 ``ggn_cg_kfac``        ggn + cg preconditioned by kfac (Monte-Carlo Fisher
@@ -199,7 +200,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         {
             "curvature": {"name": "kfac", "source": "fisher"},
             "preconditioner": {"name": "kfac", "source": "fisher", "decay": 0.95,
-                               "inverse_every": 10},
+                               "inverse_every": 10, "pi_damping": True},
             "solver": "identity",
             "damping": {"name": "levenberg_marquardt", "init": 1.0},
         },
@@ -220,7 +221,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
             "curvature": "ggn",
             "solver": {"name": "cg", "maxiter": 10, "tol": 1e-5},
             "preconditioner": {"name": "kfac", "source": "fisher", "decay": 0.95,
-                               "inverse_every": 1},
+                               "inverse_every": 1, "pi_damping": True},
             "damping": {"name": "levenberg_marquardt", "init": 1.0},
         },
     ),
