@@ -11,7 +11,7 @@ PROCESS_ID]``. Roles:
   checkpoint (every process calls :func:`somax_plug.checkpoint.save`). Writes
   ``train-<pid>.npz`` (parameters and solver iteration counts per case).
 * ``reference``: one process, 4 virtual devices, no ``jax.distributed``: the same
-  cases on a 4-device mesh and (the CG cases) a 2-device mesh; writes
+  cases on a 4-device mesh and (``sgn``, ``sgn_chunked``) a 2-device mesh; writes
   ``ref-<n>dev.npz``.
 * ``resume`` (a process of a second group): restores the checkpoint into a
   two-process method, runs the remaining steps (``resume-<pid>.npz``); then process 1
@@ -225,7 +225,7 @@ def main():
         # 2 devices: the Krylov iteration counts (and parameters) of the CG cases
         np.savez(
             OUT / "ref-2dev.npz",
-            **all_cases(mesh_for(2), only=("sgn", "sgn_chunked", "pcg_jacobi")),
+            **all_cases(mesh_for(2), only=("sgn", "sgn_chunked")),
         )
     elif ROLE == "resume_single":
         np.savez(OUT / "ref-1dev.npz", **all_cases(mesh_for(1)))
