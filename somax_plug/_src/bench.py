@@ -149,6 +149,7 @@ def _krylov(quick: bool, smoke: bool) -> dict[str, Any]:
 
 def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
     from somax_plug._src.benchmarks import (
+        distributed,
         flops,
         kfac,
         paper_presets,
@@ -169,6 +170,7 @@ def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
         "time_to_accuracy": lambda q, s: time_to_accuracy.run(quick=q, smoke=s),
         "shampoo": lambda q, s: shampoo.run(quick=q, smoke=s),
         "kfac": lambda q, s: kfac.run(quick=q, smoke=s),
+        "distributed": lambda q, s: distributed.run(quick=q, smoke=s),
     }
 
 
