@@ -374,7 +374,7 @@ class Method:
         text = self.plan.explain()
         if params is not None and inputs is not None and "layer_map" in self.core.providers:
             text += "\n" + str(self.layer_map(params, inputs, model_state))
-        chosen, pending = [], []
+        chosen, pending = [f"  {'step':<15} {line}" for line in self.core.recorded], []
         for c in self.plan.components:
             recorded = getattr(c.instance, "recorded_choices", None)
             lines = list(recorded()) if callable(recorded) else []

@@ -175,6 +175,61 @@ def cadenced(every_k: int, count: jax.Array, run: Any, skip: Any, operand: Any) 
     return jax.lax.cond((count % every_k) == 0, run, skip, operand)
 
 
+PHASE_MODES = ("auto", "switch", "select")
+
+
+def _contains(jaxpr: Any, primitive: str) -> bool:
+    """Whether ``jaxpr`` (or one of its sub-jaxprs) holds an equation of ``primitive``."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            return True
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _contains(inner, primitive):
+                    return True
+    return False
+
+
+def phase_mode_for(mode: str, model: Any, params: Any, inputs: Any) -> tuple[str, str]:
+    """``(mode, reason)``: how the cadence phases of a step run (decided when traced).
+
+    ``"switch"`` runs one ``lax.switch`` branch, so a step pays only for what is due.
+    ``"select"`` computes every phase and selects the due one: on XLA's CPU backend a
+    convolution inside a conditional (or loop) body runs far slower than at the top
+    level (jax-ml/jax#12868; measured here: a conv net's gradient 29.7 ms at the top
+    level, 1380 ms inside ``lax.switch``), so computing both phases there is cheaper.
+    ``"auto"`` picks ``"select"`` on the CPU backend for a model with a
+    ``conv_general_dilated``, ``"switch"`` otherwise.
+    """
+    if mode != "auto":
+        return mode, "as set"
+    if jax.default_backend() != "cpu":
+        return "switch", f"backend {jax.default_backend()}"
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), (params, inputs)
+    )
+    try:
+        closed = jax.make_jaxpr(model.outputs)(*abstract)
+    except Exception:  # noqa: BLE001 - the step itself reports a model that fails
+        return "switch", "the model could not be inspected"
+    if _contains(closed.jaxpr, "conv_general_dilated"):
+        return "select", "CPU backend and a convolution in the model: XLA CPU runs convs " \
+            "inside a conditional slowly, so every phase is computed and the due one selected"
+    return "switch", "no convolution in the model"
+
+
+def _select(index: jax.Array, cases: tuple) -> jax.Array:
+    """``cases[index]`` elementwise (any dtype, PRNG keys included)."""
+    first = cases[0]
+    if jnp.issubdtype(jnp.result_type(first), jax.dtypes.prng_key):
+        data = [jax.random.key_data(c) for c in cases]
+        return jax.random.wrap_key_data(
+            jax.lax.select_n(index, *data), impl=jax.random.key_impl(first)
+        )
+    return jax.lax.select_n(index, *cases)
+
+
 class StepCore:
     """A plan bound to a model: the pure pieces of a step (see the module docstring).
 
@@ -196,6 +251,12 @@ class StepCore:
         self._after_names = frozenset(r.name for r in self._after)
         self.force_ticks: frozenset[int] | None = None
         """Benchmarks only: run this phase (the cadences that tick) on every step."""
+        self.phase_mode: str = "auto"
+        """How a step with several cadence phases runs only what is due: ``"switch"``
+        (one ``lax.switch`` branch per phase), ``"select"`` (every phase computed,
+        the due one selected) or ``"auto"`` (see :func:`phase_mode_for`)."""
+        self.recorded: list[str] = []
+        """Choices made when the step was traced (``Method.explain`` prints them)."""
         self._subbatch = None
         if plan.curvature_batch:
             subs = {
@@ -328,7 +389,13 @@ class StepCore:
             index = sum(
                 ((count % k) == 0).astype(jnp.int32) << i for i, k in enumerate(self.cadences)
             )
-            out = jax.lax.switch(index, [phase(p) for p in patterns], carry)
+            mode, why = phase_mode_for(self.phase_mode, res.model, params, batch[0])
+            self.recorded = [f"cadence phases: {mode} ({why})"]
+            if mode == "switch":
+                out = jax.lax.switch(index, [phase(p) for p in patterns], carry)
+            else:
+                outs = [phase(p)(carry) for p in patterns]
+                out = jax.tree_util.tree_map(lambda *xs: _select(index, xs), *outs)
         loss, grad, stats, est_states, pc_state = out
         res.set("loss", loss)
         res.set("grad", grad)
