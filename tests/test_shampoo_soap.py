@@ -9,6 +9,8 @@ with basis refreshes re-derived step by step. Tolerances: float64 throughout, so
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,6 +283,23 @@ def test_standalone_in_optax_chain_with_weight_decay_and_cosine_schedule(name):
     assert float(ce(params, batch)) < 0.8 * start
 
 
+@functools.cache
+def _ggn_cg_trajectory(name: str, eps: float | None) -> dict:
+    """Ten GGN-CG steps on the float64 MLP with preconditioner ``name`` (cached: the plain
+    CG trajectory is shared by both parametrizations)."""
+    params, batch = mlp_problem(jnp.float64)
+    pre = name if eps is None else {"name": name, "eps": eps}
+    method = compose(curvature="ggn", preconditioner=pre,
+                     solver={"name": "cg", "tol": 1e-10, "maxiter": 200},
+                     damping={"name": "constant", "lam": 1e-1},
+                     predict_fn=mlp, loss="softmax_cross_entropy", learning_rate=1.0)
+    p, state = params, method.init(params)
+    for t in range(10):
+        p, state, info = method.step(p, state, batch, jax.random.key(t))
+        assert bool(info["solver_converged"]), (pre, t, info["solver_residual"])
+    return p
+
+
 @pytest.mark.parametrize(("name", "eps"), [("shampoo", 1e-4), ("soap", 1e-2)])
 def test_as_pcg_preconditioner_of_cg_on_the_ggn(name, eps):
     """GGN-CG preconditioned by Shampoo / SOAP solves the same damped system as plain CG
@@ -288,19 +307,7 @@ def test_as_pcg_preconditioner_of_cg_on_the_ggn(name, eps):
     CG's trajectory. (A larger eps than the first-order defaults: with 1e-12 / 1e-8 the
     factors' null directions make M^-1 ill-conditioned and CG needs ~n iterations.)"""
     params, batch = mlp_problem(jnp.float64)
-
-    def trajectory(pre):
-        method = compose(curvature="ggn", preconditioner=pre,
-                         solver={"name": "cg", "tol": 1e-10, "maxiter": 200},
-                         damping={"name": "constant", "lam": 1e-1},
-                         predict_fn=mlp, loss="softmax_cross_entropy", learning_rate=1.0)
-        p, state = params, method.init(params)
-        for t in range(10):
-            p, state, info = method.step(p, state, batch, jax.random.key(t))
-            assert bool(info["solver_converged"]), (pre, t, info["solver_residual"])
-        return p
-
-    ours, plain = trajectory({"name": name, "eps": eps}), trajectory("identity")
+    ours, plain = _ggn_cg_trajectory(name, eps), _ggn_cg_trajectory("identity", None)
     assert float(ce(ours, batch)) < 0.5 * float(ce(params, batch))
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain),
                     strict=True):
