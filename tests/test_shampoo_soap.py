@@ -10,15 +10,18 @@ with basis refreshes re-derived step by step. Tolerances: float64 throughout, so
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from somax_plug import CompositionError, InputError, as_optax, compose
-from somax_plug.builtin.shampoo import SOAP, Shampoo, layout_of
+from somax_plug.builtin.shampoo import SOAP, Shampoo, from_blocks, layout_of, to_blocks
 from tests.reliability import Case, check_corpus
 
 RTOL = 1e-9  # float64 eigh and products on factors with condition number < 1e4
@@ -89,6 +92,28 @@ def test_shampoo_blocks_each_block_likewise():
                 gb = gs[t][r0:r1, c0:c1]
                 want[r0:r1, c0:c1] = np_root(big_l, 0.25, eps) @ gb @ np_root(big_r, 0.25, eps)
         np.testing.assert_allclose(outs[t], want, rtol=RTOL, atol=1e-12, err_msg=f"step {t}")
+
+
+@given(shape=st.lists(st.integers(1, 9), min_size=0, max_size=4).map(tuple),
+       block=st.integers(2, 5))
+def test_layout_blocks_round_trip_and_cover_the_matrix(shape, block):
+    """Every shape gets a layout; blocks of the merged matrix round-trip exactly and each
+    block is the matching slice of the matrix (zeros where padded)."""
+    lay = layout_of(shape, block, "merge_leading", None)
+    x = np.arange(1, math.prod(shape) + 1, dtype=np.float64).reshape(shape)
+    if lay.kind == "diagonal":
+        assert len(shape) < 2 or min(math.prod(shape[:-1]), shape[-1]) == 1
+        return
+    assert lay.br <= block and lay.bc <= block
+    blocks = np.asarray(to_blocks(jnp.asarray(x), lay))
+    np.testing.assert_array_equal(np.asarray(from_blocks(jnp.asarray(blocks), lay)), x)
+    m = x.reshape(lay.rows, lay.cols)
+    for i in range(lay.nbr):
+        for j in range(lay.nbc):
+            want = np.zeros((lay.br, lay.bc))
+            part = m[i * lay.br:(i + 1) * lay.br, j * lay.bc:(j + 1) * lay.bc]
+            want[: part.shape[0], : part.shape[1]] = part
+            np.testing.assert_array_equal(blocks[i * lay.nbc + j], want)
 
 
 @pytest.mark.parametrize("graft", ["adam", "sgd"])

@@ -101,7 +101,7 @@ PyTree = Any
 Array = Any
 Stats = dict[str, Any]
 
-__all__ = ["SOAP", "Layout", "Shampoo", "layout_of"]
+__all__ = ["SOAP", "Layout", "Shampoo", "from_blocks", "inverse_root", "layout_of", "to_blocks"]
 
 RESHAPES = ("merge_leading", "diagonal")
 GRAFTS = ("adam", "sgd", "none")
