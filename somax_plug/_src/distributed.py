@@ -239,8 +239,8 @@ def process_batch(local_batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree
         >>> import numpy as np
         >>> from somax_plug import data_parallel_mesh
         >>> x, y = process_batch((np.ones((4, 2)), np.zeros(4)), data_parallel_mesh(1))
-        >>> x.shape, x.sharding.spec
-        ((4, 2), PartitionSpec('data',))
+        >>> x.shape, x.sharding.spec == PartitionSpec("data")
+        ((4, 2), True)
     """
     sharding = _data_sharding(mesh, axis)
     local = _local_rows(mesh, axis)
