@@ -53,7 +53,7 @@ if GROUP:
         process_id=int(sys.argv[5]),
         local_device_count=2,
         initialization_timeout_s=60,
-        heartbeat_timeout_s=8,
+        heartbeat_timeout_s=15,  # a loaded CI machine must not miss heartbeats
         shutdown_timeout_s=10,
     )
 else:

@@ -76,9 +76,12 @@ class Method:
             from somax_plug._src.sharding import DataParallel, canonical_model
 
             if isinstance(mesh, DataParallel):  # a layout with options (reduce_chunks)
+                import copy
+
+                layout = copy.copy(mesh)  # this method's own bound layouts
                 if param_sharding is not None:
-                    mesh.param_sharding = param_sharding
-                self.data_parallel, self.mesh = mesh, mesh.mesh
+                    layout.param_sharding = param_sharding
+                self.data_parallel, self.mesh = layout, mesh.mesh
             else:
                 self.data_parallel = DataParallel(mesh, param_sharding=param_sharding)
             if self.data_parallel.reduce_chunks is not None:
