@@ -162,6 +162,7 @@ def test_two_processes_match_one_process_resume_and_fail_cleanly(tmp_path):
         # measured 3.2e-16 there
         for n in (4, 2):
             assert _max_diff(t0, refs[n], "sgn_chunked") == 0.0, n
+        assert bool(refs[4]["warned"])  # reduce_chunks + cadence on CPU devices: warned
         for case in ("sgn", "sgn_chunked", "gauss_newton_lm", "sophia_h", "pcg_jacobi"):
             it = t0[f"{case}/iterations"]
             assert it.shape == (5,) and np.all(it >= 1), (case, it)

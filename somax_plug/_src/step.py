@@ -51,6 +51,37 @@ from somax_plug._src.validation import InputValidator
 
 __all__ = ["INFO_KEYS", "Method", "MethodState"]
 
+_CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _warn_cpu_collectives(plan: Plan, dp: Any) -> None:
+    """Warn where canonical reductions met an XLA CPU collective deadlock (measured).
+
+    Several CPU devices in this process, ``reduce_chunks`` and an estimator under a
+    cadence (``every_k > 1``): XLA's CPU runtime ran two collectives in different
+    orders on different devices and aborted after 40 s. The flag avoids it.
+    """
+    import os
+    import warnings
+
+    local = [d for d in dp.mesh.devices.flat if d.process_index == jax.process_index()]
+    cadenced = [c.name for c in plan.estimators if c.every_k > 1]
+    if (
+        len(local) > 1
+        and all(d.platform == "cpu" for d in local)
+        and cadenced
+        and _CPU_SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", "")
+    ):
+        warnings.warn(
+            f"reduce_chunks with the cadenced estimator(s) {', '.join(cadenced)} on "
+            f"{len(local)} CPU devices of one process deadlocked in XLA's CPU collectives "
+            f"in tests (aborted after 40 s); start Python with XLA_FLAGS={_CPU_SCHEDULER_FLAG}"
+            ", or use one CPU device per process (see docs/howto/multi-process.md)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 class Method:
     """A planned composition bound to a model: ``init`` and a jitted ``step``.
 
@@ -86,6 +117,7 @@ class Method:
                 self.data_parallel = DataParallel(mesh, param_sharding=param_sharding)
             if self.data_parallel.reduce_chunks is not None:
                 model = canonical_model(model, self.data_parallel)
+                _warn_cpu_collectives(plan, self.data_parallel)
         elif param_sharding is not None:
             from somax_plug._src.errors import InputError
 
