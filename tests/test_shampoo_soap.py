@@ -211,31 +211,85 @@ def test_soap_is_adam_on_the_rotated_gradient():
                                    err_msg=f"step {t}")
 
 
-def test_soap_with_refreshes_matches_a_dense_reference():
-    """Basis refreshed every 2 updates: factors, eigh bases, the second moment carried
-    into the new basis as (P_L o P_L)^T v (P_R o P_R), Adam's denominator."""
+def np_qr_basis(f: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The authors' refresh in float64: sort q's columns by diag(q^T f q) (descending),
+    one power step f q, QR, column signs fixed so that R's diagonal is positive."""
+    q = q[:, np.argsort(-np.diag(q.T @ f @ q), kind="stable")]
+    qn, r = np.linalg.qr(f @ q)
+    return qn * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def soap_reference(gs, b2, sb, eps, k, refresh, left=True, right=True):
+    """SOAP's outputs step by step (float64): factors, bases (eigh at the first refresh,
+    then eigh or the QR power step), the second moment carried into the new basis as
+    (P_L o P_L)^T v (P_R o P_R), Adam's denominator; a side not rotated keeps Q = I."""
+    m, n = gs[0].shape
+    big_l, big_r, ql, qr, v = np.zeros((m, m)), np.zeros((n, n)), np.eye(m), np.eye(n), 0.0
+    outs = []
+    for t, g in enumerate(gs):
+        big_l = sb * big_l + (1 - sb) * g @ g.T
+        big_r = sb * big_r + (1 - sb) * g.T @ g
+        if t % k == 0:
+            if refresh == "eigh" or t == 0:
+                nl, nr = np.linalg.eigh(big_l)[1], np.linalg.eigh(big_r)[1]
+            else:
+                nl, nr = np_qr_basis(big_l, ql), np_qr_basis(big_r, qr)
+            nl, nr = (nl if left else np.eye(m)), (nr if right else np.eye(n))
+            pl, pr = ql.T @ nl, qr.T @ nr
+            v = (pl**2).T @ (v * np.ones((m, n))) @ pr**2
+            ql, qr = nl, nr
+        v = b2 * v + (1 - b2) * (ql.T @ g @ qr) ** 2
+        outs.append(ql @ ((ql.T @ g @ qr) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)) @ qr.T)
+    return outs
+
+
+@pytest.mark.parametrize("refresh", ["eigh", "qr"])
+def test_soap_with_refreshes_matches_a_dense_reference(refresh):
+    """Basis refreshed every 2 updates, by eigh each time or (after the first) by the
+    authors' power step + QR: equal to :func:`soap_reference` in float64."""
     b2, sb, eps, k = 0.9, 0.8, 1e-8, 2
-    pre = SOAP(beta2=b2, shampoo_beta=sb, eps=eps, precondition_every=k)
+    pre = SOAP(beta2=b2, shampoo_beta=sb, eps=eps, precondition_every=k, refresh=refresh)
     # square gradients: full-rank factors from the first step (in a null direction of
     # L the rotated gradient is rounding, and Adam's ratio of it is not reproducible)
     gs = grads(5, (4, 4), 6)
     _, outs = run(pre, gs, jnp.zeros((4, 4)))
-    big_l, big_r, ql, qr, v = np.zeros((4, 4)), np.zeros((4, 4)), np.eye(4), np.eye(4), 0.0
-    for t, (g, out) in enumerate(zip(gs, outs, strict=True)):
-        big_l = sb * big_l + (1 - sb) * g @ g.T
-        big_r = sb * big_r + (1 - sb) * g.T @ g
-        if t % k == 0:
-            nl, nr = np.linalg.eigh(big_l)[1], np.linalg.eigh(big_r)[1]
-            pl, pr = ql.T @ nl, qr.T @ nr
-            v = (pl**2).T @ (v * np.ones((4, 4))) @ pr**2
-            ql, qr = nl, nr
-        v = b2 * v + (1 - b2) * (ql.T @ g @ qr) ** 2
-        want = ql @ ((ql.T @ g @ qr) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)) @ qr.T
+    wants = soap_reference(gs, b2, sb, eps, k, refresh)
+    for t, (out, want) in enumerate(zip(outs, wants, strict=True)):
         # eigh's bases are unique up to signs, and the direction is invariant to them. At
         # step 0 Q_L^T G Q_R is diagonal (G's singular values): its off-diagonal entries
         # are rounding (~1e-17) divided by sqrt(v) + eps ~ 1e-8, hence atol 1e-6 there
         np.testing.assert_allclose(out, want, rtol=1e-8, atol=1e-6 if t == 0 else 1e-11,
                                    err_msg=f"step {t}")
+
+
+def test_soap_qr_refresh_tracks_the_eigenbasis():
+    """Repeated power steps + QR on a fixed SPD factor converge to its eigh basis
+    (columns by descending eigenvalue, up to signs)."""
+    from somax_plug.builtin.shampoo import qr_basis
+
+    rng = np.random.default_rng(7)
+    u = np.linalg.qr(rng.normal(size=(5, 5)))[0]
+    f = (u * np.array([9.0, 4.0, 2.0, 1.0, 0.5])) @ u.T
+    q = jnp.eye(5)
+    for _ in range(60):
+        q = qr_basis(jnp.asarray(f), q)
+    np.testing.assert_allclose(np.abs(np.asarray(q).T @ u), np.eye(5), atol=1e-8)
+    np.testing.assert_allclose(np.asarray(q).T @ np.asarray(q), np.eye(5), atol=1e-12)
+
+
+def test_soap_one_sided_above_max_precond_dim():
+    """A [3, 6] matrix with max_precond_dim=4: the 6 columns keep no factor and are not
+    rotated (Q_R = I), the rows are; equal to the float64 reference; explain says so."""
+    b2, sb, eps, k = 0.9, 0.8, 1e-8, 2
+    pre = SOAP(beta2=b2, shampoo_beta=sb, eps=eps, precondition_every=k, max_precond_dim=4)
+    gs = grads(8, (3, 6), 5)
+    state, outs = run(pre, gs, jnp.zeros((3, 6)))
+    assert set(state["leaves"][0]) == {"L", "QL", "v"}
+    for t, (out, want) in enumerate(zip(outs, soap_reference(gs, b2, sb, eps, k, "qr",
+                                                             right=False), strict=True)):
+        np.testing.assert_allclose(out, want, rtol=1e-8, atol=1e-6 if t == 0 else 1e-11,
+                                   err_msg=f"step {t}")
+    assert "not rotated: columns 6 > max_precond_dim=4" in pre.recorded_choices()[0]
 
 
 # ---------------------------------------------------------- in a step, scan, optax, pcg
@@ -401,6 +455,8 @@ def test_bad_inputs_are_refused_with_clear_errors():
         ("soap", "precondition_every", -3, ">= 1"),
         ("soap", "block_size", 1, ">= 2"),
         ("soap", "max_dim", 1, ">= 2"),
+        ("soap", "refresh", "lanczos", "'qr', 'eigh'"),
+        ("soap", "max_precond_dim", 0, ">= 1"),
     ]
     cases = [
         Case(f"{name} {opt}={value!r}", _compose(name=name, **{opt: value}),

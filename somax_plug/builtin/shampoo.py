@@ -101,7 +101,8 @@ PyTree = Any
 Array = Any
 Stats = dict[str, Any]
 
-__all__ = ["SOAP", "Layout", "Shampoo", "from_blocks", "inverse_root", "layout_of", "to_blocks"]
+__all__ = ["SOAP", "Layout", "Shampoo", "eigh_basis", "from_blocks", "inverse_root", "layout_of",
+           "qr_basis", "to_blocks"]
 
 RESHAPES = ("merge_leading", "diagonal")
 GRAFTS = ("adam", "sgd", "none")
@@ -423,6 +424,52 @@ def _ratio(num: Array, den: Array) -> Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1), jnp.ones_like(num))
 
 
+def _rotate(x: Array, ql: Array | None, qr: Array | None) -> Array:
+    """``Q_L^T x Q_R`` (batched); a ``None`` side is the identity (not rotated)."""
+    if ql is not None:
+        x = jnp.swapaxes(ql, -1, -2) @ x
+    return x if qr is None else x @ qr
+
+
+def _rotate_back(x: Array, ql: Array | None, qr: Array | None) -> Array:
+    """``Q_L x Q_R^T`` (batched), the inverse of :func:`_rotate`."""
+    if ql is not None:
+        x = ql @ x
+    return x if qr is None else x @ jnp.swapaxes(qr, -1, -2)
+
+
+def eigh_basis(f: Array) -> Array:
+    """The eigenvectors of the symmetric ``f`` (batched; columns by ascending eigenvalue)."""
+    return jnp.linalg.eigh(_sym(f))[1]
+
+
+def qr_basis(f: Array, q: Array) -> Array:
+    """One step of power iteration from the orthogonal ``q`` towards ``f``'s eigenbasis.
+
+    As the SOAP authors' ``get_orthogonal_matrix_QR``: the columns of ``q`` are sorted
+    by the estimated eigenvalues ``diag(q^T f q)`` (descending, stable), then
+    ``Q' R = f q_sorted`` (QR); here ``Q'``'s column signs are fixed so that ``R``'s
+    diagonal is >= 0 (the factorisation is then unique for a full-rank ``f q``). Costs
+    one ``b x b`` product and one QR per factor, against an ``eigh``'s iterations.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = jnp.diag(jnp.array([1.0, 3.0]))
+        >>> q = qr_basis(f, jnp.eye(2))  # the larger eigenvalue's vector first
+        >>> bool((q == jnp.array([[0.0, 1.0], [1.0, 0.0]])).all())
+        True
+    """
+    fq = f @ q
+    est = jnp.sum(q * fq, axis=-2)  # diag(q^T f q), from the same product
+    idx = jnp.argsort(-est, axis=-1, stable=True)[..., None, :]
+    qn, r = jnp.linalg.qr(jnp.take_along_axis(fq, idx, axis=-1))
+    sign = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
+    return qn * jnp.where(sign == 0, 1, sign)[..., None, :]
+
+
+REFRESHES = ("qr", "eigh")
+
+
 @declare(
     "soap",
     summary="SOAP: Adam in the eigenbasis of Shampoo's factors, basis refreshed at a cadence",
@@ -436,26 +483,57 @@ class SOAP(_Kronecker):
     second moment on a basis refresh. Use it with the ``identity`` solver and
     ``momentum = beta1`` for the whole of SOAP (the ``soap`` preset).
 
+    The basis: ``eigh`` of the factors at the first refresh; after it, with
+    ``refresh="qr"`` (default, the authors' code), one step of power iteration from
+    the current basis (:func:`qr_basis`: columns sorted by ``diag(Q^T L Q)``, then
+    ``QR(L Q)``), with ``refresh="eigh"`` a full ``eigh`` every time. A block side
+    longer than ``max_precond_dim`` keeps no factor and is not rotated (``Q = I`` on
+    that side: the authors' one-sided preconditioning of large dimensions).
+
     State: ``{"count": int32, "leaves": (per leaf)}``; a block leaf holds ``L``, ``R``
     ``[nb, b, b]`` (the factors), ``QL``, ``QR`` (the bases, identity before the
-    first refresh) and ``v`` ``[nb, br, bc]`` (the rotated second moment); a
-    diagonal leaf (Adam) ``v`` in the leaf's shape.
+    first refresh; both absent for a side above ``max_precond_dim``) and ``v``
+    ``[nb, br, bc]`` (the rotated second moment); a diagonal leaf (Adam) ``v`` in the
+    leaf's shape.
 
     Options: ``beta2`` (0.95), ``shampoo_beta`` (0.95), ``eps`` (1e-8),
-    ``block_size`` (1024), ``precondition_every`` (10), ``reshape``
-    ("merge_leading"), ``max_dim`` (None).
+    ``block_size`` (1024), ``precondition_every`` (10), ``refresh`` ("qr"),
+    ``max_precond_dim`` (None: every side rotated), ``reshape`` ("merge_leading"),
+    ``max_dim`` (None).
     """
 
     beta2: float = option(0.95, ge=0, lt=1, doc="Adam's second-moment decay (rotated basis)")
     shampoo_beta: float = option(0.95, gt=0, le=1, doc="EMA decay of the factors (1: sums)")
     eps: float = option(1e-8, gt=0, le=1, doc="Adam's epsilon")
     block_size: int = option(1024, ge=2, le=8192, doc="largest block side (eigh cost ~ b^3)")
+    refresh: str = option("qr", choices=REFRESHES,
+                          doc="basis after the first: power iteration + QR, or a full eigh")
+    max_precond_dim: int | None = option(
+        None, ge=1, doc="a block side above this is not rotated (no factor; None: all are)"
+    )
 
     name = "soap"
 
     @property
     def factor_beta(self) -> float:
         return self.shampoo_beta
+
+    def sides(self, lay: Layout) -> tuple[bool, bool]:
+        """Whether the rows (left) and the columns (right) of ``lay``'s blocks are rotated."""
+        cap = self.max_precond_dim
+        return (cap is None or lay.br <= cap), (cap is None or lay.bc <= cap)
+
+    def _record(self, params: PyTree) -> None:
+        paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        for (path, x), lay in zip(paths, self.layouts(params), strict=True):
+            where = jax.tree_util.keystr(path) or "params"
+            note = ""
+            if lay.kind == "blocks":
+                left, right = self.sides(lay)
+                off = [f"{n} {d} > max_precond_dim={self.max_precond_dim}" for ok, n, d in
+                       ((left, "rows", lay.br), (right, "columns", lay.bc)) if not ok]
+                note = f"; not rotated: {', '.join(off)}" if off else ""
+            self._choices.add(f"{where} {tuple(jnp.shape(x))}: {lay.reason}{note}")
 
     def init(self, params: PyTree) -> PyTree:
         self._record(params)
@@ -464,9 +542,14 @@ class SOAP(_Kronecker):
         for x, lay in zip(leaves, lays, strict=True):
             dt = _dtype(jnp.asarray(x))
             if lay.kind == "blocks":
-                st = self._factors(lay, dt)
-                st["QL"] = self._eye(lay.br, lay, dt)
-                st["QR"] = self._eye(lay.bc, lay, dt)
+                left, right = self.sides(lay)
+                st = {}
+                if left:
+                    st["L"] = jnp.zeros((lay.blocks, lay.br, lay.br), dt)
+                    st["QL"] = self._eye(lay.br, lay, dt)
+                if right:
+                    st["R"] = jnp.zeros((lay.blocks, lay.bc, lay.bc), dt)
+                    st["QR"] = self._eye(lay.bc, lay, dt)
                 st["v"] = jnp.zeros((lay.blocks, lay.br, lay.bc), dt)
             else:
                 st = {"v": jnp.zeros(lay.shape, dt)}
@@ -479,7 +562,11 @@ class SOAP(_Kronecker):
         leaves, _, lays = self._leaves(grad)
         calls = state["count"]
         due = (calls % self.precondition_every) == 0
-        b2 = self.beta2
+        # 0: keep the basis, 1: eigh (the first refresh, or every one), 2: power step + QR
+        index = due.astype(jnp.int32)
+        if self.refresh == "qr":
+            index = jnp.where(due & (calls > 0), 2, index)
+        b2, fb = self.beta2, self.factor_beta
         out = []
         for g, lay, st in zip(leaves, lays, state["leaves"], strict=True):
             dt = st["v"].dtype
@@ -488,22 +575,44 @@ class SOAP(_Kronecker):
                 out.append({"v": b2 * st["v"] + (1 - b2) * g * g})
                 continue
             gb = to_blocks(g, lay)
-            big_l, big_r = self._accumulate(st, gb)
+            new = dict(st)
+            if "L" in st:
+                new["L"] = _ema(st["L"], gb @ jnp.swapaxes(gb, -1, -2), fb)
+            if "R" in st:
+                new["R"] = _ema(st["R"], jnp.swapaxes(gb, -1, -2) @ gb, fb)
+            sides = [s for s in ("L", "R") if s in st]
 
-            def refresh(_: Any, st: dict = st, big_l: Array = big_l,
-                        big_r: Array = big_r) -> tuple[Array, Array, Array]:
-                ql = jnp.linalg.eigh(_sym(big_l))[1]
-                qr = jnp.linalg.eigh(_sym(big_r))[1]
-                pl = jnp.swapaxes(st["QL"], -1, -2) @ ql
-                pr = jnp.swapaxes(st["QR"], -1, -2) @ qr
-                v = jnp.swapaxes(pl * pl, -1, -2) @ st["v"] @ (pr * pr)
-                return ql, qr, v
+            def carry(bases: dict, st: dict = st) -> tuple[dict, Array]:
+                """The second moment seen in the new bases: (P_L o P_L)^T v (P_R o P_R)."""
+                p = {s: jnp.swapaxes(st["Q" + s], -1, -2) @ bases[s] for s in bases}
+                v = st["v"]
+                if "L" in p:
+                    v = jnp.swapaxes(p["L"] * p["L"], -1, -2) @ v
+                if "R" in p:
+                    v = v @ (p["R"] * p["R"])
+                return bases, v
 
-            keep = lambda _, st=st: (st["QL"], st["QR"], st["v"])  # noqa: E731
-            ql, qr, v = lax.cond(due, refresh, keep, None)
-            gr = jnp.swapaxes(ql, -1, -2) @ gb @ qr
-            v = b2 * v + (1 - b2) * gr * gr
-            out.append({"L": big_l, "R": big_r, "QL": ql, "QR": qr, "v": v})
+            def keep(_: Any, st: dict = st, sides: list = sides) -> tuple[dict, Array]:
+                return {s: st["Q" + s] for s in sides}, st["v"]
+
+            def by_eigh(_: Any, new: dict = new, sides: list = sides, carry: Any = carry
+                        ) -> tuple[dict, Array]:
+                return carry({s: eigh_basis(new[s]) for s in sides})
+
+            def by_qr(_: Any, new: dict = new, st: dict = st, sides: list = sides,
+                      carry: Any = carry) -> tuple[dict, Array]:
+                return carry({s: qr_basis(new[s], st["Q" + s]) for s in sides})
+
+            branches = [keep, by_eigh] + ([by_qr] if self.refresh == "qr" else [])
+            if sides:
+                bases, v = lax.switch(index, branches, None)
+            else:
+                bases, v = {}, st["v"]
+            for s in sides:
+                new["Q" + s] = bases[s]
+            gr = _rotate(gb, bases.get("L"), bases.get("R"))
+            new["v"] = b2 * v + (1 - b2) * gr * gr
+            out.append(new)
         return {"count": calls + 1, "leaves": tuple(out)}
 
     def apply(self, state: PyTree, v: PyTree, lam: Array) -> PyTree:
@@ -519,8 +628,8 @@ class SOAP(_Kronecker):
             if lay.kind == "diagonal":
                 y = xd / denom
             else:
-                ql, qr = st["QL"], st["QR"]
-                yr = (jnp.swapaxes(ql, -1, -2) @ to_blocks(xd, lay) @ qr) / denom
-                y = from_blocks(ql @ yr @ jnp.swapaxes(qr, -1, -2), lay)
+                ql, qr = st.get("QL"), st.get("QR")
+                y = from_blocks(_rotate_back(_rotate(to_blocks(xd, lay), ql, qr) / denom,
+                                             ql, qr), lay)
             out.append(y.astype(jnp.asarray(x).dtype))
         return jax.tree_util.tree_unflatten(treedef, out)
