@@ -23,10 +23,10 @@ rotating), each call timed to ``jax.block_until_ready``
 block time / ``block``. Process CPU time is recorded too.
 
 FLOPs: XLA's cost analysis of the compiled ``kfac`` step (it counts the inverse
-refresh's branch of the ``lax.cond`` as if it ran every step, and not the Cholesky
-factorisations, LAPACK custom calls) against the minimum ``gradient`` (XLA's count of
+refresh's branch of the ``lax.cond`` as if it ran every step, and not the
+eigendecompositions, LAPACK custom calls) against the minimum ``gradient`` (XLA's count of
 ``value_and_grad``) ``+ factors`` (``2 B n^2`` per ``n x n`` factor) ``+ inverse``
-(``n^3 / k`` per factor: Cholesky and the triangular solves) ``+ apply``
+(``9 n^3 / k`` per factor: ``eigh``) ``+ apply``
 (``2 (din+1) dout (din+1+dout)`` per layer: the two cached inverses).
 
 Run by ``somax-plug bench`` (part ``kfac``).
@@ -145,10 +145,10 @@ def flops(k: int = 10) -> dict[str, Any]:
     layers = list(zip(SIZES[:-1], SIZES[1:], strict=True))
     ns = [n for din, dout in layers for n in (din + 1, dout)]
     factor = sum(2 * BATCH * n * n for n in ns)
-    inverse = sum(n**3 for n in ns) / k
+    inverse = sum(9 * n**3 for n in ns) / k
     apply = sum(2 * (din + 1) * dout * (din + 1 + dout) for din, dout in layers)
-    # XLA counts the refresh branch (the triangular solves) every step, not the Cholesky
-    # custom calls: the amortised count is not separable here, so both are reported
+    # XLA counts the refresh branch (its matrix products) every step, not the eigh custom
+    # calls: the amortised count is not separable here
     step_total = step_flops
     minimum = grad_flops + factor + inverse + apply
     return {
