@@ -179,7 +179,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     ),
     "soap": (
         "SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, betas "
-        "(0.95, 0.95), basis every 10 steps",
+        "(0.95, 0.95), basis every 10 steps (QR), sides > 256 unrotated",
         {
             "preconditioner": {
                 "name": "soap",
@@ -188,6 +188,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
                 "eps": 1e-8,
                 "block_size": 1024,
                 "precondition_every": 10,
+                "refresh": "qr",
+                "max_precond_dim": 256,
             },
             "solver": {"name": "identity", "momentum": 0.95, "bias_correction": True},
             "damping": {"name": "constant", "lam": 0.0},

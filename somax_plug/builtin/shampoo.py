@@ -48,6 +48,8 @@ Which parameters get what (``explain``):
 * a matrix ``[m, n]``: blocks of at most ``block_size x block_size`` (the last ones
   zero-padded; the padding changes nothing, since the factors of a padded block are
   block-diagonal), one ``L``, ``R`` per block, all blocks at once (batched);
+* SOAP: a block side above ``max_precond_dim`` (when set) keeps no factor and is not
+  rotated (``Q = I`` on that side), as the authors' ``max_precond_dim``;
 * a parameter with more than two axes: ``reshape="merge_leading"`` (default) reshapes
   ``[a, b, ..., n]`` to ``[a*b*..., n]`` (for a flax HWIO conv kernel: rows = the
   receptive field times the input channels, columns = the output channels);

@@ -9,7 +9,8 @@ Workloads:
   parameters), one fixed minibatch of 16 windows x 32 characters.
 
 Contenders: ``compose(preset="shampoo")`` and ``compose(preset="soap")`` through their
-public ``method.step``, and ``optax.adam(1e-3)`` as one jitted function per step
+public ``method.step``, the ``soap`` preset two-sided (:data:`VARIANTS`), and
+``optax.adam(1e-3)`` as one jitted function per step
 (``value_and_grad``, ``update``, ``apply_updates``).
 
 Protocol (as :mod:`~somax_plug._src.benchmarks.paper_presets`): one call runs
@@ -45,6 +46,19 @@ TARGETS = {"soap / adam (lm)": 1.5}
 
 PRESETS = ("shampoo", "soap")
 
+VARIANTS = {"soap two-sided": ("soap", {"max_precond_dim": None})}
+"""Rows beside the presets: the ``soap`` preset with these preconditioner options changed
+(two-sided: every side rotated, the authors' ``max_precond_dim = 10000`` on these
+models, against the preset's one-sided 256)."""
+
+
+def _variant(base: str, changes: dict[str, Any], predict_fn: Any) -> Any:
+    from somax_plug.builtin.presets import PRESETS as DATA
+
+    spec = dict(DATA[base][1])
+    spec["preconditioner"] = {**spec["preconditioner"], **changes}
+    return compose(**spec, predict_fn=predict_fn, loss="softmax_cross_entropy")
+
 
 def _adam_step(objective: Any, tx: optax.GradientTransformation) -> Any:
     @jax.jit
@@ -63,6 +77,9 @@ def contenders(predict_fn: Any, objective: Any, params: Any, batch: Any,
     steps: dict[str, tuple[Any, Any]] = {"adam": (_adam_step(objective, tx), tx.init(params))}
     for name in PRESETS:
         method = compose(preset=name, predict_fn=predict_fn, loss="softmax_cross_entropy")
+        steps[name] = (method.step, method.init(params))
+    for name, (base, changes) in VARIANTS.items():
+        method = _variant(base, changes, predict_fn)
         steps[name] = (method.step, method.init(params))
     keys = jax.random.split(jax.random.key(1), block)
     out = {}
@@ -113,9 +130,9 @@ def run(repeats: int = 15, block: int = 10, quick: bool = False, smoke: bool = F
             "per_step_ms": {k: round(v * 1e3, 4) for k, v in per_step.items()},
             "per_step_cpu_ms": {k: round(v * 1e3, 4) for k, v in cpu_step.items()},
             "ratios": {f"{k} / adam": round(per_step[k] / per_step["adam"], 3)
-                       for k in PRESETS},
+                       for k in (*PRESETS, *VARIANTS)},
             "cpu_ratios": {f"{k} / adam": round(cpu_step[k] / cpu_step["adam"], 3)
-                           for k in PRESETS},
+                           for k in (*PRESETS, *VARIANTS)},
         }
     lm_row = rows.get("lm")
     return {
