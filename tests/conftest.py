@@ -15,8 +15,16 @@ from __future__ import annotations
 
 import os
 
-import jax
-from hypothesis import HealthCheck, settings
+# XLA's CPU runtime can wedge when a LAPACK kernel (a batched eigh's ParallelBatchMap)
+# waits on its own intra-op pool (seen three times in long Shampoo/KFAC runs: every
+# thread parked, the main thread in block_until_ready); single-threaded Eigen avoids
+# the re-entrant wait. Set before the backend starts; subprocess tests inherit it.
+_NO_REENTRY = "--xla_cpu_multi_thread_eigen=false"
+if _NO_REENTRY not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_REENTRY}".strip()
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
