@@ -38,6 +38,8 @@ _LAZY = {
     "ComponentSpec": "spec",
     "Requires": "spec",
     "declare": "spec",
+    "Choices": "choices",
+    "choices_field": "choices",
     "spec_of": "spec",
     "declared_in": "spec",
     "requirements_of": "spec",

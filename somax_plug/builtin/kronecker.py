@@ -72,6 +72,7 @@ from somax_plug import (
     DIAG,
     PSD,
     SYMMETRIC,
+    Choices,
     Curvature,
     InputError,
     Preconditioner,
@@ -80,6 +81,7 @@ from somax_plug import (
     Resources,
     Solver,
     SolverInfo,
+    choices_field,
     declare,
     lazy_import,
     option,
@@ -603,20 +605,6 @@ def _factor_requires(o: dict) -> dict:
 COVERAGE = ("diagonal", "strict")
 
 
-class _Choices:
-    """Per-parameter decisions recorded when the step is traced (not part of equality)."""
-
-    __slots__ = ("entries",)
-
-    def __init__(self) -> None:
-        self.entries: dict[str, None] = {}
-
-    def add(self, text: str) -> None:
-        self.entries.setdefault(text, None)
-
-
-def _choices_field() -> Any:
-    return attrs.field(factory=_Choices, init=False, eq=False, hash=False, repr=False)
 
 
 class _Explained:
@@ -684,7 +672,7 @@ class KFAC(Curvature, _Explained):
     pi_damping: bool = option(False, doc="factored damping with Martens & Grosse's pi")
     coverage: str = option("diagonal", choices=COVERAGE,
                            doc="unfactored parameters: a diagonal block, or an error")
-    _choices: _Choices = _choices_field()
+    _choices: Choices = choices_field()
 
     def build(self, res: Resources) -> KroneckerOperator:
         f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
@@ -715,7 +703,7 @@ class EKFAC(Curvature, _Explained):
     approx: str = option("expand", choices=APPROXIMATIONS, doc="basis from KFAC-expand/reduce")
     coverage: str = option("diagonal", choices=COVERAGE,
                            doc="unfactored parameters: a diagonal block, or an error")
-    _choices: _Choices = _choices_field()
+    _choices: Choices = choices_field()
 
     def build(self, res: Resources) -> KroneckerOperator:
         f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
@@ -874,7 +862,7 @@ class KFACPreconditioner(Preconditioner, _Explained):
                            doc="unfactored parameters: a diagonal block, or an error")
     max_dim: int = option(MATRIX_MAX, ge=1,
                           doc="a factor larger than this: the block's diagonal instead")
-    _choices: _Choices = _choices_field()
+    _choices: Choices = choices_field()
 
     def init(self, params: PyTree) -> PyTree:
         paths = param_paths(params)

@@ -93,7 +93,16 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from somax_plug import CompositionError, InputError, Preconditioner, declare, lazy_import, option
+from somax_plug import (
+    Choices,
+    CompositionError,
+    InputError,
+    Preconditioner,
+    choices_field,
+    declare,
+    lazy_import,
+    option,
+)
 
 jax = lazy_import("jax")
 jnp = lazy_import("jax.numpy")
@@ -211,20 +220,6 @@ def _grad(name: str, res: Any) -> PyTree:
         ) from exc
 
 
-class _Choices:
-    """Per-parameter decisions recorded at ``init`` (not part of equality or hashing)."""
-
-    __slots__ = ("entries",)
-
-    def __init__(self) -> None:
-        self.entries: dict[str, None] = {}
-
-    def add(self, text: str) -> None:
-        self.entries.setdefault(text, None)
-
-
-def _choices_field() -> Any:
-    return attrs.field(factory=_Choices, init=False, eq=False, hash=False, repr=False)
 
 
 @attrs.frozen
@@ -240,7 +235,7 @@ class _Kronecker(Preconditioner):
     max_dim: int | None = option(
         None, ge=2, doc="diagonal fallback above this dimension (None: block)"
     )
-    _choices: _Choices = _choices_field()
+    _choices: Choices = choices_field()
 
     name = "kronecker"
 

@@ -58,12 +58,14 @@ from somax_plug import (
     PSD,
     ROW_SPACE,
     SYMMETRIC,
+    Choices,
     CompositionError,
     InputError,
     LinearOperator,
     OptionError,
     Solver,
     SolverInfo,
+    choices_field,
     damped_mv,
     declare,
     lazy_import,
@@ -376,28 +378,6 @@ def _static_float(x: Any) -> float | None:
         return None
 
 
-class _Choices:
-    """Trace-time decisions of a solver, for :meth:`~somax_plug.Method.explain`.
-
-    Kept on the (frozen, hashable) instance outside its options: it takes no part in
-    equality, hashing or the plan's fingerprint. Each distinct decision is recorded
-    once (a step traced again for the same shapes records nothing new).
-    """
-
-    __slots__ = ("entries",)
-
-    def __init__(self) -> None:
-        self.entries: dict[str, None] = {}
-
-    def add(self, text: str) -> None:
-        self.entries.setdefault(text, None)
-
-    def __iter__(self) -> Any:
-        return iter(self.entries)
-
-
-def _choices_field() -> Any:
-    return attrs.field(factory=_Choices, init=False, eq=False, hash=False, repr=False)
 
 
 @declare(
@@ -504,7 +484,7 @@ class CG(Solver):
     loop: str = option("auto", choices=LOOPS, doc="loop form; 'auto' decides at trace time")
     unroll: int = option(1, ge=1, doc="lax.scan's partial unrolling (loop='scan')")
     unroll_max: int = option(16, ge=1, doc="'auto' unrolls only when maxiter <= unroll_max")
-    _choices: _Choices = _choices_field()
+    _choices: Choices = choices_field()
 
     def __attrs_post_init__(self) -> None:
         limits = (
@@ -1341,7 +1321,7 @@ class Auto(Solver):
     tol: float = option(1e-5, ge=0, doc="tolerance of cg and row_cg")
     maxiter: int = option(50, ge=1, doc="iteration budget of cg and row_cg")
     loop: str = option("auto", choices=LOOPS, doc="cg's loop form")
-    _choices: _Choices = _choices_field()
+    _choices: Choices = choices_field()
 
     def __attrs_post_init__(self) -> None:
         self._cg()  # its cg's options are checked when the composition is planned
