@@ -626,39 +626,6 @@ def test_method_explain_lists_the_unfactored_parameters():
 # ------------------------------------------------------------------ kfac-jax (bench extra)
 
 
-def test_factors_equal_kfac_jax_on_the_benchmark_mlp():
-    kfac_jax = pytest.importorskip("kfac_jax")  # the only optional part of this file
-    import optax
-
-    from somax_plug._src.benchmarks.common import init_mlp, mlp
-    from somax_plug._src.workloads import kfac_patch
-
-    kfac_patch.apply()
-    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
-                                    init_mlp(jax.random.key(0), (784, 256, 10)))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(16, 784)))
-    y = jnp.asarray(rng.integers(0, 10, size=16), jnp.int32)
-
-    def loss_fn(p, batch):
-        logits = mlp(p, batch[0])
-        kfac_jax.register_softmax_cross_entropy_loss(logits, batch[1])
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
-
-    est = kfac_jax.BlockDiagonalCurvature(loss_fn)
-    st = est.init(jax.random.key(0), (params, (x, y)), None, None)
-    st = est.update_curvature_matrix_estimate(st, 0.0, 1.0, 0.0, 16, jax.random.key(1),
-                                              (params, (x, y)), estimation_mode="ggn_exact")
-    ours = _res(make_model(mlp, "softmax_cross_entropy"), params, (x, y))[
-        factor_resource("ggn", "expand")]
-    assert len(ours.blocks) == len(st.blocks_states) == 2
-    for i, bs in enumerate(st.blocks_states):
-        a, g = (np.asarray(f.value) for f in bs.factors)
-        assert float(est.blocks[i].scale(bs, False)) == 1.0
-        _close(ours.A[i], a, f"A of layer {i} vs kfac-jax")
-        _close(ours.G[i], g, f"G of layer {i} vs kfac-jax")
-
-
 def test_bench_part_is_registered_with_its_schema():
     from somax_plug._src import bench
     from somax_plug._src.benchmarks import kfac as kfac_bench

@@ -161,6 +161,63 @@ def flops(k: int = 10) -> dict[str, Any]:
     }
 
 
+def factor_agreement() -> dict[str, Any]:
+    """Our GGN factors against kfac-jax's own, on the benchmark MLP (float64, 16 rows).
+
+    kfac-jax's ``BlockDiagonalCurvature`` in ``ggn_exact`` mode against our
+    ``kfac_factors_ggn_expand`` resource: the largest relative difference
+    ``max|ours - theirs| / max|theirs|`` of each layer's ``A`` and ``G`` (a bench check,
+    not a test: kfac-jax is a bench-only dependency). Raises ImportError without it.
+    """
+    import kfac_jax
+    import numpy as np
+
+    from somax_plug import Resources, make_model
+    from somax_plug._src.workloads import kfac_patch
+    from somax_plug.builtin.kronecker import PROVIDERS as KRON
+    from somax_plug.builtin.kronecker import factor_resource
+    from somax_plug.builtin.layers import PROVIDERS as LAYERS
+    from somax_plug.builtin.resources import PROVIDERS as BASE
+
+    kfac_patch.apply()
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                        init_mlp(jax.random.key(0), SIZES))
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=(16, SIZES[0])))
+        y = jnp.asarray(rng.integers(0, SIZES[-1], size=16), jnp.int32)
+
+        def loss_fn(p: Any, batch: Any) -> Any:
+            logits = mlp(p, batch[0])
+            kfac_jax.register_softmax_cross_entropy_loss(logits, batch[1])
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+        est = kfac_jax.BlockDiagonalCurvature(loss_fn)
+        st = est.init(jax.random.key(0), (params, (x, y)), None, None)
+        st = est.update_curvature_matrix_estimate(
+            st, 0.0, 1.0, 0.0, 16, jax.random.key(1), (params, (x, y)),
+            estimation_mode="ggn_exact")
+        res = Resources(make_model(mlp, "softmax_cross_entropy"), params, (x, y),
+                        jax.random.key(0), {**BASE, **LAYERS, **KRON})
+        ours = res[factor_resource("ggn", "expand")]
+        out: dict[str, Any] = {}
+        for i, bs in enumerate(st.blocks_states):
+            for name, mine, theirs in zip("AG", (ours.A[i], ours.G[i]),
+                                          (np.asarray(f.value) for f in bs.factors),
+                                          strict=True):
+                mine = np.asarray(mine)
+                out[f"{name} of layer {i}"] = float(
+                    np.abs(mine - theirs).max() / np.abs(theirs).max())
+    return out
+
+
+def _agreement() -> dict[str, Any] | str:
+    try:
+        return factor_agreement()
+    except ImportError:
+        return "kfac-jax not installed (pip install somax-plug[bench])"
+
+
 def run(repeats: int = 15, block: int = 10, quick: bool = False,
         smoke: bool = False) -> dict[str, Any]:
     """Per-step times and ratios (see the module docstring); ``quick``: 5 repeats;
@@ -212,6 +269,7 @@ def run(repeats: int = 15, block: int = 10, quick: bool = False,
         "over_adam": over_adam,
         "flops": flops(10),
         "kfac_jax_patch": patch,
+        "factors_vs_kfac_jax": _agreement(),
         "targets": TARGETS,
         "machine": machine_info(),
     }
