@@ -48,6 +48,7 @@ from somax_plug._src.benchmarks.common import (
     median,
     mlp,
     random_batch,
+    run_steps,
 )
 from somax_plug.builtin.presets import PRESETS
 
@@ -153,13 +154,7 @@ def contenders(params: Any, batch: Any, block: int, scan: bool) -> dict[str, Any
             if not somax:
                 step = jax.jit(step)
 
-            def go(step: Any = step, state: Any = state) -> Any:
-                p, s = params, state
-                for i in range(block):
-                    p, s, _ = step(p, s, batch, keys[i])
-                return p
-
-            out[name] = go
+            out[name] = run_steps(step, params, state, batch, block, list(keys))
     return out
 
 

@@ -39,6 +39,7 @@ from somax_plug._src.benchmarks.common import (
     median,
     mlp,
     random_batch,
+    run_steps,
 )
 
 TARGETS = {"soap / adam (lm)": 1.5}
@@ -82,17 +83,8 @@ def contenders(predict_fn: Any, objective: Any, params: Any, batch: Any,
         method = _variant(base, changes, predict_fn)
         steps[name] = (method.step, method.init(params))
     keys = jax.random.split(jax.random.key(1), block)
-    out = {}
-    for name, (step, state) in steps.items():
-
-        def go(step: Any = step, state: Any = state) -> Any:
-            p, s = params, state
-            for i in range(block):
-                p, s, _ = step(p, s, batch, keys[i])
-            return p
-
-        out[name] = go
-    return out
+    return {name: run_steps(step, params, state, batch, block, list(keys))
+            for name, (step, state) in steps.items()}
 
 
 def _workload(name: str) -> tuple[Any, Any, Any, Any, str]:
