@@ -60,6 +60,12 @@ def _identity_reference(a, b, lam, minv):
     return b if minv is None else minv * b
 
 
+def _model_step_reference(a, b, lam, minv):
+    # a fresh state (no previous step): alpha d, alpha = b.d / d.A d (a = C + lam I)
+    d = b if minv is None else minv * b
+    return (b @ d) / (d @ (a @ d)) * d
+
+
 KRYLOV = {"tol": 1e-10, "maxiter": 200}
 SOLVERS = {
     "cg": {"options": KRYLOV, "indefinite": "finite"},
@@ -69,6 +75,7 @@ SOLVERS = {
     "row_cg": {"options": {"tol": 1e-12, "maxiter": 200}},
     "diagonal": {},
     "identity": {"reference": _identity_reference, "reports_residual": False},
+    "model_step": {"reference": _model_step_reference, "reports_residual": False},
     "neumann": {
         "options": {"alpha": 0.4, "maxiter": 1000, "tol": 1e-10},
         "spectrum": (0.5, 1.5),
