@@ -24,8 +24,8 @@ preset                 composition
                        (momentum 0.95)
 ``kfac``               kfac curvature (for the damping's model) + kfac
                        preconditioner (EMA 0.95, pi-damped inverses every 10)
-                       + identity + levenberg_marquardt; Monte-Carlo Fisher
-                       factors
+                       + model_step (re-scaling and momentum by the quadratic
+                       model) + levenberg_marquardt; Monte-Carlo Fisher factors
 ``ekfac``              ekfac (Monte-Carlo Fisher) + kronecker_inverse +
                        levenberg_marquardt
 ``ggn_cg_kfac``        ggn + cg preconditioned by kfac (Monte-Carlo Fisher
@@ -198,12 +198,13 @@ PRESETS: dict[str, tuple[str, dict]] = {
     ),
     "kfac": (
         "KFAC (Martens & Grosse 2015): Monte-Carlo Fisher Kronecker factors every step "
-        "(EMA 0.95), inverses every 10 refreshes, Levenberg-Marquardt damping",
+        "(EMA 0.95), inverses every 10 refreshes, re-scaling and momentum by the quadratic "
+        "model, Levenberg-Marquardt damping",
         {
             "curvature": {"name": "kfac", "source": "fisher"},
             "preconditioner": {"name": "kfac", "source": "fisher", "decay": 0.95,
                                "inverse_every": 10, "pi_damping": True},
-            "solver": "identity",
+            "solver": "model_step",
             "damping": {"name": "levenberg_marquardt", "init": 1.0},
         },
     ),
