@@ -136,6 +136,14 @@ def _identity(v: PyTree) -> PyTree:
     return v
 
 
+def _zeros_f32(params: PyTree) -> PyTree:
+    """Zeros like ``params``, float32 at least (a solver's running state)."""
+    return jax.tree_util.tree_map(
+        lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(jnp.result_type(x), jnp.float32)),
+        params,
+    )
+
+
 def _matvec(op: LinearOperator, lam: Array) -> Callable[[PyTree], PyTree]:
     return lambda v: damped_mv(op, lam, v)
 
@@ -333,7 +341,9 @@ def _row_gram(factors: Any, dtype: Any) -> Array:
     transposed products at R = 560 (the Krylov benchmark, ``benchmarks/bench_krylov.py``).
     """
     eye = jnp.eye(factors.num_rows, dtype=dtype)
-    cols = jax.tree_util.tree_leaves(jax.vmap(factors.rmatvec)(eye))
+    # an rmatvec may build its stacked rows itself (canonical reductions: row by row)
+    rows = getattr(factors.rmatvec, "map_rows", None) or jax.vmap(factors.rmatvec)
+    cols = jax.tree_util.tree_leaves(rows(eye))
     u = jnp.concatenate([jnp.reshape(c, (factors.num_rows, -1)).astype(dtype) for c in cols], 1)
     return u @ u.T
 
@@ -876,8 +886,15 @@ def _finish_row(
     iterations: Array,
     state: PyTree,
 ) -> tuple[PyTree, SolverInfo, PyTree]:
-    """``s = (rhs - U^T c) / lam`` and the residual ``-U^T rho / lam``."""
-    s = _comb((1 / lam, rhs), (-1 / lam, factors.rmatvec(c)))
+    """``s = (rhs - U^T c) / lam`` and the residual ``-U^T rho / lam``.
+
+    A difference, then a division: no multiply feeding an add, so XLA's CPU backend
+    (which contracts such pairs into FMAs wherever a fusion allows) rounds it the
+    same in every program (canonical reductions: bitwise on 1, 2 and 4 devices).
+    """
+    s = jax.tree_util.tree_map(
+        lambda b, u: (b - u.astype(b.dtype)) / lam.astype(b.dtype), rhs, factors.rmatvec(c)
+    )
     res = factors.rmatvec(rho)
     bb = tree.vdot(rhs, rhs)
     rr = tree.vdot(res, res) / lam**2
@@ -1079,11 +1096,7 @@ class Identity(Solver):
     def init(self, params: PyTree) -> PyTree:
         if self.momentum is None:
             return ()
-        m = jax.tree_util.tree_map(
-            lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(jnp.result_type(x), jnp.float32)),
-            params,
-        )
-        return {"m": m, "count": jnp.zeros((), jnp.int32)}
+        return {"m": _zeros_f32(params), "count": jnp.zeros((), jnp.int32)}
 
     def solve(
         self,
@@ -1158,11 +1171,7 @@ class ModelStep(Solver):
     momentum: bool = option(True, doc="combine with the previous step (KFAC momentum)")
 
     def init(self, params: PyTree) -> PyTree:
-        p = jax.tree_util.tree_map(
-            lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(jnp.result_type(x), jnp.float32)),
-            params,
-        )
-        return {"p": p}
+        return {"p": _zeros_f32(params)}
 
     def solve(
         self,
