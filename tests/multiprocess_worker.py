@@ -4,12 +4,15 @@ Run as ``python tests/multiprocess_worker.py ROLE OUT_DIR [COORDINATOR NUM_PROCE
 PROCESS_ID]``. Roles:
 
 * ``train`` (a process of a group): joins the group with
-  :func:`somax_plug.init_distributed` (2 virtual CPU devices per process, gloo), builds
-  the global mesh, feeds its own rows of every global batch through
-  :func:`somax_plug.process_batch` and runs ``STEPS`` steps of every case of
-  :data:`CASES` and of the Optax bridge; after step ``SAVE_AT`` of ``sgn`` it saves a
-  checkpoint (every process calls :func:`somax_plug.checkpoint.save`). Writes
-  ``train-<pid>.npz`` (parameters and solver iteration counts per case).
+  :func:`somax_plug.init_distributed` (``4 / NUM_PROCESSES`` virtual CPU devices per
+  process, gloo: 2 x 2 in the test, 4 x 1 as a local check), builds the global mesh,
+  feeds its own rows of every global batch through :func:`somax_plug.process_batch`
+  and runs ``STEPS`` steps of every case of :data:`CASES` and of the Optax bridge;
+  after step ``SAVE_AT`` of ``sgn`` it saves a checkpoint (every process calls
+  :func:`somax_plug.checkpoint.save`); then ``PRESET_STEPS`` steps of every builtin
+  preset. Writes ``train-<pid>.npz`` (parameters and solver iteration counts per
+  case, and whether ``init_distributed`` put the CPU scheduler flag into
+  ``XLA_FLAGS``).
 * ``reference``: one process, 4 virtual devices, no ``jax.distributed``: the same
   cases on a 4-device mesh and (``sgn``, ``sgn_chunked``) a 2-device mesh; writes
   ``ref-<n>dev.npz``.
@@ -17,7 +20,7 @@ PROCESS_ID]``. Roles:
   two-process method, runs the remaining steps (``resume-<pid>.npz``); then process 1
   dies (``os._exit``) before the next step and process 0 must fail with an error
   (it writes ``fault-0.txt`` with the error it saw).
-* ``resume_single``: the same cases on one device (``ref-1dev.npz``), then restores
+* ``resume_single``: the same cases and presets on one device (``ref-1dev.npz``), then restores
   the checkpoint in this one process (one device), continues, writes
   ``resume-single.npz``.
 
@@ -47,11 +50,12 @@ import jax  # noqa: E402
 if GROUP:
     from somax_plug import init_distributed  # noqa: E402
 
+    _flags_before = os.environ.get("XLA_FLAGS", "")
     init_distributed(
         sys.argv[3],
         num_processes=int(sys.argv[4]),
         process_id=int(sys.argv[5]),
-        local_device_count=2,
+        local_device_count=4 // int(sys.argv[4]),  # 4 devices in all: 2 x 2 or 4 x 1
         initialization_timeout_s=60,
         heartbeat_timeout_s=15,  # a loaded CI machine must not miss heartbeats
         shutdown_timeout_s=10,
@@ -74,8 +78,11 @@ from somax_plug import (  # noqa: E402
     process_slice,
     to_host,
 )
+from somax_plug._src.distributed import CPU_SCHEDULER_FLAG  # noqa: E402
+from somax_plug.builtin.presets import PRESETS  # noqa: E402
 
 STEPS, SAVE_AT, N, D_IN, HIDDEN, D_OUT = 5, 3, 16, 4, 6, 3
+PRESET_STEPS = 2  # every builtin preset, 2 steps
 LOSS = "softmax_cross_entropy"
 CASES = {
     "sgn": dict(preset="sgn"),
@@ -189,16 +196,31 @@ def run_optax(mesh, data):
 
 
 def cpu_warning():
-    """compose warns about XLA's CPU collectives: reduce_chunks + a cadenced estimator."""
+    """compose's warning about XLA's CPU collectives (reduce_chunks + a cadenced
+    estimator): ``[warned with the flag set, warned without it]``.
+
+    ``data_parallel_mesh`` (this role's first JAX call) has put the flag into
+    ``XLA_FLAGS``: no warning; without it (a backend started before the flag could
+    be set) ``compose`` warns.
+    """
     import warnings
 
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        compose(predict_fn=predict, loss=LOSS, **CASES["pcg_jacobi"],
-                mesh=DataParallel(data_parallel_mesh(4), reduce_chunks=4))
-    return np.asarray([
-        "xla_cpu_enable_concurrency_optimized_scheduler" in str(w.message) for w in seen
-    ]).any()
+    def warned():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            compose(predict_fn=predict, loss=LOSS, **CASES["pcg_jacobi"],
+                    mesh=DataParallel(data_parallel_mesh(4), reduce_chunks=4))
+        return any("xla_cpu_enable_concurrency_optimized_scheduler" in str(w.message)
+                   for w in seen)
+
+    flags = os.environ["XLA_FLAGS"]
+    with_flag = CPU_SCHEDULER_FLAG in flags and warned()
+    os.environ["XLA_FLAGS"] = flags.replace(CPU_SCHEDULER_FLAG, "")
+    try:
+        without = warned()
+    finally:
+        os.environ["XLA_FLAGS"] = flags
+    return np.asarray([with_flag, without])
 
 
 def flat(prefix, params):
@@ -217,6 +239,21 @@ def all_cases(mesh, save=None, only=None):
     return out
 
 
+def all_presets(mesh):
+    """``PRESET_STEPS`` steps of every builtin preset (``preset:<name>/<leaf>``)."""
+    data = global_batches()
+    out = {}
+    for name, (_, spec) in PRESETS.items():
+        kw = {} if "loss" in spec else {"loss": LOSS}
+        method = compose(preset=name, predict_fn=predict, mesh=mesh, **kw)
+        params = init_params()
+        state = method.init(params)
+        for i in range(PRESET_STEPS):
+            params, state, _ = method.step(params, state, feed(data[i], mesh), jax.random.key(i))
+        out.update(flat(f"preset:{name}", to_host(params)))
+    return out
+
+
 def restore_and_continue(mesh, path):
     method = method_for("sgn", mesh)
     params, state = checkpoint.restore(path, method)
@@ -230,8 +267,14 @@ def main():
     ckpt = OUT / "ckpt-sgn"
     if ROLE == "train":
         mesh = data_parallel_mesh()
-        assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
+        assert jax.device_count() == 4, jax.devices()
+        assert jax.local_device_count() == 4 // jax.process_count(), jax.devices()
         out = all_cases(mesh, save=ckpt)
+        out.update(all_presets(mesh))
+        # init_distributed put the CPU scheduler flag into XLA_FLAGS (not set before)
+        out["flag_set"] = np.asarray(
+            CPU_SCHEDULER_FLAG not in _flags_before
+            and CPU_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", ""))
         np.savez(OUT / f"train-{jax.process_index()}.npz", **out)
     elif ROLE == "reference":
         np.savez(OUT / "ref-4dev.npz", **all_cases(mesh_for(4)), warned=cpu_warning())
@@ -241,7 +284,7 @@ def main():
             **all_cases(mesh_for(2), only=("sgn", "sgn_chunked")),
         )
     elif ROLE == "resume_single":
-        np.savez(OUT / "ref-1dev.npz", **all_cases(mesh_for(1)))
+        np.savez(OUT / "ref-1dev.npz", **all_cases(mesh_for(1)), **all_presets(None))
         np.savez(OUT / "resume-single.npz", **restore_and_continue(None, ckpt))
     elif ROLE == "resume":
         mesh = data_parallel_mesh()

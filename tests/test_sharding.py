@@ -1,5 +1,8 @@
 """Data parallelism: 4 virtual CPU devices (in a subprocess) against one device.
 
+``test_canonical_reductions_*`` runs ``tests/canonical_check.py`` the same way
+(float32, canonical reductions on 1, 2 and 4 devices: bitwise the same).
+
 The multi-device comparison runs ``tests/multidevice_check.py`` in its own process
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the flag must be set
 before JAX starts, so it cannot run in the pytest process) and asserts on the JSON
@@ -150,3 +153,48 @@ def test_mesh_of_one_device_gives_the_unsharded_numbers():
     assert float(i1["loss"]) == pytest.approx(float(i2["loss"]), rel=1e-12)
     with pytest.raises(InputError, match="param_sharding needs a mesh"):
         compose(**kw, param_sharding=shard_large_2d())
+
+
+# ------------------------------------------------- canonical reductions (float32)
+BITWISE = ("sgn", "gauss_newton_lm", "direct_lm", "sophia_h", "pcg_jacobi")
+
+
+@pytest.fixture(scope="module")
+def canonical():
+    # less XLA optimisation: compile time is most of it (bitwise equal either way;
+    # the docs' numbers are with the default flags)
+    flags = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+    env = {**os.environ, "XLA_FLAGS": flags}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "canonical_check.py"), *BITWISE],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_canonical_reductions_are_bitwise_the_same_on_1_2_and_4_devices(canonical):
+    """``DataParallel(mesh, reduce_chunks=4)``, float32, random problems: 2 and 4
+    devices give bitwise the 1-device parameters, solver iteration counts, lambda and
+    accept sequences, losses and rho (the loss value, row_cholesky's and direct's
+    dense algebra included), and the 1-device program is not a trivial one: the
+    compositions iterate, and gauss_newton_lm's and sgn's lambda moves."""
+    assert set(canonical["cases"]) == set(BITWISE)
+    for name, case in canonical["cases"].items():
+        for n in ("2", "4"):
+            got = case[n]
+            assert got["params_bitwise"] and got["max_param_diff"] == 0.0, (name, n, got)
+            for key in ("iterations", "lam", "accepted", "loss", "rho"):
+                assert got[f"{key}_equal"], (name, n, key, got)
+    its = canonical["cases"]["sgn"]["iterations"]
+    assert min(min(r) for r in its) >= 2  # CG ran several iterations on every problem
+    for name in ("sgn", "gauss_newton_lm"):
+        lams = canonical["cases"][name]["lam"]
+        assert all(r[0] != r[-1] for r in lams), (name, lams)  # lambda was updated
+    accepted = [a for r in canonical["cases"]["direct_lm"]["accepted"] for a in r]
+    assert True in accepted and False in accepted  # rejections happened, the same ones

@@ -490,7 +490,13 @@ def compose(
             leading axis over the mesh's ``"data"`` axis (its first axis if it has
             no ``"data"`` axis), parameters and state are replicated, and the step
             is jitted with those in/out shardings. Build one with
-            :func:`somax_plug.data_parallel_mesh`.
+            :func:`somax_plug.data_parallel_mesh`. **The one switch for
+            device-count-independent numerics** is ``mesh=DataParallel(mesh,
+            reduce_chunks=K)`` (opt-in; measured 1.34x the step time on 1 device,
+            1.51x on 4): the batch is reduced in ``K`` fixed chunks in a fixed order,
+            so the loss, gradients, curvature products, Gram matrices, solver
+            iteration counts and damping decisions are bitwise the same for any
+            number of devices and processes (see ``docs/howto/multi-process.md``).
         param_sharding: with ``mesh``, a rule ``(path, leaf) -> PartitionSpec | None``
             that shards parameter and state leaves along another mesh axis, e.g.
             :func:`somax_plug.shard_large_2d` (None: replicate all).

@@ -58,7 +58,15 @@ from somax_plug._src.errors import InputError
 
 PyTree = Any
 
-__all__ = ["init_distributed", "put_global", "process_batch", "process_slice", "to_host"]
+__all__ = [
+    "CPU_SCHEDULER_FLAG",
+    "cpu_scheduler_flag",
+    "init_distributed",
+    "process_batch",
+    "process_slice",
+    "put_global",
+    "to_host",
+]
 
 
 def init_distributed(
@@ -122,6 +130,7 @@ def init_distributed(
     ):
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a whole number of seconds >= 1, got {value!r}")
+    cpu_scheduler_flag()  # before the backend starts (XLA reads XLA_FLAGS then)
     try:
         if local_device_count is not None:
             if not isinstance(local_device_count, int) or local_device_count < 1:
@@ -157,6 +166,49 @@ def init_distributed(
             "coordinator address and num_processes (process 0 runs the coordinator) "
             f"within initialization_timeout_s={initialization_timeout_s}"
         ) from exc
+
+
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+"""The XLA flag that avoids a CPU collective deadlock (see :func:`cpu_scheduler_flag`)."""
+
+_FLAG_NAME = CPU_SCHEDULER_FLAG.split("=")[0]
+
+
+def _backends_started() -> bool:
+    from jax._src import xla_bridge
+
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def cpu_scheduler_flag() -> str:
+    """Put :data:`CPU_SCHEDULER_FLAG` into ``XLA_FLAGS`` while XLA can still read it.
+
+    With several CPU devices in one process, XLA's concurrency-optimised scheduler
+    ordered two collectives differently on different devices in a step with a
+    cadenced estimator (``lax.cond``) and canonical reductions, and the step
+    deadlocked (XLA aborts after 40 s: "Termination timeout for all reduce").
+    Disabling that scheduler avoids it. The flag only concerns XLA's CPU backend,
+    so it is harmless on GPU and TPU hosts. :func:`init_distributed` and
+    :func:`somax_plug.data_parallel_mesh` call this before they start the backend.
+
+    Returns:
+        ``"set"`` (added now), ``"user"`` (``XLA_FLAGS`` already names the option:
+        left as the user set it), or ``"too late"`` (the backend has started, XLA
+        has read its flags; ``compose`` warns where it matters).
+
+    Example:
+        >>> cpu_scheduler_flag() in ("set", "user", "too late")
+        True
+    """
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _FLAG_NAME in flags:
+        return "user"
+    if _backends_started():
+        return "too late"
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
+    return "set"
 
 
 def _data_sharding(mesh: Mesh, axis: str) -> NamedSharding:

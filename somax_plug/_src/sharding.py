@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from somax_plug._src.errors import InputError
+from somax_plug._src.kinds import LinearOperator
 
 PyTree = Any
 ShardingRule = Callable[[Any, jax.ShapeDtypeStruct], "PartitionSpec | None"]
@@ -96,6 +98,10 @@ def data_parallel_mesh(
         >>> dict(mesh.shape)
         {'data': 1}
     """
+    if devices is None:
+        from somax_plug._src.distributed import cpu_scheduler_flag
+
+        cpu_scheduler_flag()  # the first JAX call of a program: XLA has not read its flags
     pool = list(jax.devices() if devices is None else devices)
     n = len(pool) if num_devices is None else int(num_devices)
     if n < 1 or n > len(pool):
@@ -363,6 +369,10 @@ def canonical_model(model: Any, dp: DataParallel) -> Any:
     predict = model.predict_fn
     spec = {"k": k, "chunked": NamedSharding(dp.mesh, PartitionSpec(dp.data_axis)),
             "rep": dp.replicated}
+    loss = chunked_loss(model.loss, **spec)
+
+    def pin(x: Any) -> Any:
+        return jax.lax.with_sharding_constraint(x, spec["chunked"])
 
     def chunk_broadcast(params: PyTree) -> PyTree:
         return jax.tree_util.tree_map(lambda x: _chunk_broadcast_p().bind(x, **spec), params)
@@ -371,11 +381,176 @@ def canonical_model(model: Any, dp: DataParallel) -> Any:
         sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(inputs)}
         if len(sizes) != 1 or None in sizes or next(iter(sizes)) % k:
             return predict(params, inputs)
-        xs = jax.tree_util.tree_map(lambda x: x.reshape((k, x.shape[0] // k, *x.shape[1:])), inputs)
+        # the chunks pinned to the data axis, in and out: every intermediate of the
+        # model (and of its linearization) stays split by chunk whatever else the
+        # step computes, so each chunk's arithmetic is the same program everywhere
+        xs = jax.tree_util.tree_map(
+            lambda x: pin(x.reshape((k, x.shape[0] // k, *x.shape[1:]))), inputs)
         out = jax.vmap(predict)(chunk_broadcast(params), xs)  # one parameter copy per chunk
-        return jax.tree_util.tree_map(lambda o: o.reshape((-1, *o.shape[2:])), out)
+        return jax.tree_util.tree_map(lambda o: pin(o).reshape((-1, *o.shape[2:])), out)
 
-    return attrs.evolve(model, predict_fn=predict_fn)
+    return attrs.evolve(model, predict_fn=predict_fn, loss=loss)
+
+
+def _canonical_sum(per: Any, *, k: int, chunked: NamedSharding, rep: NamedSharding) -> Any:
+    """``sum_b per[b]`` in an order fixed by ``k`` alone (not by the devices).
+
+    The ``B`` values are split into ``k`` chunks (``B / k`` each, the chunks of the
+    model's evaluation, sharded over the data axis); each chunk is summed pairwise
+    (zero-padded to a power of two, then halves added elementwise: ``log2`` rounds
+    of elementwise additions, which no partitioner can reorder); the ``k`` chunk
+    sums are gathered and added in the order ``((c_0 + c_1) + c_2) + ...``.
+    """
+    b = per.shape[0]
+    if b % k:
+        return jax.numpy.sum(per)
+    x = jax.lax.with_sharding_constraint(per.reshape(k, b // k), chunked)
+    width = 1 << (b // k - 1).bit_length()
+    if width > b // k:
+        x = jax.numpy.pad(x, ((0, 0), (0, width - b // k)))
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        x = x[:, :half] + x[:, half:]
+    return _chunk_sum(x[:, 0], k=k, rep=rep)
+
+
+_CHUNKED_LOSSES: dict = {}
+
+
+def chunked_loss(loss: Any, *, k: int, chunked: NamedSharding, rep: NamedSharding) -> Any:
+    """``loss`` whose reduction over the batch is :func:`_canonical_sum` (same class).
+
+    The reduced loss (``mean`` or ``sum`` of the per-example losses) feeds ``rho``,
+    the Levenberg-Marquardt accept/reject and lambda decisions, the loss after the
+    step and every stopping rule that reads the loss; GSPMD would sum it as
+    per-device partial sums plus an all-reduce, whose rounding depends on the device
+    count. The returned loss is an instance of a subclass of ``type(loss)`` (so
+    ``isinstance`` checks and every other method are the loss's own) whose
+    ``__call__`` sums in the fixed order; its gradient is the same per-example
+    weights (exact: a sum's transpose is a broadcast).
+    """
+    base = type(loss)
+    key = (base, k, chunked, rep)
+    sub = _CHUNKED_LOSSES.get(key)
+    if sub is None:
+        from somax_plug._src.losses import compute_dtype
+
+        def __call__(self: Any, outputs: Any, targets: Any) -> Any:
+            per = self.per_example(outputs, targets)
+            per = per.astype(compute_dtype(per.dtype))
+            total = _canonical_sum(per, k=k, chunked=chunked, rep=rep)
+            return total / per.shape[0] if self.reduction == "mean" else total
+
+        sub = type(f"Chunked{base.__name__}", (base,), {"__slots__": (), "__call__": __call__,
+                                                        "__module__": base.__module__})
+        _CHUNKED_LOSSES[key] = sub
+    new = copy.copy(loss)
+    object.__setattr__(new, "__class__", sub)
+    return new
+
+
+class _RowByRow:
+    """``U^T r`` whose stacked rows (``map_rows``) are built one row at a time.
+
+    ``map_rows(eye)`` is ``lax.map(rmatvec, eye)``: the same product for each row as
+    one ``rmatvec`` (see :meth:`CanonicalOperator.to_dense` for why not ``vmap``).
+    The row-space solvers' Gram matrix ``U U^T`` uses it when present.
+    """
+
+    def __init__(self, rmatvec: Any, rep: NamedSharding) -> None:
+        self._rmatvec, self._rep = rmatvec, rep
+
+    def __call__(self, r: Any) -> PyTree:
+        # pinned in and out: the dense algebra that made ``r`` stays replicated (GSPMD
+        # would otherwise split it by the rows' batch layout)
+        return _pinned(self._rmatvec(_pinned(r, self._rep)), self._rep)
+
+    def map_rows(self, eye: Any) -> PyTree:
+        return _pinned(jax.lax.map(self._rmatvec, _pinned(eye, self._rep)), self._rep)
+
+
+def _pinned(x: Any, rep: NamedSharding) -> Any:
+    """``x`` replicated, behind an ``optimization_barrier`` (the same fusions on 1 device)."""
+    return jax.lax.optimization_barrier(jax.lax.with_sharding_constraint(x, rep))
+
+
+@jax.tree_util.register_pytree_node_class
+class CanonicalOperator(LinearOperator):
+    """A curvature operator whose dense and row-space products are replicated.
+
+    With canonical reductions every parameter-shaped product is already the same on
+    any number of devices; what is not is dense linear algebra on a matrix or a
+    vector whose rows follow the batch (``U v``, the rows of a Gram matrix
+    ``U U^T``, ``to_dense()``): GSPMD would split it over the devices, and a matrix
+    product or a triangular solve on a block of rows rounds differently from the
+    whole. Here ``row_factors().matvec`` and ``to_dense()`` are constrained to be
+    replicated, so ``row_cholesky``, ``row_cg``, ``direct``, ``auto`` and anything
+    that builds ``U U^T`` from them run the whole computation on every device, as
+    one device does. ``mv``, ``diag`` and the tags are the wrapped operator's.
+    """
+
+    def __init__(self, op: LinearOperator, rep: NamedSharding) -> None:
+        self._op = op
+        self._rep = rep
+        self.tags = op.tags
+        self.primal = op.primal
+
+    def mv(self, v: PyTree) -> PyTree:
+        return _pinned(self._op.mv(_pinned(v, self._rep)), self._rep)
+
+    def diag(self) -> PyTree:
+        return _pinned(self._op.diag(), self._rep)
+
+    def row_factors(self) -> Any:
+        rows = self._op.row_factors()
+        if rows is None:
+            return None
+        rep = self._rep
+
+        def matvec(v: PyTree) -> Any:
+            return _pinned(rows.matvec(_pinned(v, rep)), rep)
+
+        return rows._replace(matvec=matvec, rmatvec=_RowByRow(rows.rmatvec, rep))
+
+    def to_dense(self) -> Any:
+        """``[n, n]`` column by column (``lax.map`` of ``mv``), replicated.
+
+        Each column is the same product as one ``mv``: a ``vmap`` over all n columns
+        made XLA pick other kernels for the batched products on one device than on
+        several (measured: different bits on 1 device, the same on 2 and 4).
+        """
+        from jax import flatten_util
+
+        flat, unravel = flatten_util.ravel_pytree(self.primal)
+
+        def column(e: Any) -> Any:
+            return flatten_util.ravel_pytree(self.mv(unravel(e)))[0]
+
+        eye = jax.numpy.eye(flat.shape[0], dtype=flat.dtype)
+        return _pinned(jax.lax.map(column, eye).T, self._rep)
+
+    def __getattr__(self, name: str) -> Any:  # a component's own extras (e.g. kronecker)
+        if name.startswith("__") or name in ("_op", "_rep"):
+            raise AttributeError(name)
+        return getattr(self._op, name)
+
+    def tree_flatten(self) -> tuple:
+        return (self._op,), self._rep
+
+    @classmethod
+    def tree_unflatten(cls, rep: NamedSharding, children: tuple) -> CanonicalOperator:
+        return cls(children[0], rep)
+
+
+def canonical_providers(providers: dict, dp: DataParallel) -> dict:
+    """``providers`` with the ``operator`` wrapped in :class:`CanonicalOperator`."""
+    import attrs
+
+    if "operator" not in providers:
+        return providers
+    build, rep = providers["operator"].compute, dp.replicated
+    return {**providers, "operator": attrs.evolve(
+        providers["operator"], compute=lambda res: CanonicalOperator(build(res), rep))}
 
 
 def _chunk_sum(ct: Any, *, k: int, rep: NamedSharding) -> Any:

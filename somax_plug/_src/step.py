@@ -123,6 +123,11 @@ class Method:
 
             raise InputError("param_sharding needs a mesh: pass mesh= as well")
         self.core = core.StepCore(plan, model)
+        if self.data_parallel is not None and self.data_parallel.reduce_chunks is not None:
+            from somax_plug._src.sharding import canonical_providers
+
+            # dense and row-space algebra replicated (the same on any number of devices)
+            self.core.providers = canonical_providers(self.core.providers, self.data_parallel)
         self.trace_counts = self.core.trace_counts
         self._model_state_spec: Any = ()
         self._contract_seen: set = set()

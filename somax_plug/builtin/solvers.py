@@ -1125,6 +1125,34 @@ class Identity(Solver):
         return s, _info(1, jnp.nan, tree.all_finite(s), dt), {"m": m, "count": count}
 
 
+def _bilinear(op: LinearOperator, lam: Array) -> Callable[[PyTree, PyTree], Array]:
+    """``(x, y) -> x.(C + lam I) y``; from row factors ``U x . U y`` where the operator
+    has them (a GGN: one JVP per vector, products cached), else one ``mv`` per ``y``."""
+    rf = op.row_factors()
+    if rf is None:
+        mv = _matvec(op, lam)
+        cache: dict[int, PyTree] = {}
+
+        def by_mv(x: PyTree, y: PyTree) -> Array:
+            if id(y) not in cache:
+                cache[id(y)] = (y, mv(y))
+            return tree.vdot(x, cache[id(y)][1])
+
+        return by_mv
+    rows: dict[int, tuple[PyTree, Array]] = {}
+
+    def row(v: PyTree) -> Array:
+        if id(v) not in rows:
+            rows[id(v)] = (v, rf.matvec(v))
+        return rows[id(v)][1]
+
+    def by_rows(x: PyTree, y: PyTree) -> Array:
+        uxy = jnp.vdot(row(x), row(y))
+        return uxy + jnp.asarray(lam, uxy.dtype) * tree.vdot(x, y)
+
+    return by_rows
+
+
 @declare(
     "model_step",
     summary="precond(rhs) rescaled, plus momentum, by the damped quadratic model "
@@ -1148,7 +1176,9 @@ class ModelStep(Solver):
     and ``alpha = rhs.d / d.Ad``). So the update ``-s`` never increases the model, which
     keeps a Levenberg-Marquardt damping's predicted decrease positive however stale
     the preconditioner is (an inverse computed every k steps with an older ``lam``).
-    Two operator products per step (``A d``, ``A p``). Meant for ``learning_rate=1``:
+    Two operator products per step (``A d``, ``A p``), or with an operator that has
+    row factors (``C = U^T U``: the GGN) two row products ``U d``, ``U p`` (one JVP
+    each, no transpose). Meant for ``learning_rate=1``:
     the scale is chosen here.
 
     Reports ``iterations = 2`` (products), ``residual = NaN`` (not computed) and
@@ -1185,14 +1215,12 @@ class ModelStep(Solver):
         dt = tree.accum_dtype(rhs)
         d = tree.cast_like(precond(rhs) if precond is not None else rhs, rhs)
         p = tree.cast_like(state["p"], rhs)
-        mv = _matvec(op, lam)
-        ad = mv(d)
+        form = _bilinear(op, lam)
         tiny = jnp.finfo(dt).tiny
-        dad, gd = tree.vdot(d, ad).astype(dt), tree.vdot(rhs, d).astype(dt)
+        dad, gd = form(d, d).astype(dt), tree.vdot(rhs, d).astype(dt)
         alpha1 = jnp.where(dad > tiny, gd / jnp.where(dad > tiny, dad, 1), 0)
         if self.momentum:
-            ap = mv(p)
-            pap, dap = tree.vdot(p, ap).astype(dt), tree.vdot(d, ap).astype(dt)
+            pap, dap = form(p, p).astype(dt), form(d, p).astype(dt)
             gp = tree.vdot(rhs, p).astype(dt)
             det = dad * pap - dap * dap
             ok = (pap > tiny) & (det > 1e-6 * jnp.maximum(dad * pap, tiny))
