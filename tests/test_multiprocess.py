@@ -59,6 +59,10 @@ BUDGET_S = 240.0
 # <= 3.2e-12 after 5 steps, the ill-conditioned preconditioned CG case the largest)
 TOL = 1e-9
 PRESET_TOL = 1e-10  # every preset after 2 steps (summation order only)
+# shampoo and soap after 1 step: a 1e-15 change of the initial parameters moves
+# them by up to 8.4e-11 on one device (their 2nd step amplifies it to 2.1e-3)
+SENSITIVE_TOL = 1e-8
+ROUNDING_SENSITIVE = ("shampoo", "soap")
 CASES = ("sgn", "sgn_chunked", "gauss_newton_lm", "sophia_h", "pcg_jacobi", "optax")
 LEAVES = ("w1", "b1", "w2", "b2")
 
@@ -172,7 +176,12 @@ def test_two_processes_match_one_process_resume_and_fail_cleanly(tmp_path):
         for name in PRESETS:
             case = f"preset:{name}"
             assert _max_diff(t0, t1, case) == 0.0, name
-            assert _max_diff(t0, refs[1], case) < PRESET_TOL, (name, _max_diff(t0, refs[1], case))
+            if name in ROUNDING_SENSITIVE:  # compared after step 1 (see the worker)
+                assert _max_diff(t0, t1, f"preset1:{name}") == 0.0, name
+                case, tol = f"preset1:{name}", SENSITIVE_TOL
+            else:
+                tol = PRESET_TOL
+            assert _max_diff(t0, refs[1], case) < tol, (name, _max_diff(t0, refs[1], case))
         # init_distributed put the CPU scheduler flag into XLA_FLAGS in both processes
         assert bool(t0["flag_set"]) and bool(t1["flag_set"])
         for case in ("sgn", "sgn_chunked", "gauss_newton_lm", "sophia_h", "pcg_jacobi"):
