@@ -50,6 +50,8 @@ from somax_plug import (
     shard_batch,
     to_host,
 )
+from somax_plug._src.distributed import cpu_scheduler_flag
+from somax_plug._src.losses import SoftmaxCrossEntropy
 from somax_plug.builtin.presets import PRESETS
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
@@ -245,6 +247,32 @@ def _all_rows(got):
     assert got == slice(0, 8), got
 
 
+def _flag_with(flags):
+    """``cpu_scheduler_flag()`` with ``XLA_FLAGS=flags`` (restored): result, env after."""
+    saved = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = flags
+    try:
+        return cpu_scheduler_flag(), os.environ["XLA_FLAGS"]
+    finally:
+        if saved is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = saved
+
+
+def _too_late(got):  # this process's backend runs: XLA has read its flags, env untouched
+    assert got == ("too late", ""), got
+
+
+def _users_choice(got):  # XLA_FLAGS names the option: the user's value is kept
+    assert got == ("user", "--xla_cpu_enable_concurrency_optimized_scheduler=true"), got
+
+
+def _loss_keeps_its_class(method):
+    loss = method.core.model.loss
+    assert isinstance(loss, SoftmaxCrossEntropy) and type(loss) is not SoftmaxCrossEntropy
+
+
 def test_distributed_helpers_refuse_bad_input():
     mesh = data_parallel_mesh(1)
     good = (np.arange(8.0).reshape(4, 2), np.arange(4))
@@ -287,13 +315,25 @@ def test_distributed_helpers_refuse_bad_input():
             "ggn", "cg", predict_fn=lambda p, x, *, state: (x @ p, state), loss="mse",
             has_state=True, mesh=DataParallel(mesh, reduce_chunks=2)),
              says=("reduce_chunks", "plain model")),
+        Case("reduce_chunks with a model that needs a key", lambda: compose(
+            "ggn", "cg", predict_fn=lambda p, x, *, key: x @ p, loss="mse",
+            has_rng=True, mesh=DataParallel(mesh, reduce_chunks=2)),
+             says=("reduce_chunks", "plain model", "dropout")),
+        Case("reduce_chunks: the loss keeps its class", lambda: compose(
+            "ggn", "cg", predict_fn=lambda p, x: x @ p, loss="softmax_cross_entropy",
+            mesh=DataParallel(mesh, reduce_chunks=2)), expect="ok", check=_loss_keeps_its_class),
+        Case("cpu_scheduler_flag after the backend started", lambda: _flag_with(""),
+             expect="ok", check=_too_late),
+        Case("cpu_scheduler_flag when XLA_FLAGS names the option",
+             lambda: _flag_with("--xla_cpu_enable_concurrency_optimized_scheduler=true"),
+             expect="ok", check=_users_choice),
         Case("batch not divisible by reduce_chunks", lambda: _chunked_step(batch=6),
              says=("batch size 6", "reduce_chunks=4", "8")),
         Case("reduce_chunks: one device, same as GSPMD to rounding", _chunked_step,
              expect="ok", check=_close_to_plain),
     ]
     counts = check_corpus("distributed helpers", cases)
-    assert counts["named"] == 17 and counts["ok"] == 3
+    assert counts["named"] == 18 and counts["ok"] == 6
 
 
 def test_to_host_and_put_global_in_one_process():

@@ -130,13 +130,13 @@ def init_distributed(
     ):
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a whole number of seconds >= 1, got {value!r}")
+    if local_device_count is not None and (
+        not isinstance(local_device_count, int) or local_device_count < 1
+    ):
+        raise InputError(f"local_device_count must be an int >= 1, got {local_device_count!r}")
     cpu_scheduler_flag()  # before the backend starts (XLA reads XLA_FLAGS then)
     try:
         if local_device_count is not None:
-            if not isinstance(local_device_count, int) or local_device_count < 1:
-                raise InputError(
-                    f"local_device_count must be an int >= 1, got {local_device_count!r}"
-                )
             jax.config.update("jax_num_cpu_devices", local_device_count)
         if cpu_collectives is not None:
             jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
