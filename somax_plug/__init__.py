@@ -114,6 +114,7 @@ _LAZY = {
     "shard_large_2d": "sharding",
     # many processes (jax.distributed)
     "init_distributed": "distributed",
+    "cpu_scheduler_flag": "distributed",
     "process_batch": "distributed",
     "process_slice": "distributed",
     "to_host": "distributed",
