@@ -315,7 +315,9 @@ class StepCore:
         self._always = frozenset(r.name for r in nodes if r.name not in varying)
         self._varying = tuple(r for r in nodes if r.name in varying)
         cadences = {r.every_k for r in nodes if r.every_k > 1}
-        cadences |= {c.every_k for c in plan.components if c.cadence and c.every_k > 1}
+        # the damping's cadence is the after-update phase's (``cadenced``), not a phase here
+        cadences |= {c.every_k for c in plan.components
+                     if c.cadence and c.every_k > 1 and c.role != "damping"}
         self.cadences = tuple(sorted(cadences))
 
     def _due(self, ticks: frozenset[int]) -> frozenset[str]:

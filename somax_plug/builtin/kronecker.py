@@ -396,16 +396,43 @@ def compute_factors(res: Resources, source: str, approx: str) -> KroneckerFactor
         g = g.transpose((0, *(i + 1 for i in blk.g_perm))).reshape(g.shape[0], bsz, -1, blk.dout)
         t = a.shape[1]
         if approx == "expand":
-            A.append(jnp.einsum("bti,btj->ij", a, a) / (bsz * t))
-            G.append(jnp.einsum("rbti,rbtj->ij", g, g))
+            A.append(gram(a.reshape(-1, a.shape[-1])) / (bsz * t))
+            G.append(gram(g.reshape(-1, g.shape[-1])))
         else:
             am, gs = a.mean(axis=1), g.sum(axis=2)
-            A.append(am.T @ am / bsz)
-            G.append(jnp.einsum("rbi,rbj->ij", gs, gs))
+            A.append(gram(am) / bsz)
+            G.append(gram(gs.reshape(-1, gs.shape[-1])))
         a_rows.append(a)
         g_rows.append(g)
     diag = {p: jnp.sum(jnp.square(pleaves[p].astype(dt)), axis=0) for p, _ in uncovered}
     return KroneckerFactors(blocks, uncovered, paths, approx, A, G, a_rows, g_rows, diag)
+
+
+GRAM_BASE = 128
+"""Factors with at most this many rows: ``x^T x`` as one matrix product (see :func:`gram`)."""
+
+
+def gram(x: Array, base: int = GRAM_BASE) -> Array:
+    """``x^T x`` for ``x`` of shape ``[N, n]``, computing one triangle of the symmetric result.
+
+    Split the columns ``x = [x1, x2]``: ``x^T x = [[x1^T x1, (x2^T x1)^T], [x2^T x1,
+    x2^T x2]]`` with the diagonal blocks by recursion down to ``base`` columns:
+    about ``N n^2 (1 + 1/2^k) `` FLOPs after ``k`` levels instead of ``2 N n^2``
+    (785 columns, ``N = 256``: 158 against 315 MFLOP).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.arange(6.0).reshape(2, 3)
+        >>> bool(jnp.allclose(gram(x, base=1), x.T @ x))
+        True
+    """
+    n = x.shape[-1]
+    if n <= base:
+        return x.T @ x
+    h = n // 2
+    x1, x2 = x[:, :h], x[:, h:]
+    p21 = x2.T @ x1
+    return jnp.block([[gram(x1, base), p21.T], [p21, gram(x2, base)]])
 
 
 def _provider(source: str, approx: str) -> ResourceProvider:
@@ -954,31 +981,119 @@ class KFACPreconditioner(Preconditioner, _Explained):
 
 
 def _damped_inverse(d: Array, q: Array, shift: Array, eps: float) -> Array:
-    """``(m + shift I)^-1 = Q diag(1 / (d + shift)) Q^T`` from ``m``'s eigendecomposition.
-
-    (A Cholesky inverse costs fewer FLOPs, but XLA's CPU triangular solve measured
-    several times slower than LAPACK's ``syevd`` here.)
-    """
+    """``(m + shift I)^-1 = Q diag(1 / (d + shift)) Q^T`` from ``m``'s eigendecomposition."""
     return (q / jnp.maximum(d + shift, eps)[None, :]) @ q.T
+
+
+TRIANGULAR_BASE = 64
+"""Blocks at most this large are inverted by XLA's ``triangular_solve`` (see
+:func:`triangular_inverse`)."""
+PRODUCT_BASE = 128
+"""Blocks at most this large: ``X^T X`` as one matrix product (see :func:`gram_lower`)."""
+
+
+def triangular_inverse(low: Array, base: int = TRIANGULAR_BASE) -> Array:
+    """``L^-1`` of a lower-triangular ``L``, by 2x2 block recursion into matrix products.
+
+    With ``L = [[L11, 0], [L21, L22]]``::
+
+        L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]
+
+    down to blocks of ``base`` rows, inverted by ``triangular_solve``. Same FLOPs as a
+    triangular solve against the identity (``n^3 / 3``), but nearly all of them in
+    matrix products: on XLA's CPU backend (one thread, 785 x 785, float32) 7.3 ms against
+    19.6 ms for ``triangular_solve(L, I)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> low = jnp.array([[2.0, 0.0], [1.0, 4.0]])
+        >>> triangular_inverse(low).tolist()
+        [[0.5, 0.0], [-0.125, 0.25]]
+    """
+    n = low.shape[0]
+    if n <= base:
+        return jax.lax.linalg.triangular_solve(
+            low, jnp.eye(n, dtype=low.dtype), left_side=True, lower=True)
+    h = n // 2
+    i11 = triangular_inverse(low[:h, :h], base)
+    i22 = triangular_inverse(low[h:, h:], base)
+    i21 = -(i22 @ (low[h:, :h] @ i11))
+    return jnp.block([[i11, jnp.zeros((h, n - h), low.dtype)], [i21, i22]])
+
+
+def gram_lower(x: Array, base: int = PRODUCT_BASE) -> Array:
+    """``X^T X`` of a lower-triangular ``X``, skipping its zero upper triangle.
+
+    With ``X = [[X11, 0], [X21, X22]]``, ``X^T X = [[X11^T X11 + X21^T X21, X21^T X22],
+    [X22^T X21, X22^T X22]]``, the diagonal blocks by recursion: ``2 n^3 / 3`` FLOPs
+    instead of ``2 n^3``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> gram_lower(jnp.array([[1.0, 0.0], [2.0, 3.0]]), base=1).tolist()
+        [[5.0, 6.0], [6.0, 9.0]]
+    """
+    n = x.shape[0]
+    if n <= base:
+        return x.T @ x
+    h = n // 2
+    x21, x22 = x[h:, :h], x[h:, h:]
+    p11 = gram_lower(x[:h, :h], base) + x21.T @ x21
+    p21 = x22.T @ x21
+    return jnp.block([[p11, p21.T], [p21, gram_lower(x22, base)]])
+
+
+def spd_inverse(m: Array, shift: Array, eps: float = 1e-12) -> Array:
+    """``(m + shift I)^-1`` of a symmetric PSD ``m`` from a Cholesky factorisation.
+
+    ``m + shift I = L L^T``, ``(m + shift I)^-1 = L^-T L^-1 = X^T X`` with ``X = L^-1``
+    (:func:`triangular_inverse`, :func:`gram_lower`). Measured on XLA's CPU backend
+    (one thread, 785 x 785, float32): Cholesky 6.8 ms + triangular inverse 7.3 ms +
+    ``X^T X`` about 8 ms, against 55-72 ms for ``jnp.linalg.eigh``, 27-36 ms for
+    ``jnp.linalg.inv`` and 40 ms for ``cho_solve(cho_factor(m), I)``. Where the
+    factorisation fails (``m + shift I`` not numerically positive definite: a singular
+    factor with ``shift = 0``) the result is not finite and the eigendecomposition's
+    ``Q diag(1 / max(d + shift, eps)) Q^T`` is used instead (a ``lax.cond``: paid only
+    then).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> spd_inverse(jnp.array([[3.0, 1.0], [1.0, 3.0]]), 1.0).round(4).tolist()
+        [[0.2667, -0.0667], [-0.0667, 0.2667]]
+    """
+    m = 0.5 * (m + m.T)
+    shift = jnp.asarray(shift, m.dtype)
+    n = m.shape[0]
+    x = triangular_inverse(jnp.linalg.cholesky(m + shift * jnp.eye(n, dtype=m.dtype)))
+    inv = gram_lower(x)
+
+    def by_eigh(_: Array) -> Array:
+        d, q = _eigh(m)
+        return _damped_inverse(d, q, shift, eps)
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(inv)), lambda y: y, by_eigh, inv)
 
 
 def _invert(leaves: dict, lam: Array | None, eps: float) -> dict:
     """Eigendecompositions; with ``lam`` (pi damping) the damped inverses themselves,
-    ``(L + pi sqrt(lam))^-1`` and ``(R + sqrt(lam)/pi)^-1``, stored in ``QL`` / ``QR``."""
+    ``(L + pi sqrt(lam))^-1`` and ``(R + sqrt(lam)/pi)^-1`` (:func:`spd_inverse`, no
+    eigendecomposition), stored in ``QL`` / ``QR``."""
     out = {}
     for p, st in leaves.items():
         st = dict(st)
         if "L" in st:
-            st["dL"], st["QL"] = _eigh(st["L"])
-            st["dR"], st["QR"] = _eigh(st["R"])
             st["pi"] = _pi(st["L"], st["R"], st["L"].dtype)
-            if lam is not None:
+            if lam is not None:  # Cholesky inverses, no eigendecomposition
                 r = jnp.sqrt(jnp.maximum(lam, 0)).astype(st["L"].dtype)
-                st["QL"] = _damped_inverse(st["dL"], st["QL"], st["pi"] * r, eps)
-                st["QR"] = _damped_inverse(st["dR"], st["QR"], r / st["pi"], eps)
+                st["QL"] = spd_inverse(st["L"], st["pi"] * r, eps)
+                st["QR"] = spd_inverse(st["R"], r / st["pi"], eps)
+            else:
+                st["dL"], st["QL"] = _eigh(st["L"])
+                st["dR"], st["QR"] = _eigh(st["R"])
         elif "M" in st:
-            st["dM"], st["QM"] = _eigh(st["M"])
             if lam is not None:
-                st["QM"] = _damped_inverse(st["dM"], st["QM"], lam.astype(st["M"].dtype), eps)
+                st["QM"] = spd_inverse(st["M"], lam.astype(st["M"].dtype), eps)
+            else:
+                st["dM"], st["QM"] = _eigh(st["M"])
         out[p] = st
     return out

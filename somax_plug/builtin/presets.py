@@ -22,10 +22,10 @@ preset                 composition
                        + identity (momentum 0.9)
 ``soap``               soap (betas 0.95, basis every 10 steps) + identity
                        (momentum 0.95)
-``kfac``               kfac curvature (for the damping's model) + kfac
-                       preconditioner (EMA 0.95, pi-damped inverses every 10)
-                       + model_step (re-scaling and momentum by the quadratic
-                       model) + levenberg_marquardt; Monte-Carlo Fisher factors
+``kfac``               ggn (the exact quadratic model) + kfac preconditioner
+                       (Monte-Carlo Fisher factors, EMA 0.95, pi-damped
+                       inverses every 10) + model_step (re-scaling and momentum
+                       by the model) + levenberg_marquardt every 5 steps
 ``ekfac``              ekfac (Monte-Carlo Fisher) + kronecker_inverse +
                        levenberg_marquardt
 ``ggn_cg_kfac``        ggn + cg preconditioned by kfac (Monte-Carlo Fisher
@@ -199,13 +199,16 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "kfac": (
         "KFAC (Martens & Grosse 2015): Monte-Carlo Fisher Kronecker factors every step "
         "(EMA 0.95), inverses every 10 refreshes, re-scaling and momentum by the quadratic "
-        "model, Levenberg-Marquardt damping",
+        "model (the exact GGN), Levenberg-Marquardt damping every 5 steps",
         {
-            "curvature": {"name": "kfac", "source": "fisher"},
+            # the quadratic model of model_step and of the damping: the exact GGN (the
+            # Fisher for canonical links), as Martens & Grosse sec. 6-7 and kfac-jax
+            "curvature": "ggn",
             "preconditioner": {"name": "kfac", "source": "fisher", "decay": 0.95,
                                "inverse_every": 10, "pi_damping": True},
             "solver": "model_step",
-            "damping": {"name": "levenberg_marquardt", "init": 1.0},
+            # adapted every 5 steps: kfac-jax's damping_adaptation_interval
+            "damping": {"name": "levenberg_marquardt", "init": 1.0, "every_k": 5},
         },
     ),
     "ekfac": (

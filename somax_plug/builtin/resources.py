@@ -176,8 +176,12 @@ def _loss_after(res: Resources) -> jax.Array:
 
 def _predicted_decrease(res: Resources) -> jax.Array:
     g, u = res["grad"], res["update"]
-    cu = res["operator"].mv(u)
-    return -(tree.vdot(g, u) + 0.5 * tree.vdot(u, cu))
+    op = res["operator"]
+    rf = op.row_factors()
+    if rf is not None:  # u.Cu = |U u|^2: one row product (a JVP for the GGN), no transpose
+        ru = rf.matvec(u)
+        return -(tree.vdot(g, u) + 0.5 * jax.numpy.vdot(ru, ru))
+    return -(tree.vdot(g, u) + 0.5 * tree.vdot(u, op.mv(u)))
 
 
 PROVIDERS: dict[str, ResourceProvider] = {

@@ -1125,9 +1125,11 @@ class Identity(Solver):
         return s, _info(1, jnp.nan, tree.all_finite(s), dt), {"m": m, "count": count}
 
 
-def _bilinear(op: LinearOperator, lam: Array) -> Callable[[PyTree, PyTree], Array]:
+def _bilinear(op: LinearOperator, lam: Array,
+              vectors: tuple = ()) -> Callable[[PyTree, PyTree], Array]:
     """``(x, y) -> x.(C + lam I) y``; from row factors ``U x . U y`` where the operator
-    has them (a GGN: one JVP per vector, products cached), else one ``mv`` per ``y``."""
+    has them (a GGN: one JVP per vector, products cached; the row products of
+    ``vectors`` in one batched JVP), else one ``mv`` per ``y``."""
     rf = op.row_factors()
     if rf is None:
         mv = _matvec(op, lam)
@@ -1140,6 +1142,10 @@ def _bilinear(op: LinearOperator, lam: Array) -> Callable[[PyTree, PyTree], Arra
 
         return by_mv
     rows: dict[int, tuple[PyTree, Array]] = {}
+    if len(vectors) > 1:
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *vectors)
+        for v, r in zip(vectors, jax.vmap(rf.matvec)(stacked), strict=True):
+            rows[id(v)] = (v, r)
 
     def row(v: PyTree) -> Array:
         if id(v) not in rows:
@@ -1215,7 +1221,7 @@ class ModelStep(Solver):
         dt = tree.accum_dtype(rhs)
         d = tree.cast_like(precond(rhs) if precond is not None else rhs, rhs)
         p = tree.cast_like(state["p"], rhs)
-        form = _bilinear(op, lam)
+        form = _bilinear(op, lam, (d, p) if self.momentum else ())
         tiny = jnp.finfo(dt).tiny
         dad, gd = form(d, d).astype(dt), tree.vdot(rhs, d).astype(dt)
         alpha1 = jnp.where(dad > tiny, gd / jnp.where(dad > tiny, dad, 1), 0)
