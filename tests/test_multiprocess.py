@@ -24,8 +24,9 @@ the uninterrupted trajectory (iteration counts equal, parameters to 1e-12); the
 fault ends process 0 within 60 s of the death; every builtin preset, 2 steps in the
 group, equal in both processes (bitwise) and to the 1-device run (1e-10; ``shampoo``
 and ``soap`` after their first step, 1e-8: their second step amplifies rounding);
-``init_distributed`` put the CPU scheduler flag into ``XLA_FLAGS``. Every wait has a timeout (the whole
-test is bounded by ``BUDGET_S``) and every process is killed in a ``finally``.
+``init_distributed`` put the CPU scheduler flag into ``XLA_FLAGS``. Every wait has a
+timeout (the whole test is bounded by ``BUDGET_S``) and every process is killed in a
+``finally``.
 """
 
 from __future__ import annotations
