@@ -493,10 +493,11 @@ def compose(
             :func:`somax_plug.data_parallel_mesh`. **The one switch for
             device-count-independent numerics** is ``mesh=DataParallel(mesh,
             reduce_chunks=K)`` (opt-in; measured 1.3x to 1.6x the step time of
-            ``sgn`` on 1 and 4 CPU devices): the batch is reduced in ``K`` fixed chunks in a fixed order,
-            so the loss, gradients, curvature products, Gram matrices, solver
-            iteration counts and damping decisions are bitwise the same for any
-            number of devices and processes (see ``docs/howto/multi-process.md``).
+            ``sgn`` on 1 and 4 CPU devices): the batch is reduced in ``K`` fixed
+            chunks in a fixed order, so the loss, gradients, curvature products,
+            Gram matrices, solver iteration counts and damping decisions are
+            bitwise the same for any number of devices and processes (see
+            ``docs/howto/multi-process.md``).
         param_sharding: with ``mesh``, a rule ``(path, leaf) -> PartitionSpec | None``
             that shards parameter and state leaves along another mesh axis, e.g.
             :func:`somax_plug.shard_large_2d` (None: replicate all).
