@@ -10,6 +10,13 @@ sequences, the losses and ``rho`` equal the 1-device run's *bitwise*, and the
 with ``--plain``, the largest parameter difference of the plain GSPMD step
 (``reduce_chunks=None``) on 2 and 4 devices against 1, for contrast (the docs' table).
 
+``ggn_cg_kfac``, ``kfac`` and ``ef_pcg`` (empirical Fisher + Jacobi-PCG) cover the
+sums over the batch that components compute themselves (``Loss.batch_sum``: the
+Kronecker factors, the empirical Fisher's products and diagonal). Under
+``reduce_chunks`` the layer map does not see the kernels through the chunk
+broadcast, so KFAC's blocks are the diagonal fallback there (the factors' own
+``batch_sum`` is checked in float64 by ``tests/test_batch_sum.py``).
+
 Run by hand: ``XLA_FLAGS=--xla_force_host_platform_device_count=4
 python tests/canonical_check.py [--plain]``.
 """
@@ -50,6 +57,17 @@ COMPOSITIONS = {
         damping=LM,
     ),
     "minres_lm": dict(curvature="hessian", solver={"name": "minres", "maxiter": 10}, damping=LM),
+    # Kronecker factors (A = sum_b a a^T, G = sum_b g g^T: Loss.batch_sum) preconditioning CG
+    "ggn_cg_kfac": dict(preset="ggn_cg_kfac"),
+    "kfac": dict(preset="kfac"),
+    # the empirical Fisher's own sums over the batch: mv (sum_b p_b (p_b . v)) and diag
+    "ef_pcg": dict(
+        curvature="empirical_fisher",
+        solver={"name": "cg", "maxiter": 10, "tol": 1e-4},
+        estimators=["exact_diag"],
+        preconditioner="jacobi",
+        damping=LM,
+    ),
 }
 
 
@@ -91,6 +109,37 @@ def bitwise(a, b) -> bool:
     return np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
+def batch_sums() -> dict:
+    """``Loss.batch_sum`` of the Kronecker factors' sums (float32, [W; b] rows of 8
+    examples x 3 positions, g with R = 2 samples) on 1, 2 and 4 devices: bitwise?"""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from somax_plug import get_loss
+    from somax_plug._src.sharding import chunked_loss
+    from somax_plug.builtin.kronecker import gram
+
+    rng = np.random.default_rng(7)
+    a = jnp.asarray(rng.normal(size=(N, 3, D_IN + 1)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(N, 2, 3, D_OUT)), jnp.float32)  # batch first
+    fns = {
+        "A_expand": lambda x: gram(x.reshape(-1, x.shape[-1])),
+        "G_expand": lambda x: gram(x.swapaxes(0, 1).reshape(-1, x.shape[-1])),
+        "A_reduce": lambda x: gram(x.mean(axis=1)),
+    }
+    got: dict = {}
+    for n in (1, 2, 4):
+        mesh = data_parallel_mesh(n)
+        chunked = NamedSharding(mesh, PartitionSpec("data"))
+        loss = chunked_loss(get_loss(LOSS), k=K, chunked=chunked,
+                            rep=NamedSharding(mesh, PartitionSpec()))
+        xa, xg = jax.device_put(a, chunked), jax.device_put(g, chunked)
+        for name, fn in fns.items():
+            x = xg if name.startswith("G") else xa
+            got[(name, n)] = np.asarray(jax.jit(lambda x, fn=fn, s=loss.batch_sum: s(fn, x))(x))
+    return {name: {str(n): bitwise(got[(name, 1)], got[(name, n)]) for n in (2, 4)}
+            for name in fns}
+
+
 def main() -> int:
     cpu_scheduler_flag()  # before the backend starts: cadenced estimators on 4 devices
     if jax.device_count() != 4:
@@ -98,10 +147,11 @@ def main() -> int:
         return 2
     t0 = time.time()
     problems = [problem(s) for s in range(PROBLEMS)]
-    out: dict = {"problems": PROBLEMS, "steps": STEPS, "cases": {}}
+    out: dict = {"problems": PROBLEMS, "steps": STEPS, "cases": {}, "batch_sum": batch_sums()}
     only = [a for a in sys.argv[1:] if not a.startswith("--")] or list(COMPOSITIONS)
     for name in only:
         kw = COMPOSITIONS[name]
+        t_case = time.time()
         runs = {}
         for n in (1, 2, 4):
             method = compose(predict_fn=predict, loss=LOSS, **kw,
@@ -123,6 +173,7 @@ def main() -> int:
         case["iterations"] = [r["iterations"] for r in runs[1]]
         case["lam"] = [r["lam"] for r in runs[1]]
         case["accepted"] = [r["accepted"] for r in runs[1]]
+        case["seconds"] = round(time.time() - t_case, 1)
         if "--plain" not in sys.argv:
             out["cases"][name] = case
             continue

@@ -156,7 +156,7 @@ def test_mesh_of_one_device_gives_the_unsharded_numbers():
 
 
 # ------------------------------------------------- canonical reductions (float32)
-BITWISE = ("sgn", "gauss_newton_lm", "direct_lm", "sophia_h", "pcg_jacobi")
+BITWISE = ("sgn", "gauss_newton_lm", "direct_lm", "sophia_h", "pcg_jacobi", "ggn_cg_kfac", "ef_pcg")
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,6 @@ def test_canonical_reductions_are_bitwise_the_same_on_1_2_and_4_devices(canonica
         assert all(r[0] != r[-1] for r in lams), (name, lams)  # lambda was updated
     accepted = [a for r in canonical["cases"]["direct_lm"]["accepted"] for a in r]
     assert True in accepted and False in accepted  # rejections happened, the same ones
+    # Loss.batch_sum of the Kronecker factors' sums (A, G; expand and reduce)
+    assert canonical["batch_sum"] and all(
+        all(by_n.values()) for by_n in canonical["batch_sum"].values()), canonical["batch_sum"]

@@ -40,10 +40,17 @@ bitwise the same gradients and products, hence the same Krylov iteration counts.
 The loss value is reduced in the same fixed order (:func:`chunked_loss`: ``rho``,
 the Levenberg-Marquardt decisions, the loss after the step), and the curvature
 operator's products are pinned replicated (:class:`CanonicalOperator`: Gram and
-dense matrices, row-space and dense solves). Measured bitwise on 1, 2 and 4 devices
-(float32) for ``sgn``, ``gauss_newton_lm``, ``direct``, ``sophia_h`` and Jacobi-PCG
+dense matrices, row-space and dense solves). Sums over the batch that a component
+computes itself, outside autodiff (the Kronecker factors, the empirical Fisher's
+products and diagonal), go through the loss's ``batch_sum(fn, *xs)``
+(:func:`canonical_batch_sum` here: ``fn`` ``vmap``-ed over the ``K`` chunks, the
+chunk results added in the fixed order). Measured bitwise on 1, 2 and 4 devices
+(float32) for ``sgn``, ``gauss_newton_lm``, ``direct``, ``sophia_h``, Jacobi-PCG,
+``ggn_cg_kfac``, ``kfac`` and empirical Fisher + Jacobi-PCG
 (``tests/canonical_check.py``); not for Hessian + ``minres`` with one chunk per
-device, Kronecker factors or ``empirical_fisher`` (``docs/howto/multi-process.md``).
+device. The layer map does not see kernels through the chunk broadcast, so under
+``reduce_chunks`` Kronecker preconditioners use their diagonal fallback
+(``docs/howto/multi-process.md``).
 Cost: ``K`` copies of each parameter-shaped cotangent (spread over the devices), and
 Gram and dense matrices built one row / column at a time.
 
@@ -449,12 +456,44 @@ def chunked_loss(loss: Any, *, k: int, chunked: NamedSharding, rep: NamedShardin
             total = _canonical_sum(per, k=k, chunked=chunked, rep=rep)
             return total / per.shape[0] if self.reduction == "mean" else total
 
-        sub = type(f"Chunked{base.__name__}", (base,), {"__slots__": (), "__call__": __call__,
-                                                        "__module__": base.__module__})
+        def batch_sum(self: Any, fn: Callable[..., Any], *xs: Any) -> Any:
+            return canonical_batch_sum(fn, *xs, k=k, chunked=chunked, rep=rep)
+
+        sub = type(f"Chunked{base.__name__}", (base,), {
+            "__slots__": (), "__call__": __call__, "batch_sum": batch_sum,
+            "__module__": base.__module__})
         _CHUNKED_LOSSES[key] = sub
     new = copy.copy(loss)
     object.__setattr__(new, "__class__", sub)
     return new
+
+
+def canonical_batch_sum(
+    fn: Callable[..., Any], *xs: Any, k: int, chunked: NamedSharding, rep: NamedSharding
+) -> Any:
+    """``fn(*xs)`` as ``K`` fixed chunks added in a fixed order (:meth:`Loss.batch_sum`).
+
+    ``fn`` maps pytrees with a leading batch axis ``B`` to their sum over the batch.
+    Every leaf is reshaped to ``[K, B / K, ...]`` and pinned to the chunked layout
+    (chunk ``i`` on the same slot of the data axis as the model's chunk ``i``), ``fn``
+    is ``vmap``-ed over the chunks, and the ``K`` chunk results are gathered and added
+    as ``((c_0 + c_1) + c_2) + ...`` (:func:`_chunk_sum`): each chunk is the same
+    program on any number of devices, and so is the order of the sum. Leaves without
+    one common leading size divisible by ``K`` (or no leaves) give ``fn(*xs)``.
+    """
+    leaves = jax.tree_util.tree_leaves(xs)
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes or next(iter(sizes)) % k:
+        return fn(*xs)
+
+    def split(x: Any) -> Any:
+        x = jax.numpy.asarray(x)
+        return jax.lax.with_sharding_constraint(
+            x.reshape((k, x.shape[0] // k, *x.shape[1:])), chunked)
+
+    per = jax.vmap(fn)(*jax.tree_util.tree_map(split, xs))
+    return jax.tree_util.tree_map(
+        lambda c: _chunk_sum(jax.lax.with_sharding_constraint(c, chunked), k=k, rep=rep), per)
 
 
 class _RowByRow:

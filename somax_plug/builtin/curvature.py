@@ -218,52 +218,73 @@ class EmpiricalFisherOperator(PytreeOperator):
     With ``p_b`` summing to the gradient this is ``c sum_b g_b g_b^T``: ``(1/B) sum g g^T``
     for the mean reduction and ``sum g g^T`` for the sum. Row factors are the B rows
     ``p_b / sqrt(c)``; the exact diagonal ``(1/c) sum_b p_b**2`` is cheap.
+
+    The sums over the batch (``sum_b r_b p_b`` in ``mv`` and ``rmatvec``, ``sum_b
+    p_b**2`` in ``diag``) go through ``batch_sum`` (the loss's
+    :meth:`~somax_plug.losses.Loss.batch_sum`; plain sums by default), which is
+    device-count independent under ``DataParallel(mesh, reduce_chunks=K)``.
     """
 
     tags = frozenset({SYMMETRIC, PSD, ROW_SPACE, DIAG})
     _children = ("primal", "_p")
-    _static = ("_c", "_w", "_b", "_dtype")
+    _static = ("_c", "_w", "_b", "_dtype", "_sum")
 
-    def __init__(self, primal: PyTree, per_example_grads: PyTree, c: float) -> None:
+    def __init__(
+        self, primal: PyTree, per_example_grads: PyTree, c: float, batch_sum: Any = None
+    ) -> None:
         self.primal = primal
         self._p = per_example_grads
         self._c = c
+        self._sum = _plain_sum if batch_sum is None else batch_sum
         self._w = 1.0 / math.sqrt(c)
         self._b = batch_size_of(per_example_grads)
         self._dtype = tree.accum_dtype(primal)
 
-    def _rows(self, v: PyTree) -> Array:
+    def _rows_of(self, ps: PyTree, v: PyTree) -> Array:
+        """``w (p_b . v)`` for the rows ``ps`` (any leading size: a chunk of the batch)."""
+        b, dt = jax.tree_util.tree_leaves(ps)[0].shape[0], self._dtype
+        # a product and a row sum, not a matrix-vector dot: under batch_sum's vmap over
+        # chunks a dot with the unbatched v folds the chunks into its rows, and XLA's
+        # kernel (so the rounding) then depends on how many chunks a device holds
         parts = jax.tree_util.tree_map(
-            lambda p, x: jnp.einsum(
-                "bi,i->b", p.reshape(self._b, -1).astype(self._dtype), x.ravel().astype(self._dtype)
-            ),
-            self._p,
+            lambda p, x: jnp.sum(p.reshape(b, -1).astype(dt) * x.ravel().astype(dt), axis=1),
+            ps,
             v,
         )
-        return self._w * sum(jax.tree_util.tree_leaves(parts), jnp.zeros((self._b,), self._dtype))
+        return self._w * sum(jax.tree_util.tree_leaves(parts), jnp.zeros((b,), dt))
+
+    def _rmat_of(self, r: Array, ps: PyTree) -> PyTree:
+        """``sum_b w r_b p_b`` over the rows ``ps`` (in the accumulation dtype)."""
+        r = self._w * r.astype(self._dtype)
+        return jax.tree_util.tree_map(lambda p: jnp.tensordot(r, p.astype(self._dtype), 1), ps)
+
+    def _cast(self, tree_: PyTree) -> PyTree:
+        return jax.tree_util.tree_map(lambda o, x: o.astype(x.dtype), tree_, self.primal)
+
+    def _rows(self, v: PyTree) -> Array:
+        return self._rows_of(self._p, v)
 
     def _rmat(self, r: Array) -> PyTree:
-        r = self._w * r.astype(self._dtype)
-        return jax.tree_util.tree_map(
-            lambda p, x: jnp.tensordot(r, p.astype(self._dtype), axes=1).astype(x.dtype),
-            self._p,
-            self.primal,
-        )
+        return self._cast(self._sum(self._rmat_of, r, self._p))
 
     def mv(self, v: PyTree) -> PyTree:
-        return self._rmat(self._rows(v))
+        # one sum over the batch: each chunk's rows and its share of the product
+        return self._cast(self._sum(lambda ps: self._rmat_of(self._rows_of(ps, v), ps), self._p))
 
     def row_factors(self) -> RowFactors:
         return RowFactors(matvec=self._rows, rmatvec=self._rmat, num_rows=self._b)
 
     def diag(self) -> PyTree:
-        return jax.tree_util.tree_map(
-            lambda p, x: (jnp.sum(jnp.square(p.astype(self._dtype)), axis=0) / self._c).astype(
-                x.dtype
-            ),
-            self._p,
-            self.primal,
-        )
+        dt = self._dtype
+        sq = self._sum(
+            lambda ps: jax.tree_util.tree_map(
+                lambda p: jnp.sum(jnp.square(p.astype(dt)), axis=0), ps), self._p)
+        return jax.tree_util.tree_map(lambda s, x: (s / self._c).astype(x.dtype), sq, self.primal)
+
+
+def _plain_sum(fn: Any, *xs: PyTree) -> PyTree:
+    """``fn(*xs)``: the default ``batch_sum`` (see :meth:`somax_plug.losses.Loss.batch_sum`)."""
+    return fn(*xs)
 
 
 # --------------------------------------------------------------------------- components
@@ -374,4 +395,5 @@ class EmpiricalFisher(Curvature):
 
     def build(self, res: Resources) -> EmpiricalFisherOperator:
         c = res.model.scale(res.batch)
-        return EmpiricalFisherOperator(res.params, res["per_example_grads"], c)
+        return EmpiricalFisherOperator(res.params, res["per_example_grads"], c,
+                                       res.model.loss.batch_sum)

@@ -382,6 +382,7 @@ def compute_factors(res: Resources, source: str, approx: str) -> KroneckerFactor
     pgrads, ggrads = jax.vmap(io.vjp)(us)
     pleaves = dict(zip(paths, jax.tree_util.tree_leaves(pgrads), strict=True))
     dt = cols.dtype
+    bsum = res.model.loss.batch_sum
     A, G, a_rows, g_rows = [], [], [], []  # noqa: N806
     for blk in blocks:
         a = jnp.asarray(io.inputs[blk.kernel], dt)
@@ -395,13 +396,17 @@ def compute_factors(res: Resources, source: str, approx: str) -> KroneckerFactor
         g = jnp.asarray(ggrads[blk.kernel], dt)
         g = g.transpose((0, *(i + 1 for i in blk.g_perm))).reshape(g.shape[0], bsz, -1, blk.dout)
         t = a.shape[1]
+        # sums over the batch (leading axis; g's rows moved behind R): canonical, the
+        # same on any number of devices, under reduce_chunks (Loss.batch_sum)
         if approx == "expand":
-            A.append(gram(a.reshape(-1, a.shape[-1])) / (bsz * t))
-            G.append(gram(g.reshape(-1, g.shape[-1])))
+            A.append(bsum(lambda x: gram(x.reshape(-1, x.shape[-1])), a) / (bsz * t))
+            G.append(bsum(lambda x: gram(x.swapaxes(0, 1).reshape(-1, x.shape[-1])),
+                          g.swapaxes(0, 1)))
         else:
             am, gs = a.mean(axis=1), g.sum(axis=2)
-            A.append(gram(am) / bsz)
-            G.append(gram(gs.reshape(-1, gs.shape[-1])))
+            A.append(bsum(gram, am) / bsz)
+            G.append(bsum(lambda x: gram(x.swapaxes(0, 1).reshape(-1, x.shape[-1])),
+                          gs.swapaxes(0, 1)))
         a_rows.append(a)
         g_rows.append(g)
     diag = {p: jnp.sum(jnp.square(pleaves[p].astype(dt)), axis=0) for p, _ in uncovered}
