@@ -41,6 +41,24 @@ CURVATURES = {
     "empirical_fisher": {"reference": "empirical_fisher"},
 }
 
+def _kfac_ema_property(dense, stats):
+    """One estimate from the zero state: count 1, every running factor symmetric PSD,
+    every diagonal block nonnegative (the factors themselves: tests/test_kfac.py)."""
+    st = stats["kfac_ema"]
+    if int(st["count"]) != 1:
+        return f"count {int(st['count'])} after one estimate, expected 1"
+    for path, leaf in st["leaves"].items():
+        for k in ("L", "R", "M"):
+            if k in leaf:
+                m = np.asarray(leaf[k], np.float64)
+                tol = 1e-8 * max(1.0, float(np.abs(m).max()))
+                if not np.allclose(m, m.T, atol=tol) or np.linalg.eigvalsh(m).min() < -tol:
+                    return f"{path}: running factor {k} is not symmetric PSD"
+        if np.asarray(leaf["diag"]).min() < 0:
+            return f"{path}: negative diagonal block"
+    return None
+
+
 ESTIMATORS = {
     "hutchinson_diag": {},
     "hutchinson_trace": {},
@@ -53,6 +71,7 @@ ESTIMATORS = {
         "num_draws": 2,
         "properties": {"eigenvectors": eigenpair_property, "spectral_density": density_property},
     },
+    "kfac_ema": {"num_draws": 2, "properties": {"kfac_ema": _kfac_ema_property}},
 }
 
 

@@ -560,6 +560,70 @@ def test_preset_quadratic_forms_from_row_factors_equal_the_dense_ggn():
                                -(g @ dv + 0.5 * dv @ dense @ dv), rtol=1e-9)
 
 
+def _ema_composition(sizes, **pre):
+    model_fn = _mlp(sizes)
+    return compose(predict_fn=model_fn, loss="softmax_cross_entropy", curvature="ggn",
+                   estimators=[{"name": "kfac_ema", "source": "ggn", "decay": 0.8}],
+                   preconditioner={"name": "kfac", "factors": "kfac_ema", **pre},
+                   solver={"name": "cg", "maxiter": 3},
+                   damping={"name": "constant", "lam": 0.1})
+
+
+def test_shared_ema_is_updated_once_per_step_and_read_as_is():
+    """Estimator ``kfac_ema``: one EMA update per step (two steps: ``0.8 F(p0) + 0.2
+    F(p1)``, float64 against the factors recomputed at each step's parameters); the
+    preconditioner reading it holds exactly the estimator's values, and the solver
+    ``kronecker_inverse`` reading it solves ``(L (x) R + lam I) s = g`` per leaf (dense
+    float64 solve). One composition cannot hold both readers (the planner refuses a
+    preconditioner for a solver that does not apply one), so the solver reads the
+    statistic the estimator returned."""
+    from somax_plug.builtin.kronecker import KFACEMA
+
+    sizes = (3, 4, 2)
+    model = make_model(_mlp(sizes), "softmax_cross_entropy")
+    params, batch = _params(sizes, 7), _batch("softmax_cross_entropy", 5, 3, 2, 7)
+    method = _ema_composition(sizes, pi_damping=True)
+    state = method.init(params)
+    seen = [params]
+    for i in range(2):
+        params, state, _ = method.step(params, state, batch, jax.random.key(i))
+        seen.append(params)
+    stat = state.estimators[0]["stats"]["kfac_ema"]
+    assert int(stat["count"]) == 2
+    f0, f1 = (_res(model, p, batch)[factor_resource("ggn", "expand")] for p in seen[:2])
+    for i, layer in enumerate(("l0", "l1")):
+        din = sizes[i]
+        got = stat["leaves"][f"{layer}/w"]
+        _close(got["L"], 0.8 * f0.A[i][:din, :din] + 0.2 * f1.A[i][:din, :din], "EMA of A")
+        _close(got["R"], 0.8 * f0.G[i] + 0.2 * f1.G[i], "EMA of G")
+        mine = state.preconditioner["leaves"][f"{layer}/w"]
+        for k in ("L", "R"):
+            np.testing.assert_array_equal(np.asarray(mine[k]), np.asarray(got[k]))
+    est = KFACEMA(source="ggn")
+    res = _res(model, seen[0], batch)
+    out, _ = est.estimate(res, None, est.init(seen[0]))
+    g, lam = res["grad"], 0.3
+    s, info, _ = KroneckerInverse(factors="kfac_ema").solve(None, g, lam, None, out, ())
+    for layer in ("l0", "l1"):
+        leaf = out["kfac_ema"]["leaves"][f"{layer}/w"]
+        m = np.kron(np.asarray(leaf["L"]), np.asarray(leaf["R"]))
+        _close(np.asarray(s[layer]["w"]).ravel(),
+               np.linalg.solve(m + lam * np.eye(len(m)), np.asarray(g[layer]["w"]).ravel()),
+               f"{layer} kernel from the shared EMA")
+    assert bool(info.converged)
+
+
+def test_reader_without_the_ema_estimator_is_refused_before_tracing():
+    from somax_plug import CompositionError
+
+    for kw in ({"preconditioner": {"name": "kfac", "factors": "kfac_ema"}, "solver": "cg",
+                "curvature": "ggn"},
+               {"solver": {"name": "kronecker_inverse", "factors": "kfac_ema"}}):
+        with pytest.raises(CompositionError, match="kfac_ema.*estimators= one of: "
+                           "builtin:kfac_ema"):
+            compose(predict_fn=_mlp((3, 2)), loss="mse", **kw)
+
+
 def test_preconditioner_uses_the_block_diagonal_above_max_dim():
     sizes = (3, 4, 2)
     model = make_model(_mlp(sizes), "softmax_cross_entropy")
@@ -655,6 +719,16 @@ CASES = [
     Case("inverse_every 0", lambda: _compose(
         curvature="ggn", solver="cg", preconditioner={"name": "kfac", "inverse_every": 0}),
         says=("inverse_every",)),
+    Case("shared EMA without its estimator", lambda: _compose(
+        curvature="ggn", solver="cg", preconditioner={"name": "kfac", "factors": "kfac_ema"}),
+         says=("statistic 'kfac_ema'", "builtin:kfac_ema")),
+    Case("unknown factors option", lambda: _compose(
+        curvature="ggn", solver="cg", preconditioner={"name": "kfac", "factors": "shared"}),
+         says=("factors", "kfac_ema")),
+    Case("EMA estimator with decay 1", lambda: _compose(
+        curvature="ggn", solver="cg", estimators=[{"name": "kfac_ema", "decay": 1.0}],
+        preconditioner={"name": "kfac", "factors": "kfac_ema"}),
+         says=("decay",)),
     Case("unknown coverage", lambda: _compose(curvature={"name": "kfac", "coverage": "some"},
                                               solver="kronecker_inverse"),
          says=("coverage", "strict")),

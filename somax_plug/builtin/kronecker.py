@@ -74,6 +74,7 @@ from somax_plug import (
     SYMMETRIC,
     Choices,
     Curvature,
+    Estimator,
     InputError,
     Preconditioner,
     PytreeOperator,
@@ -108,6 +109,7 @@ __all__ = [
     "KRONECKER",
     "PROVIDERS",
     "Block",
+    "KFACEMA",
     "KFACPreconditioner",
     "KroneckerFactors",
     "KroneckerInverse",
@@ -746,8 +748,10 @@ class EKFAC(Curvature, _Explained):
 
 @declare(
     "kronecker_inverse",
-    summary="s = (C + lam I)^-1 rhs applied exactly by a Kronecker-factored operator",
-    requires={"tags": {SYMMETRIC}},
+    summary="s = (C + lam I)^-1 rhs applied exactly by a Kronecker-factored operator "
+    "(or by estimator kfac_ema's running averages)",
+    requires=lambda o: ({"statistics": {"kfac_ema"}} if o.get("factors") == "kfac_ema"
+                        else {"tags": {SYMMETRIC}}),
 )
 @attrs.frozen
 class KroneckerInverse(Solver):
@@ -760,6 +764,11 @@ class KroneckerInverse(Solver):
     :class:`~somax_plug.InputError` when the step is traced, before any FLOP,
     otherwise).
 
+    With ``factors="kfac_ema"`` it reads estimator ``kfac_ema``'s running averages
+    instead (no operator): per leaf ``s = (L (x) R + lam I)^-1 rhs`` in the
+    preconditioner ``kfac``'s layout, from the averages' eigendecompositions, every step
+    (``residual`` NaN: not computed).
+
     Example:
         >>> from somax_plug import spec_of
         >>> sorted(spec_of(KroneckerInverse).requires.tags)
@@ -767,10 +776,14 @@ class KroneckerInverse(Solver):
     """
 
     dense_max: int = option(2048, ge=1, doc="largest non-Kronecker operator solved densely")
+    factors: str = option("operator", choices=("operator", "kfac_ema"),
+                          doc="invert the operator, or estimator 'kfac_ema''s running averages")
 
     def solve(self, op: Any, rhs: PyTree, lam: Array, precond: Any, stats: Any,
               state: PyTree) -> tuple[PyTree, SolverInfo, PyTree]:
         dt = tree.accum_dtype(rhs)
+        if self.factors == EMA_STAT:
+            return (*_solve_ema(stats[EMA_STAT], rhs, lam, dt), state)
         n = tree.size(rhs)
         if not hasattr(op, "inverse_mv") and n > self.dense_max:
             raise InputError(
@@ -791,6 +804,18 @@ class KroneckerInverse(Solver):
         res = tree.norm(r) / jnp.maximum(tree.norm(rhs), jnp.finfo(dt).tiny)
         info = SolverInfo(jnp.asarray(1, jnp.int32), res.astype(dt), tree.all_finite(s))
         return s, info, state
+
+
+def _solve_ema(stat: dict, rhs: PyTree, lam: Array, dt: Any) -> tuple[PyTree, SolverInfo]:
+    """``(L (x) R + lam I)^-1 rhs`` per leaf from shared running averages (see
+    :class:`KroneckerInverse`): the preconditioner ``kfac``'s exact-damping application."""
+    pre = KFACPreconditioner()
+    own = pre.init(rhs)["leaves"]
+    leaves = {p: {**st, **stat["leaves"][p]} for p, st in own.items()}
+    inverted = _invert(leaves, None, pre.eps)
+    s = tree.cast_like(pre.apply({"leaves": inverted, "count": stat["count"]}, rhs, lam), rhs)
+    info = SolverInfo(jnp.asarray(1, jnp.int32), jnp.full((), jnp.nan, dt), tree.all_finite(s))
+    return s, info
 
 
 # ------------------------------------------------------------------ preconditioner
@@ -847,11 +872,114 @@ def _targets(f: KroneckerFactors, shapes: dict) -> tuple[dict, tuple]:
     return new, tuple(misfit)
 
 
+EMA_STAT = "kfac_ema"
+"""The statistic of estimator ``kfac_ema``: ``{"leaves": {path: EMA leaf}, "count"}``."""
+
+
+def _preconditioner_requires(o: dict) -> dict:
+    """The factors, or with ``factors="kfac_ema"`` the estimator's statistic."""
+    if o.get("factors") == EMA_STAT:
+        return {"statistics": {EMA_STAT}}
+    return _factor_requires(o)
+
+
+def _ema_leaf(x: Array, max_dim: int) -> dict:
+    """The running-average part of a leaf's state (``L``, ``R`` | ``M``, ``diag``, ``kron``)."""
+    st = _leaf_state(x, max_dim)
+    return {k: v for k, v in st.items() if k in ("L", "R", "M", "diag", "kron")}
+
+
+def _fold(state_leaves: dict, f: KroneckerFactors, params: PyTree, first: Array,
+          beta: float, choices: Choices, max_dim: int) -> dict:
+    """``F <- beta F + (1 - beta) F_new`` per leaf (``F = F_new`` on the first refresh)."""
+    shapes = {p: tuple(x.shape) for p, x in zip(
+        param_paths(params), jax.tree_util.tree_leaves(params), strict=True)}
+    new, misfit = _targets(f, shapes)
+    for p, why in misfit:
+        choices.add(f"{p}: diagonal block in the preconditioner ({why})")
+    leaves = {}
+    for p, st in state_leaves.items():
+        st = dict(st)
+        stat = new.get(p, {})
+
+        def ema(old: Array, x: Array) -> Array:
+            x = jnp.asarray(x, old.dtype)
+            return jnp.where(first, x, beta * old + (1 - beta) * x)
+
+        if "L" in stat and "L" in st:
+            st["L"], st["R"] = ema(st["L"], stat["L"]), ema(st["R"], stat["R"])
+            st["kron"] = jnp.ones((), bool)
+        elif "M" in stat and "M" in st:
+            st["M"] = ema(st["M"], stat["M"])
+            st["kron"] = jnp.ones((), bool)
+        elif "diag" in stat:
+            st["diag"] = ema(st["diag"], stat["diag"])
+            st["kron"] = jnp.zeros((), bool)
+            if "L" in stat or "M" in stat:
+                choices.add(f"{p}: diagonal block in the preconditioner (a factor "
+                            f"larger than max_dim={max_dim})")
+        leaves[p] = st
+    return leaves
+
+
+@declare(
+    "kfac_ema",
+    summary="running averages (EMA) of the Kronecker factors at the estimator's cadence, "
+    "one set shared by every component that reads statistic 'kfac_ema'",
+    provides={EMA_STAT},
+    requires=_factor_requires,
+)
+@attrs.frozen
+class KFACEMA(Estimator, _Explained):
+    """``F <- decay F + (1 - decay) F_new`` of the factors, a statistic others read.
+
+    At each of its ticks (``every_k``: the EMA's cadence) the factors of the step
+    (``kfac_factors_<source>_<approx>``) are folded into running averages, per parameter
+    leaf in the preconditioner ``kfac``'s layout (see :class:`KFACPreconditioner`), the
+    first tick setting them. The statistic ``kfac_ema`` (``{"leaves", "count"}``) is
+    read by ``preconditioner kfac`` with ``factors="kfac_ema"``, which then keeps only
+    its inverses (at its own cadence, ``inverse_every`` of its refreshes): one EMA
+    update per tick, however many components read it.
+
+    Example:
+        >>> KFACEMA(decay=0.9).decay
+        0.9
+    """
+
+    source: str = option("ggn", choices=SOURCES, doc="which curvature is factored")
+    approx: str = option("expand", choices=APPROXIMATIONS, doc="KFAC-expand or KFAC-reduce")
+    decay: float = option(0.95, ge=0, lt=1, doc="EMA decay of the factors")
+    coverage: str = option("diagonal", choices=COVERAGE,
+                           doc="unfactored parameters: a diagonal block, or an error")
+    max_dim: int = option(MATRIX_MAX, ge=1,
+                          doc="a factor larger than this: the block's diagonal instead")
+    _choices: Choices = choices_field()
+
+    def init(self, params: PyTree) -> PyTree:
+        paths = param_paths(params)
+        leaves = jax.tree_util.tree_leaves(params)
+        stat = {"leaves": {p: _ema_leaf(x, self.max_dim) for p, x in zip(paths, leaves,
+                                                                           strict=True)},
+                "count": jnp.zeros((), jnp.int32)}
+        return {"stats": {EMA_STAT: stat}}
+
+    def estimate(self, res: Resources, key: Array, state: PyTree) -> tuple[dict, PyTree]:
+        f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
+                    "estimator 'kfac_ema'")
+        self._record(f)
+        old = state["stats"][EMA_STAT]
+        leaves = _fold(old["leaves"], f, res.params, old["count"] == 0, self.decay,
+                       self._choices, self.max_dim)
+        stat = {"leaves": leaves, "count": old["count"] + 1}
+        return {EMA_STAT: stat}, {**state, "stats": {EMA_STAT: stat}}
+
+
 @declare(
     "kfac",
-    summary="KFAC preconditioner: EMA of the Kronecker factors, damped inverse every k "
-    "refreshes (KFAC-preconditioned CG, or the KFAC step with solver identity)",
-    requires=_factor_requires,
+    summary="KFAC preconditioner: EMA of the Kronecker factors (its own or estimator "
+    "kfac_ema's), damped inverse every k refreshes (KFAC-preconditioned CG, or the KFAC "
+    "step with solver model_step or identity)",
+    requires=_preconditioner_requires,
 )
 @attrs.frozen
 class KFACPreconditioner(Preconditioner, _Explained):
@@ -878,6 +1006,12 @@ class KFACPreconditioner(Preconditioner, _Explained):
     block's exact diagonal ``diag(A) (x) diag(G)``): ``v / (d + lam)``. Before the
     first refresh ``M^-1 v = v / lam`` (``eps`` floors every denominator).
 
+    With ``factors="kfac_ema"`` the running averages are estimator ``kfac_ema``'s
+    statistic (its ``decay``, ``source``, ``approx`` and cadence; this component's are
+    then unused), shared with every other reader; this component keeps only the
+    inverses, refreshed every ``inverse_every`` of its own refreshes. The planner
+    refuses it, before tracing, when no estimator provides ``kfac_ema``.
+
     Example:
         >>> pre = KFACPreconditioner(decay=0.9, inverse_every=5)
         >>> (pre.decay, pre.inverse_every)
@@ -894,6 +1028,8 @@ class KFACPreconditioner(Preconditioner, _Explained):
                            doc="unfactored parameters: a diagonal block, or an error")
     max_dim: int = option(MATRIX_MAX, ge=1,
                           doc="a factor larger than this: the block's diagonal instead")
+    factors: str = option("own", choices=("own", EMA_STAT),
+                          doc="running averages: its own, or estimator 'kfac_ema''s")
     _choices: Choices = choices_field()
 
     def init(self, params: PyTree) -> PyTree:
@@ -906,39 +1042,16 @@ class KFACPreconditioner(Preconditioner, _Explained):
         }
 
     def update(self, res: Any, stats: Any, lam: Array, key: Array, state: PyTree) -> PyTree:
-        f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
-                    "preconditioner 'kfac'")
-        self._record(f)
-        shapes = {p: tuple(x.shape) for p, x in zip(
-            param_paths(res.params), jax.tree_util.tree_leaves(res.params), strict=True)}
-        new, misfit = _targets(f, shapes)
-        for p, why in misfit:
-            self._choices.add(f"{p}: diagonal block in the preconditioner ({why})")
         count = state["count"]
-        first = count == 0
-        beta = self.decay
-        leaves = {}
-        for p, st in state["leaves"].items():
-            st = dict(st)
-            stat = new.get(p, {})
-
-            def ema(old: Array, x: Array) -> Array:
-                x = jnp.asarray(x, old.dtype)
-                return jnp.where(first, x, beta * old + (1 - beta) * x)
-
-            if "L" in stat and "L" in st:
-                st["L"], st["R"] = ema(st["L"], stat["L"]), ema(st["R"], stat["R"])
-                st["kron"] = jnp.ones((), bool)
-            elif "M" in stat and "M" in st:
-                st["M"] = ema(st["M"], stat["M"])
-                st["kron"] = jnp.ones((), bool)
-            elif "diag" in stat:
-                st["diag"] = ema(st["diag"], stat["diag"])
-                st["kron"] = jnp.zeros((), bool)
-                if "L" in stat or "M" in stat:
-                    self._choices.add(f"{p}: diagonal block in the preconditioner (a factor "
-                                      f"larger than max_dim={self.max_dim})")
-            leaves[p] = st
+        if self.factors == EMA_STAT:
+            shared = stats[EMA_STAT]["leaves"]
+            leaves = {p: {**st, **shared[p]} for p, st in state["leaves"].items()}
+        else:
+            f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
+                        "preconditioner 'kfac'")
+            self._record(f)
+            leaves = _fold(state["leaves"], f, res.params, count == 0, self.decay,
+                           self._choices, self.max_dim)
         due = (count % self.inverse_every) == 0
         lam_now = jnp.asarray(lam)
         lam_now = lam_now.astype(jnp.result_type(lam_now.dtype, jnp.float32))
