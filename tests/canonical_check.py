@@ -123,8 +123,9 @@ def batch_sums() -> dict:
     g = jnp.asarray(rng.normal(size=(N, 2, 3, D_OUT)), jnp.float32)  # batch first
     fns = {
         "A_expand": lambda x: gram(x.reshape(-1, x.shape[-1])),
-        "G_expand": lambda x: gram(x.swapaxes(0, 1).reshape(-1, x.shape[-1])),
+        "G_expand": lambda x: jnp.einsum("brti,brtj->ij", x, x),
         "A_reduce": lambda x: gram(x.mean(axis=1)),
+        "G_reduce": lambda x: (lambda s: jnp.einsum("bri,brj->ij", s, s))(x.sum(axis=2)),
     }
     got: dict = {}
     for n in (1, 2, 4):
