@@ -10,12 +10,13 @@ sequences, the losses and ``rho`` equal the 1-device run's *bitwise*, and the
 with ``--plain``, the largest parameter difference of the plain GSPMD step
 (``reduce_chunks=None``) on 2 and 4 devices against 1, for contrast (the docs' table).
 
-``ggn_cg_kfac``, ``kfac`` and ``ef_pcg`` (empirical Fisher + Jacobi-PCG) cover the
-sums over the batch that components compute themselves (``Loss.batch_sum``: the
-Kronecker factors, the empirical Fisher's products and diagonal). Under
-``reduce_chunks`` the layer map does not see the kernels through the chunk
-broadcast, so KFAC's blocks are the diagonal fallback there (the factors' own
-``batch_sum`` is checked in float64 by ``tests/test_batch_sum.py``).
+``ef_pcg`` (empirical Fisher + Jacobi-PCG) covers the sums over the batch that a
+component computes itself (``Loss.batch_sum``: the empirical Fisher's products and
+diagonal). Under ``reduce_chunks`` the layer map does not see the kernels through the
+chunk broadcast, so compositions that read it (``kfac``, ``ekfac``, ``ggn_cg_kfac``)
+are refused at ``compose`` (tests/test_sharding.py); the Kronecker factors' own
+``batch_sum`` is checked by ``tests/test_batch_sum.py`` and by the ``factors`` entry
+below.
 
 Run by hand: ``XLA_FLAGS=--xla_force_host_platform_device_count=4
 python tests/canonical_check.py [--plain]``.
@@ -57,9 +58,6 @@ COMPOSITIONS = {
         damping=LM,
     ),
     "minres_lm": dict(curvature="hessian", solver={"name": "minres", "maxiter": 10}, damping=LM),
-    # Kronecker factors (A = sum_b a a^T, G = sum_b g g^T: Loss.batch_sum) preconditioning CG
-    "ggn_cg_kfac": dict(preset="ggn_cg_kfac"),
-    "kfac": dict(preset="kfac"),
     # the empirical Fisher's own sums over the batch: mv (sum_b p_b (p_b . v)) and diag
     "ef_pcg": dict(
         curvature="empirical_fisher",

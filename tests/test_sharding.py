@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from somax_plug import compose
+from somax_plug import CompositionError, compose
 from somax_plug._src.errors import InputError
 from somax_plug._src.sharding import (
     DataParallel,
@@ -156,7 +156,7 @@ def test_mesh_of_one_device_gives_the_unsharded_numbers():
 
 
 # ------------------------------------------------- canonical reductions (float32)
-BITWISE = ("sgn", "gauss_newton_lm", "direct_lm", "sophia_h", "pcg_jacobi", "ggn_cg_kfac", "ef_pcg")
+BITWISE = ("sgn", "gauss_newton_lm", "direct_lm", "sophia_h", "pcg_jacobi", "ef_pcg")
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,14 @@ def test_canonical_reductions_are_bitwise_the_same_on_1_2_and_4_devices(canonica
     # Loss.batch_sum of the Kronecker factors' sums (A, G; expand and reduce)
     assert canonical["batch_sum"] and all(
         all(by_n.values()) for by_n in canonical["batch_sum"].values()), canonical["batch_sum"]
+
+
+@pytest.mark.parametrize("preset", ["kfac", "ekfac", "ggn_cg_kfac"])
+def test_canonical_mode_refuses_the_components_that_read_the_layer_map(preset):
+    # under reduce_chunks every parameter enters through one copy per chunk, where the
+    # layer map recognises no layer: refused before tracing, not a silent diagonal
+    layout = DataParallel(data_parallel_mesh(1), reduce_chunks=2)
+    with pytest.raises(CompositionError, match="layer map") as err:
+        compose(preset=preset, predict_fn=lambda p, x: x @ p["w"],
+                loss="softmax_cross_entropy", mesh=layout)
+    assert "reduce_chunks=None" in str(err.value)

@@ -45,12 +45,11 @@ computes itself, outside autodiff (the Kronecker factors, the empirical Fisher's
 products and diagonal), go through the loss's ``batch_sum(fn, *xs)``
 (:func:`canonical_batch_sum` here: ``fn`` ``vmap``-ed over the ``K`` chunks, the
 chunk results added in the fixed order). Measured bitwise on 1, 2 and 4 devices
-(float32) for ``sgn``, ``gauss_newton_lm``, ``direct``, ``sophia_h``, Jacobi-PCG,
-``ggn_cg_kfac``, ``kfac`` and empirical Fisher + Jacobi-PCG
-(``tests/canonical_check.py``); not for Hessian + ``minres`` with one chunk per
-device. The layer map does not see kernels through the chunk broadcast, so under
-``reduce_chunks`` Kronecker preconditioners use their diagonal fallback
-(``docs/howto/multi-process.md``).
+(float32) for ``sgn``, ``gauss_newton_lm``, ``direct``, ``sophia_h``, Jacobi-PCG
+and empirical Fisher + Jacobi-PCG (``tests/canonical_check.py``); not for Hessian +
+``minres`` with one chunk per device. The layer map does not see kernels through the
+chunk broadcast, so ``compose`` refuses the components that read it (the Kronecker
+ones) under ``reduce_chunks`` (``docs/howto/multi-process.md``).
 Cost: ``K`` copies of each parameter-shaped cotangent (spread over the devices), and
 Gram and dense matrices built one row / column at a time.
 
