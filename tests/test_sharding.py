@@ -37,12 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-9  # float64; observed differences are ~1e-12 (reduction order, amplified by CG)
 
 
-@pytest.fixture(scope="module")
-def multidevice():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+def _run_check(script: str, flags: str, *args: str) -> dict:
+    """Run ``tests/<script>`` in its own process with ``XLA_FLAGS=flags``: its JSON line."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice_check.py")],
-        env=env,
+        [sys.executable, str(ROOT / "tests" / script), *args],
+        env={**os.environ, "XLA_FLAGS": flags},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -50,6 +49,11 @@ def multidevice():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def multidevice():
+    return _run_check("multidevice_check.py", "--xla_force_host_platform_device_count=4")
 
 
 def test_four_devices_match_one_device(multidevice):
@@ -165,17 +169,7 @@ def canonical():
     # the docs' numbers are with the default flags)
     flags = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
              "--xla_llvm_disable_expensive_passes=true")
-    env = {**os.environ, "XLA_FLAGS": flags}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "canonical_check.py"), *BITWISE],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_check("canonical_check.py", flags, *BITWISE)
 
 
 def test_canonical_reductions_are_bitwise_the_same_on_1_2_and_4_devices(canonical):
