@@ -385,23 +385,20 @@ def canonical_model(model: Any, dp: DataParallel) -> Any:
             "rep": dp.replicated}
     loss = chunked_loss(model.loss, **spec)
 
-    def pin(x: Any) -> Any:
-        return jax.lax.with_sharding_constraint(x, spec["chunked"])
-
     def chunk_broadcast(params: PyTree) -> PyTree:
         return jax.tree_util.tree_map(lambda x: _chunk_broadcast_p().bind(x, **spec), params)
 
     def predict_fn(params: PyTree, inputs: PyTree) -> PyTree:
-        sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(inputs)}
-        if len(sizes) != 1 or None in sizes or next(iter(sizes)) % k:
+        if not _chunkable(inputs, k):
             return predict(params, inputs)
         # the chunks pinned to the data axis, in and out: every intermediate of the
         # model (and of its linearization) stays split by chunk whatever else the
         # step computes, so each chunk's arithmetic is the same program everywhere
-        xs = jax.tree_util.tree_map(
-            lambda x: pin(x.reshape((k, x.shape[0] // k, *x.shape[1:]))), inputs)
+        xs = _split_chunks(inputs, k, spec["chunked"])
         out = jax.vmap(predict)(chunk_broadcast(params), xs)  # one parameter copy per chunk
-        return jax.tree_util.tree_map(lambda o: pin(o).reshape((-1, *o.shape[2:])), out)
+        return jax.tree_util.tree_map(
+            lambda o: jax.lax.with_sharding_constraint(o, spec["chunked"]).reshape(
+                (-1, *o.shape[2:])), out)
 
     return attrs.evolve(model, predict_fn=predict_fn, loss=loss)
 
@@ -467,6 +464,20 @@ def chunked_loss(loss: Any, *, k: int, chunked: NamedSharding, rep: NamedShardin
     return new
 
 
+def _chunkable(tree: PyTree, k: int) -> bool:
+    """Whether every leaf of ``tree`` has one common leading size, divisible by ``k``."""
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(tree)}
+    return len(sizes) == 1 and None not in sizes and next(iter(sizes)) % k == 0
+
+
+def _split_chunks(tree: PyTree, k: int, chunked: NamedSharding) -> PyTree:
+    """Every leaf ``[B, ...]`` as ``[k, B / k, ...]``, pinned to the chunked layout."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.with_sharding_constraint(
+            jax.numpy.reshape(x, (k, np.shape(x)[0] // k, *np.shape(x)[1:])), chunked),
+        tree)
+
+
 def canonical_batch_sum(
     fn: Callable[..., Any], *xs: Any, k: int, chunked: NamedSharding, rep: NamedSharding
 ) -> Any:
@@ -480,17 +491,9 @@ def canonical_batch_sum(
     program on any number of devices, and so is the order of the sum. Leaves without
     one common leading size divisible by ``K`` (or no leaves) give ``fn(*xs)``.
     """
-    leaves = jax.tree_util.tree_leaves(xs)
-    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-    if len(sizes) != 1 or None in sizes or next(iter(sizes)) % k:
+    if not _chunkable(xs, k):
         return fn(*xs)
-
-    def split(x: Any) -> Any:
-        x = jax.numpy.asarray(x)
-        return jax.lax.with_sharding_constraint(
-            x.reshape((k, x.shape[0] // k, *x.shape[1:])), chunked)
-
-    per = jax.vmap(fn)(*jax.tree_util.tree_map(split, xs))
+    per = jax.vmap(fn)(*_split_chunks(xs, k, chunked))
     return jax.tree_util.tree_map(
         lambda c: _chunk_sum(jax.lax.with_sharding_constraint(c, chunked), k=k, rep=rep), per)
 
