@@ -66,6 +66,11 @@ COMPOSITIONS = {
         preconditioner="jacobi",
         damping=LM,
     ),
+    # the layer map and the tapped pass under reduce_chunks: the Kronecker factors
+    # (Fisher-sampled), their EMA and inverses, EKFAC's S and the KFAC-PCG
+    "kfac": dict(preset="kfac"),
+    "ekfac": dict(preset="ekfac"),
+    "ggn_cg_kfac": dict(preset="ggn_cg_kfac"),
 }
 
 

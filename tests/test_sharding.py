@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from somax_plug import CompositionError, compose
+from somax_plug import compose
 from somax_plug._src.errors import InputError
 from somax_plug._src.sharding import (
     DataParallel,
@@ -197,12 +197,136 @@ def test_canonical_reductions_are_bitwise_the_same_on_1_2_and_4_devices(canonica
         all(by_n.values()) for by_n in canonical["batch_sum"].values()), canonical["batch_sum"]
 
 
-@pytest.mark.parametrize("preset", ["kfac", "ekfac", "ggn_cg_kfac"])
-def test_canonical_mode_refuses_the_components_that_read_the_layer_map(preset):
-    # under reduce_chunks every parameter enters through one copy per chunk, where the
-    # layer map recognises no layer: refused before tracing, not a silent diagonal
-    layout = DataParallel(data_parallel_mesh(1), reduce_chunks=2)
-    with pytest.raises(CompositionError, match="layer map") as err:
-        compose(preset=preset, predict_fn=lambda p, x: x @ p["w"],
-                loss="softmax_cross_entropy", mesh=layout)
+KRONECKER = ("kfac", "ekfac", "ggn_cg_kfac")
+
+
+@pytest.fixture(scope="module")
+def canonical_kronecker():
+    # the default backend optimisation: at --xla_backend_optimization_level=0 the Gram
+    # matrix of a 17-column layer input rounded differently with one chunk per device
+    # (6e-8, float32); bitwise on 1, 2 and 4 devices with the default level
+    flags = "--xla_force_host_platform_device_count=4 --xla_llvm_disable_expensive_passes=true"
+    return _run_check("canonical_check.py", flags, *KRONECKER)
+
+
+def test_canonical_kronecker_components_are_bitwise_the_same_on_1_2_and_4_devices(
+        canonical_kronecker):
+    """The layer map and the tapped pass under ``reduce_chunks``: KFAC (model_step,
+    factor EMA, pi-damped inverses), EKFAC (its ``S`` through ``Loss.batch_sum``) and
+    KFAC-preconditioned CG give bitwise the 1-device trajectories on 2 and 4 devices,
+    and the run is not trivial (CG iterates, the layers are factored: KFAC-PCG ends
+    at its maxiter only if the preconditioner did not solve it)."""
+    cases = canonical_kronecker["cases"]
+    assert set(cases) == set(KRONECKER)
+    for name, case in cases.items():
+        for n in ("2", "4"):
+            got = case[n]
+            assert got["params_bitwise"] and got["max_param_diff"] == 0.0, (name, n, got)
+            for key in ("iterations", "lam", "accepted", "loss", "rho"):
+                assert got[f"{key}_equal"], (name, n, key, got)
+    assert all(i == 1 for r in cases["ekfac"]["iterations"] for i in r)  # direct inverse
+    assert min(min(r) for r in cases["ggn_cg_kfac"]["iterations"]) >= 2
+
+
+# ------------------------------------ the layer map under reduce_chunks (float64, 1 device)
+def _tokens_model(p, x):  # x [B, T, d]: the layer sees [T, B, d] (batch axis 1)
+    h = jnp.tanh(jnp.swapaxes(x, 0, 1) @ p["w1"] + p["b1"])  # [T, B, h]
+    return jnp.mean(h, axis=0) @ p["w2"] + p["b2"]
+
+
+def _mlp_model(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def _layer_case(which, seed=0):
+    rng = np.random.default_rng(seed)
+    d_in, hid, d_out, b = 3, 5, 4, 8
+    params = {"w1": rng.normal(size=(d_in, hid)), "b1": rng.normal(size=hid),
+              "w2": rng.normal(size=(hid, d_out)), "b2": rng.normal(size=d_out)}
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    shape = (b, 2, d_in) if which == "tokens" else (b, d_in)
+    x = jnp.asarray(rng.normal(size=shape))
+    y = jnp.asarray(rng.integers(0, d_out, b))
+    return (_tokens_model if which == "tokens" else _mlp_model), params, x, y
+
+
+@pytest.mark.parametrize("which", ["mlp", "tokens"])
+def test_canonical_layer_map_and_factors_equal_the_plain_model(which):
+    """Under ``reduce_chunks=4`` the layer map is the plain model's (the same layers,
+    axes and shapes), the tapped pass gives the same outputs, layer inputs, ``J^T u``
+    and output gradients, and the Kronecker factors (both approximations), EKFAC's
+    ``S`` and the KFAC step equal the plain model's to 1e-12 (float64: the canonical
+    mode only reorders sums of ~10 terms). ``tokens`` puts the layer's batch axis at
+    position 1 (the chunks split and merge along it) with a shared axis."""
+    from somax_plug import Resources, make_model
+    from somax_plug._src.sharding import canonical_model
+    from somax_plug.builtin.kronecker import PROVIDERS as KRON
+    from somax_plug.builtin.kronecker import _ekfac_eig, factor_resource
+    from somax_plug.builtin.layers import PROVIDERS as LAYERS
+    from somax_plug.builtin.resources import PROVIDERS as BASE
+    from somax_plug.layers import discover, layer_io
+
+    predict, params, x, y = _layer_case(which)
+    dp = DataParallel(data_parallel_mesh(1), reduce_chunks=4)
+    plain = make_model(predict, "softmax_cross_entropy")
+    canon = canonical_model(plain, dp)
+    lm = discover(predict, params, x)
+    assert discover(canon.predict_fn, params, x) == lm
+    assert lm.kernels == ("w1", "w2") and not lm.unmatched
+    if which == "tokens":
+        assert lm["w1"].batch_axes == (1,) and lm["w1"].shared_axes == (0,)
+    u = jnp.asarray(np.random.default_rng(1).normal(size=(x.shape[0], 4)))
+    providers = {**BASE, **LAYERS, **KRON}
+
+    def pieces(model, p, inputs):
+        io = layer_io(model.predict_fn, p, inputs, lm)
+        out = {"outputs": io.outputs, "inputs": io.inputs, "vjp": io.vjp(u),
+               "jvp": io.jvp(p)}
+        res = Resources(model, p, (inputs, y), jax.random.key(0), providers)
+        for approx in ("expand", "reduce"):
+            f = res[factor_resource("ggn", approx)]
+            out[approx] = (f.A, f.G)
+            out[approx + "_S"] = [_ekfac_eig(a, g, ra, rg, approx, model.loss.batch_sum)[2]
+                                  for a, g, ra, rg in zip(f.A, f.G, f.a, f.g, strict=True)]
+        return out
+
+    got = jax.jit(lambda p, inputs: pieces(canon, p, inputs))(params, x)
+    want = jax.jit(lambda p, inputs: pieces(plain, p, inputs))(params, x)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12,
+                                                                   atol=1e-13), got, want)
+    kw = dict(predict_fn=predict, loss="softmax_cross_entropy", preset="kfac")
+    m_c, m_p = compose(**kw, mesh=dp), compose(**kw)
+    p_c = m_c.step(params, m_c.init(params), (x, y), jax.random.key(0))[0]
+    p_p = m_p.step(params, m_p.init(params), (x, y), jax.random.key(0))[0]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11), p_c, p_p)
+
+
+def test_canonical_layer_io_falls_back_on_unchunkable_inputs_and_refuses_two_batch_axes():
+    """Inputs that do not split into the chunks (3 examples, ``K = 4``) get the plain
+    tapped pass (as the canonical predict_fn does); a layer with two batch axes (an
+    outer product of the batch with itself) is refused with a message that names the
+    layer, its axes and what to do."""
+    from somax_plug import make_model
+    from somax_plug._src.sharding import canonical_model
+    from somax_plug.layers import discover, layer_io
+
+    predict, params, x, _ = _layer_case("mlp")
+    canon = canonical_model(make_model(predict, "mse"),
+                            DataParallel(data_parallel_mesh(1), reduce_chunks=4))
+    x3 = x[:3]
+    lm = discover(predict, params, x3)
+    io_c, io_p = layer_io(canon.predict_fn, params, x3, lm), layer_io(predict, params, x3, lm)
+    np.testing.assert_array_equal(io_c.outputs, io_p.outputs)
+    np.testing.assert_array_equal(io_c.inputs["w2"], io_p.inputs["w2"])
+
+    def pairs(p, x):  # [B, B, d]: both leading axes grow with the batch
+        return jnp.mean((x[:, None, :] * x[None, :, :]) @ p["w1"], axis=1)
+
+    two = canonical_model(make_model(pairs, "mse"),
+                          DataParallel(data_parallel_mesh(1), reduce_chunks=4))
+    p1 = {"w1": params["w1"]}
+    lm2 = discover(pairs, p1, x)
+    assert lm2["w1"].batch_axes == (0, 1)
+    with pytest.raises(InputError, match=r"'w1' has 2 batch axes \(0, 1\)") as err:
+        layer_io(two.predict_fn, p1, x, lm2)
     assert "reduce_chunks=None" in str(err.value)

@@ -677,6 +677,9 @@ def discover(
     paths = param_paths(params)
     overrides = dict(overrides or {})
     _check_overrides(overrides, paths)
+    ch = _chunking(predict_fn)
+    if ch is not None:  # a canonical model: the layers of the model it chunks
+        predict_fn = ch.predict
     closed, _, n = _trace_checked("discover", predict_fn, params, example_inputs)
     scan = _scan(closed, n)
     kernels, biases, unmatched = _match(scan, n)
@@ -882,8 +885,47 @@ def layer_io(
         >>> bool((io.inputs["w"] == x).all()), io.output_grads(jnp.ones((4, 2)))["w"].shape
         (True, (4, 2))
     """
-    paths = param_paths(params)
+    ch = _chunking(predict_fn)
+    if ch is not None:
+        if ch.chunkable(inputs):
+            return _chunked_layer_io(ch, params, inputs, layer_map)
+        predict_fn = ch.predict  # as the canonical predict_fn: the model as it is
     closed, out_shape, n = _trace_checked("layer_io", predict_fn, params, inputs)
+    scan, taps = _taps(closed, n, param_paths(params), layer_map)
+    treedef_out = jtu.tree_structure(out_shape)
+    zeros = {
+        taps[w]: jax.numpy.zeros(s.out_shape, _out_dtype(closed.jaxpr, w))
+        for w, s in scan.sites.items()
+        if w in taps
+    }
+    act_pos = {w: scan.sites[w].act_pos for w in taps}
+
+    def tapped(p: PyTree, d: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        acts: dict[str, Any] = {}
+        outs = _eval_taps(closed.jaxpr, list(closed.consts),
+                          [*jtu.tree_leaves(p), *jtu.tree_leaves(inputs)], taps, act_pos, d,
+                          acts)
+        return jtu.tree_unflatten(treedef_out, outs), acts
+
+    return _linearized(tapped, params, zeros)
+
+
+def _linearized(tapped: Callable, params: PyTree, zeros: dict[str, Any]) -> LayerIO:
+    """:class:`LayerIO` from ``tapped(params, perturbations) -> (outputs, inputs)``."""
+    outputs, jvp, acts = jax.linearize(tapped, params, zeros, has_aux=True)
+    transpose = jax.linear_transpose(jvp, params, zeros)
+    return LayerIO(
+        outputs=outputs,
+        inputs=acts,
+        vjp=jtu.Partial(_transpose, transpose),
+        jvp=jtu.Partial(_param_jvp, jvp, zeros),
+    )
+
+
+def _taps(
+    closed: Any, n: int, paths: tuple[str, ...], layer_map: LayerMap
+) -> tuple[_Scan, dict[tuple[int, ...], str]]:
+    """The matched equations of ``closed`` and, for each layer of the map, its site."""
     scan = _scan(closed, n)
     by_kernel: dict[str, _Site] = {}
     for site in scan.sites.values():
@@ -911,29 +953,77 @@ def layer_io(
                 f"applies it as {site.kind!r}; rediscover the map or fix the override"
             )
         taps[site.where] = la.kernel
+    return scan, taps
+
+
+def _chunk_axis(la: Layer, axes: tuple[int, ...], chunk: tuple[int, ...],
+                full: tuple[int, ...], k: int, what: str) -> int:
+    """The one batch axis of a layer's input or output, checked against the chunks."""
+    hint = ("use DataParallel(mesh, reduce_chunks=None) (GSPMD's reductions) for this "
+            "model, or an override that gives the layer one batch axis, or None")
+    if len(axes) != 1:
+        raise InputError(
+            f"layer {la.kernel!r} has {len(axes)} batch axes {axes} on its {what}; under "
+            f"reduce_chunks the tapped pass splits a layer's {what} into the batch's "
+            f"{k} chunks along exactly one batch axis; {hint}"
+        )
+    ax = axes[0]
+    want = tuple(s * k if i == ax else s for i, s in enumerate(chunk))
+    if full and (len(full) != len(chunk) or ax >= len(chunk) or tuple(full) != want):
+        raise InputError(
+            f"layer {la.kernel!r}: its {what} has shape {tuple(full)} on the whole batch "
+            f"but {chunk} on one of the {k} chunks, which is not the whole split along "
+            f"its batch axis {ax} (expected {want}); {hint}"
+        )
+    return ax
+
+
+def _chunked_layer_io(ch: Any, params: PyTree, inputs: Any, layer_map: LayerMap) -> LayerIO:
+    """:func:`layer_io` of a canonical model (``DataParallel(mesh, reduce_chunks=k)``).
+
+    The base model's jaxpr is traced at one chunk's inputs (``B / k`` examples) and
+    the tapped evaluation is ``vmap``-ed over the ``k`` chunks, with the parameters
+    through the chunk broadcast (one copy per chunk) and each layer's perturbation
+    ``d_l`` split along its output's batch axis. The outputs, the recorded layer
+    inputs and (by transposition) the layer output gradients are merged back into
+    the batch axis chunk-major, the order of :func:`canonical_batch_sum`'s chunks: so
+    ``J^T u`` goes through the broadcast's fixed-order transpose and every factor
+    summed by ``Loss.batch_sum`` sees chunk ``c`` where the model evaluated it.
+    """
+    k = ch.k
+    one = jtu.tree_map(
+        lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] // k, *np.shape(x)[1:]), x.dtype),
+        inputs)
+    closed, out_shape, n = _trace_checked("layer_io", ch.predict, params, one)
+    scan, taps = _taps(closed, n, param_paths(params), layer_map)
+    layers = {la.kernel: la for la in layer_map}
+    in_axis, out_axis, zeros = {}, {}, {}
+    for w, kernel in taps.items():
+        la, site = layers[kernel], scan.sites[w]
+        in_axis[kernel] = _chunk_axis(la, la.batch_axes, site.act_shape, la.input_shape, k,
+                                      "input")
+        out_axis[kernel] = _chunk_axis(la, la.output_batch_axes, site.out_shape,
+                                       la.output_shape, k, "output")
+        full = tuple(s * k if i == out_axis[kernel] else s
+                     for i, s in enumerate(site.out_shape))
+        zeros[kernel] = jax.numpy.zeros(full, _out_dtype(closed.jaxpr, w))
     treedef_out = jtu.tree_structure(out_shape)
-    zeros = {
-        taps[w]: jax.numpy.zeros(s.out_shape, _out_dtype(closed.jaxpr, w))
-        for w, s in scan.sites.items()
-        if w in taps
-    }
     act_pos = {w: scan.sites[w].act_pos for w in taps}
 
-    def tapped(p: PyTree, d: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def chunk(p: PyTree, x: Any, d: dict[str, Any]) -> tuple[list, dict[str, Any]]:
         acts: dict[str, Any] = {}
         outs = _eval_taps(closed.jaxpr, list(closed.consts),
-                          [*jtu.tree_leaves(p), *jtu.tree_leaves(inputs)], taps, act_pos, d,
-                          acts)
+                          [*jtu.tree_leaves(p), *jtu.tree_leaves(x)], taps, act_pos, d, acts)
+        return outs, acts
+
+    def tapped(p: PyTree, d: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        ds = {kn: ch.split(v, out_axis[kn]) for kn, v in d.items()}
+        outs, acts = jax.vmap(chunk)(ch.broadcast(p), ch.split(inputs), ds)
+        outs = [ch.merge(o) for o in outs]
+        acts = {kn: ch.merge(a, in_axis[kn]) for kn, a in acts.items()}
         return jtu.tree_unflatten(treedef_out, outs), acts
 
-    outputs, jvp, acts = jax.linearize(tapped, params, zeros, has_aux=True)
-    transpose = jax.linear_transpose(jvp, params, zeros)
-    return LayerIO(
-        outputs=outputs,
-        inputs=acts,
-        vjp=jtu.Partial(_transpose, transpose),
-        jvp=jtu.Partial(_param_jvp, jvp, zeros),
-    )
+    return _linearized(tapped, params, zeros)
 
 
 def _out_dtype(jaxpr: Any, where: tuple[int, ...]) -> Any:
@@ -993,6 +1083,22 @@ def _output_grads(vjp: Callable, u: Any) -> dict[str, Any]:
     return vjp(u)[1]
 
 
+def _chunking(predict_fn: Any) -> Any:
+    """The chunking of a canonical model's predict_fn (``reduce_chunks``), or None."""
+    if getattr(predict_fn, "chunking", None) is None:
+        return None
+    from somax_plug._src.sharding import chunking_of
+
+    return chunking_of(predict_fn)
+
+
+def _model_fn(model: Any) -> Callable[[PyTree, Any], Any]:
+    """What the layer map traces: a canonical model's predict_fn (it carries its
+    chunking), else ``model.outputs``."""
+    fn = getattr(model, "predict_fn", None)
+    return fn if _chunking(fn) is not None else model.outputs
+
+
 def layer_map_provider(
     overrides: Mapping[str, Mapping[str, Any] | None] | None = None, *, plugin: str = ""
 ) -> ResourceProvider:
@@ -1012,7 +1118,7 @@ def layer_map_provider(
     _check_overrides(table, None)
 
     def compute(res: Any) -> LayerMap:
-        return discover(res.model.outputs, res.params, res.inputs, table)
+        return discover(_model_fn(res.model), res.params, res.inputs, table)
 
     return ResourceProvider(
         "layer_map",
@@ -1034,7 +1140,7 @@ def layer_providers(plugin: str = "builtin") -> dict[str, ResourceProvider]:
     """
 
     def io(res: Any) -> LayerIO:
-        return layer_io(res.model.outputs, res.params, res.inputs, res["layer_map"])
+        return layer_io(_model_fn(res.model), res.params, res.inputs, res["layer_map"])
 
     def grads(res: Any) -> Callable[[Any], dict[str, Any]]:
         return jtu.Partial(_output_grads, res["layer_io"].vjp)

@@ -68,6 +68,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -361,6 +362,83 @@ class DataParallel:
 
 
 # ------------------------------------------------- canonical (chunked) reductions
+@attrs.frozen
+class Chunking:
+    """How a canonical model evaluates a batch: ``k`` fixed chunks, one parameter copy each.
+
+    :func:`canonical_model` sets it as the ``chunking`` attribute of the predict_fn it
+    returns, so that code that reads the model's structure (the layer map,
+    :func:`somax_plug.layers.layer_io`) can trace the *base* ``predict`` and chunk it
+    the same way. Chunk ``c`` holds examples ``c * B / k ... (c + 1) * B / k - 1``
+    (chunk-major), on slot ``c * n / k`` of the data axis (``n`` devices).
+
+    Attributes:
+        predict: the model's own ``predict_fn(params, inputs)`` (unchunked).
+        k: the number of chunks (``DataParallel.reduce_chunks``).
+        chunked: the layout of a ``[k, ...]`` array: the chunk axis over the data axis.
+        rep: the replicated layout.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> dp = DataParallel(data_parallel_mesh(1), reduce_chunks=2)
+        >>> ch = Chunking(lambda p, x: x * p, 2, dp.batch, dp.replicated)
+        >>> x = jnp.arange(8.0).reshape(2, 4)          # a batch axis of 4, at axis 1
+        >>> parts = ch.split(x, axis=1)                 # [k, 2, 2]: chunk c is x[:, 2c:2c+2]
+        >>> parts.shape, bool((ch.merge(parts, axis=1) == x).all())
+        ((2, 2, 2), True)
+    """
+
+    predict: Callable[..., Any] = attrs.field(eq=False)
+    k: int
+    chunked: NamedSharding
+    rep: NamedSharding
+
+    def chunkable(self, tree: PyTree) -> bool:
+        """Whether every leaf has one common leading size divisible by ``k``."""
+        return _chunkable(tree, self.k)
+
+    def broadcast(self, params: PyTree) -> PyTree:
+        """``k`` copies of every leaf (``[k, ...]``) through the chunk-broadcast primitive.
+
+        Its transpose is the fixed-order sum :func:`_chunk_sum`: every reduction over
+        the batch that autodiff makes for ``params`` is device-count independent.
+        """
+        prim = _chunk_broadcast_p()
+        return jax.tree_util.tree_map(
+            lambda x: prim.bind(x, k=self.k, chunked=self.chunked, rep=self.rep), params)
+
+    def split(self, x: Any, axis: int = 0) -> Any:
+        """``x`` with its batch axis ``axis`` (size ``B``) as ``[k, ..., B / k, ...]``.
+
+        The chunk axis comes first and is pinned to the chunked layout; ``axis = 0``
+        on every leaf of a pytree is :func:`_split_chunks`.
+        """
+        if axis == 0:
+            return _split_chunks(x, self.k, self.chunked)
+        shape = np.shape(x)
+        y = jax.numpy.reshape(x, (*shape[:axis], self.k, shape[axis] // self.k,
+                                  *shape[axis + 1:]))
+        return jax.lax.with_sharding_constraint(jax.numpy.moveaxis(y, axis, 0), self.chunked)
+
+    def merge(self, x: Any, axis: int = 0) -> Any:
+        """The inverse of :meth:`split`: ``[k, ..., m, ...]`` to ``[..., k m, ...]``.
+
+        The chunk axis is pinned to the chunked layout first (as the canonical
+        predict_fn pins its outputs), then folded into axis ``axis`` chunk-major.
+        """
+        x = jax.lax.with_sharding_constraint(x, self.chunked)
+        if axis:
+            x = jax.numpy.moveaxis(x, 0, axis)
+        shape = np.shape(x)
+        return x.reshape((*shape[:axis], -1, *shape[axis + 2:]))
+
+
+def chunking_of(predict_fn: Any) -> Chunking | None:
+    """The :class:`Chunking` of a canonical model's predict_fn, or None for any other."""
+    ch = getattr(predict_fn, "chunking", None)
+    return ch if isinstance(ch, Chunking) else None
+
+
 def canonical_model(model: Any, dp: DataParallel) -> Any:
     """``model`` with its predict_fn evaluated on ``dp.reduce_chunks`` fixed chunks.
 
@@ -369,37 +447,32 @@ def canonical_model(model: Any, dp: DataParallel) -> Any:
     every reduction over the batch that autodiff makes for the parameters is the same
     sum in the same order for any number of devices. Inputs whose leading size does
     not split into the chunks (a single example inside a ``vmap``) use the model as it
-    is (nothing is reduced over a batch there).
+    is (nothing is reduced over a batch there). The returned predict_fn carries its
+    :class:`Chunking` (attribute ``chunking``, read by :func:`chunking_of`): the layer
+    map and the tapped pass (:func:`somax_plug.layers.layer_io`) trace the base model
+    and chunk it the same way.
     """
-    import attrs
-
     if not model.plain:
         raise InputError(
             "reduce_chunks needs a plain model (no has_state, no has_rng): batch "
             "statistics or one dropout mask per batch change when the batch is evaluated "
             "in chunks; use DataParallel(..., reduce_chunks=None) for this model"
         )
-    k = int(dp.reduce_chunks)
-    predict = model.predict_fn
-    spec = {"k": k, "chunked": NamedSharding(dp.mesh, PartitionSpec(dp.data_axis)),
-            "rep": dp.replicated}
-    loss = chunked_loss(model.loss, **spec)
-
-    def chunk_broadcast(params: PyTree) -> PyTree:
-        return jax.tree_util.tree_map(lambda x: _chunk_broadcast_p().bind(x, **spec), params)
+    ch = Chunking(model.predict_fn, int(dp.reduce_chunks),
+                  NamedSharding(dp.mesh, PartitionSpec(dp.data_axis)), dp.replicated)
+    predict = ch.predict
+    loss = chunked_loss(model.loss, k=ch.k, chunked=ch.chunked, rep=ch.rep)
 
     def predict_fn(params: PyTree, inputs: PyTree) -> PyTree:
-        if not _chunkable(inputs, k):
+        if not ch.chunkable(inputs):
             return predict(params, inputs)
         # the chunks pinned to the data axis, in and out: every intermediate of the
         # model (and of its linearization) stays split by chunk whatever else the
         # step computes, so each chunk's arithmetic is the same program everywhere
-        xs = _split_chunks(inputs, k, spec["chunked"])
-        out = jax.vmap(predict)(chunk_broadcast(params), xs)  # one parameter copy per chunk
-        return jax.tree_util.tree_map(
-            lambda o: jax.lax.with_sharding_constraint(o, spec["chunked"]).reshape(
-                (-1, *o.shape[2:])), out)
+        out = jax.vmap(predict)(ch.broadcast(params), ch.split(inputs))  # a copy per chunk
+        return jax.tree_util.tree_map(ch.merge, out)
 
+    predict_fn.chunking = ch  # type: ignore[attr-defined]
     return attrs.evolve(model, predict_fn=predict_fn, loss=loss)
 
 
@@ -593,8 +666,6 @@ class CanonicalOperator(LinearOperator):
 
 def canonical_providers(providers: dict, dp: DataParallel) -> dict:
     """``providers`` with the ``operator`` wrapped in :class:`CanonicalOperator`."""
-    import attrs
-
     if "operator" not in providers:
         return providers
     build, rep = providers["operator"].compute, dp.replicated

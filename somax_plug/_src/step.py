@@ -54,31 +54,6 @@ __all__ = ["INFO_KEYS", "Method", "MethodState"]
 _CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def _layer_readers(plan: Any) -> list[str]:
-    """The components that read the layer map, through the resources built on it."""
-    needs = {"layer_map"}
-    for node in plan.resources:  # topological order
-        if needs & set(node.requires):
-            needs.add(node.name)
-    return sorted({f"{c.name} {c.component!r}" for node in plan.resources if node.name in needs
-                   for c in node.consumers if c.kind == "component"})
-
-
-def _refuse_layer_readers(plan: Any) -> None:
-    """``reduce_chunks`` hides the layers: refuse the components that factor them."""
-    readers = _layer_readers(plan)
-    if readers:
-        from somax_plug._src.errors import CompositionError
-
-        raise CompositionError(
-            f"DataParallel(reduce_chunks=...) cannot serve {', '.join(readers)}: they read "
-            "the layer map, and the canonical mode evaluates the model on chunks with one "
-            "parameter copy per chunk, where no dense or conv layer is recognised (every "
-            "parameter would get a diagonal block). Use DataParallel(mesh, "
-            "reduce_chunks=None) (GSPMD's reductions) for Kronecker-factored components"
-        )
-
-
 def _warn_cpu_collectives(plan: Plan, dp: Any) -> None:
     """Warn where canonical reductions met an XLA CPU collective deadlock (measured).
 
@@ -141,7 +116,6 @@ class Method:
             else:
                 self.data_parallel = DataParallel(mesh, param_sharding=param_sharding)
             if self.data_parallel.reduce_chunks is not None:
-                _refuse_layer_readers(plan)
                 model = canonical_model(model, self.data_parallel)
                 _warn_cpu_collectives(plan, self.data_parallel)
         elif param_sharding is not None:
