@@ -624,6 +624,137 @@ def test_reader_without_the_ema_estimator_is_refused_before_tracing():
             compose(predict_fn=_mlp((3, 2)), loss="mse", **kw)
 
 
+def _ema_stat(sizes, seed):
+    from somax_plug.builtin.kronecker import KFACEMA
+
+    model = make_model(_mlp(sizes), "softmax_cross_entropy")
+    params, batch = _params(sizes, seed), _batch("softmax_cross_entropy", 5, sizes[0],
+                                                 sizes[-1], seed)
+    est = KFACEMA(source="ggn")
+    out, _ = est.estimate(_res(model, params, batch), None, est.init(params))
+    return params, out["kfac_ema"]
+
+
+def _ema_dense(params, stat):
+    """The float64 dense matrix of the per-leaf blocks (kron(L, R), M, diag)."""
+    blocks = []
+    for path in param_paths(params):
+        leaf = stat["leaves"][path]
+        if "L" in leaf and bool(leaf["kron"]):
+            blocks.append(np.kron(np.asarray(leaf["L"]), np.asarray(leaf["R"])))
+        elif "M" in leaf and bool(leaf["kron"]):
+            blocks.append(np.asarray(leaf["M"]))
+        else:
+            blocks.append(np.diag(np.asarray(leaf["diag"]).ravel()))
+    n = sum(len(b) for b in blocks)
+    dense, i = np.zeros((n, n)), 0
+    for b in blocks:
+        dense[i:i + len(b), i:i + len(b)] = b
+        i += len(b)
+    return dense
+
+
+@FEW
+@given(seed=st.integers(0, 50), lam=st.sampled_from([1e-3, 0.1, 2.0]), pi=st.booleans())
+def test_kfac_curvature_on_the_shared_ema_is_its_dense_blocks(seed, lam, pi):
+    """Curvature ``kfac`` with ``factors="kfac_ema"``: ``mv``, ``diag``, ``damped_mv`` and
+    ``inverse_mv`` of the per-leaf running averages against the dense float64 block
+    matrix (``kron(L, R)`` per kernel, ``M`` per bias), the factored damping included."""
+    from somax_plug.builtin.kronecker import LeafKroneckerOperator, _pi
+
+    params, stat = _ema_stat((3, 4, 2), seed)
+    op = LeafKroneckerOperator(params, stat["leaves"], pi_damping=pi)
+    dense = _ema_dense(params, stat)
+    flat, unravel = ravel_pytree(params)
+    v = np.random.default_rng(seed).normal(size=flat.size)
+    _close(ravel_pytree(op.mv(unravel(jnp.asarray(v))))[0], dense @ v, "mv")
+    _close(ravel_pytree(op.diag())[0], np.diag(dense), "diag")
+    if pi:  # the factored damping of each Kronecker block, lam I elsewhere
+        blocks = []
+        for path in param_paths(params):
+            leaf = stat["leaves"][path]
+            if "L" in leaf:
+                a, g = np.asarray(leaf["L"]), np.asarray(leaf["R"])
+                r, q = math.sqrt(lam), float(_pi(leaf["L"], leaf["R"], jnp.float64))
+                blocks.append(np.kron(a + q * r * np.eye(len(a)), g + r / q * np.eye(len(g))))
+            else:
+                m = np.asarray(leaf["M"]) if "M" in leaf else np.diag(np.asarray(leaf["diag"]))
+                blocks.append(m + lam * np.eye(len(m)))
+        damped = np.zeros_like(dense)
+        i = 0
+        for b in blocks:
+            damped[i:i + len(b), i:i + len(b)] = b
+            i += len(b)
+    else:
+        damped = dense + lam * np.eye(flat.size)
+    _close(ravel_pytree(op.damped_mv(unravel(jnp.asarray(v)), lam))[0], damped @ v, "damped_mv")
+    _close(ravel_pytree(op.inverse_mv(unravel(jnp.asarray(v)), lam))[0],
+           np.linalg.solve(damped, v), "inverse_mv", rtol=1e-7)
+
+
+def test_two_components_read_one_shared_ema():
+    """The KFAC step with the KFAC model: curvature ``kfac`` and preconditioner ``kfac``
+    both read estimator ``kfac_ema``'s statistic. After three steps the EMA was updated
+    once per step (count 3, the factors computed once per step), the preconditioner
+    holds exactly the estimator's averages, and the step's operator is the dense block
+    matrix of those same averages (float64)."""
+    sizes = (3, 4, 2)
+    method = compose(
+        predict_fn=_mlp(sizes), loss="softmax_cross_entropy",
+        curvature={"name": "kfac", "factors": "kfac_ema", "pi_damping": True},
+        estimators=[{"name": "kfac_ema", "source": "ggn", "decay": 0.8}],
+        preconditioner={"name": "kfac", "factors": "kfac_ema", "pi_damping": True},
+        solver="model_step", damping={"name": "levenberg_marquardt", "init": 1.0})
+    operator = next(r for r in method.plan.resources if r.name == "operator")
+    assert operator.phase == "solve" and "statistics" in operator.requires
+    params, batch = _params(sizes, 3), _batch("softmax_cross_entropy", 5, 3, 2, 3)
+    state = method.init(params)
+    losses = []
+    for i in range(3):
+        params, state, info = method.step(params, state, batch, jax.random.key(i))
+        losses.append(float(info["loss"]))
+    assert losses[-1] < losses[0]
+    counts = method.trace_counts
+    assert counts["kfac_factors_ggn_expand"] == 1 and counts["operator"] == 1, counts
+    stat = state.estimators[0]["stats"]["kfac_ema"]
+    assert int(stat["count"]) == 3
+    for path, leaf in stat["leaves"].items():
+        mine = state.preconditioner["leaves"][path]
+        for k in ("L", "R", "M"):
+            if k in leaf:
+                np.testing.assert_array_equal(np.asarray(mine[k]), np.asarray(leaf[k]))
+    built = KFAC(factors="kfac_ema").build(_StatRes(params, stat))
+    v = np.random.default_rng(0).normal(size=ravel_pytree(params)[0].size)
+    unravel = ravel_pytree(params)[1]
+    _close(ravel_pytree(built.mv(unravel(jnp.asarray(v))))[0], _ema_dense(params, stat) @ v,
+           "the operator of the shared averages")
+
+
+class _StatRes:
+    """The two things curvature ``kfac(factors="kfac_ema")`` reads from a context."""
+
+    def __init__(self, params, stat):
+        self.params, self._stat = params, stat
+
+    def __getitem__(self, name):
+        assert name == "statistics", name
+        return {"kfac_ema": self._stat}
+
+
+def test_curvature_on_the_ema_is_refused_beside_an_early_reader_of_the_operator():
+    from somax_plug import CompositionError
+
+    with pytest.raises(CompositionError, match="estimator.*hutchinson_diag.*reads resource "
+                       "'operator'.*after the estimators"):
+        compose(predict_fn=_mlp((3, 2)), loss="mse",
+                curvature={"name": "kfac", "factors": "kfac_ema"},
+                estimators=["kfac_ema", "hutchinson_diag"], solver="cg",
+                preconditioner="jacobi")
+    with pytest.raises(CompositionError, match="kfac_ema.*estimators= one of: builtin:kfac_ema"):
+        compose(predict_fn=_mlp((3, 2)), loss="mse",
+                curvature={"name": "kfac", "factors": "kfac_ema"}, solver="kronecker_inverse")
+
+
 def test_preconditioner_uses_the_block_diagonal_above_max_dim():
     sizes = (3, 4, 2)
     model = make_model(_mlp(sizes), "softmax_cross_entropy")

@@ -135,8 +135,10 @@ class ResourceNode:
         consumers: :class:`Consumer` records.
         every_k: the finest cadence of its consumers.
         requires: the resources it reads (its edges).
-        phase: ``"step"`` (before the solve) or ``"after_update"`` (it reads the
-            step's update, so it is computed once the direction is known).
+        phase: ``"step"`` (before the estimators), ``"solve"`` (it reads the step's
+            estimator statistics, so it is computed after the estimators, when the
+            solver reads it) or ``"after_update"`` (it reads the step's update, so it
+            is computed once the direction is known).
         provider: the :class:`~somax_plug.ResourceProvider`.
     """
 
@@ -291,7 +293,8 @@ class Plan:
             )
         for r in self.resources:
             cadence = "every step" if r.every_k == 1 else f"every {r.every_k} steps"
-            phase = ", after the update" if r.phase == "after_update" else ""
+            phase = {"after_update": ", after the update",
+                     "solve": ", after the estimators"}.get(r.phase, "")
             lines.append(f"  {r.name:<18} <- {r.producer:<28} [{cadence}{phase}]")
             lines.append(f"  {'':<18}    consumed by: {', '.join(map(str, r.consumers))}")
         layer_map = next((r for r in self.resources if r.name == "layer_map"), None)

@@ -46,6 +46,7 @@ from somax_plug._src.resolution import close_tags, resolve
 from somax_plug._src.resources import (
     AFTER_UPDATE_INPUTS,
     INPUT_RESOURCES,
+    STATISTICS,
     SUB,
     ResourceProvider,
 )
@@ -280,6 +281,8 @@ def _component_providers(
         compute = lambda res: build(res.subbatch())  # noqa: E731
     else:
         compute = build
+    if curvature.requires_statistics:  # its operator is built from the estimators' outputs
+        requires = requires | {STATISTICS}
     provider = ResourceProvider(
         "operator",
         compute=compute,
@@ -329,7 +332,7 @@ def resource_graph(
     queue = sorted(reads)
     while queue:
         name = queue.pop(0)
-        if name in providers or name in INPUT_RESOURCES | AFTER_UPDATE_INPUTS:
+        if name in providers or name in INPUT_RESOURCES | AFTER_UPDATE_INPUTS | {STATISTICS}:
             continue
         base = name.removesuffix(SUB)
         found = own.get(base) or _hook_provider(base, registry)
@@ -399,9 +402,14 @@ def _nodes(
     for name in sorted(providers):
         visit(name, ())
     after: set[str] = set()
+    solve: set[str] = set()
     for name in order:  # topological: a node is after the update if it reads one that is
-        if set(providers[name][0].requires) & (AFTER_UPDATE_INPUTS | after):
+        needs = set(providers[name][0].requires)
+        if needs & (AFTER_UPDATE_INPUTS | after):
             after.add(name)
+        elif needs & ({STATISTICS} | solve):
+            solve.add(name)
+    _check_solve_phase(solve, reads)
     return tuple(
         ResourceNode(
             name=name,
@@ -409,11 +417,35 @@ def _nodes(
             consumers=_unique(reads[name]),
             every_k=cadence(name, ()),
             requires=tuple(deps(name)),
-            phase="after_update" if name in after else "step",
+            phase="after_update" if name in after else "solve" if name in solve else "step",
             provider=providers[name][0],
         )
         for name in order
     )
+
+
+def _check_solve_phase(solve: set[str], reads: dict[str, list[Consumer]]) -> None:
+    """Refuse a read of a ``solve``-phase resource before the estimators have run.
+
+    A resource built from the step's estimator statistics (the operator of a curvature
+    that requires statistics) exists only after the estimators; an estimator or a
+    preconditioner update that reads it (directly or through a resource computed
+    before the estimators), or the step's own loss and gradient, would need it first.
+    """
+    for name in sorted(solve):
+        for c in reads.get(name, []):
+            early = c.kind == "step" or (
+                c.kind == "component" and c.name.split("[")[0] in ("estimator", "preconditioner"))
+            if early:
+                raise CompositionError(
+                    f"{c} reads resource {name!r}, which is built from this step's "
+                    "estimator statistics (the curvature requires statistics), so it "
+                    "exists only after the estimators have run; the estimators, the "
+                    "preconditioner's update and the step's loss and gradient come "
+                    "before. Give the curvature its own factors (for 'kfac': "
+                    f"factors='own'), or drop the component that reads {name!r} before "
+                    "the solve"
+                )
 
 
 def _unique(consumers: list[Consumer]) -> tuple[Consumer, ...]:

@@ -29,7 +29,9 @@ Built-in resource names and value types (see ``somax_plug.builtin.resources``):
 ``loss_after`` and ``predicted_decrease`` read the step inputs ``update`` and
 ``params_after`` (:data:`AFTER_UPDATE_INPUTS`), so the plan computes them after the
 solve (phase ``after_update``); the damping policy receives them in
-:class:`~somax_plug.StepStats`.
+:class:`~somax_plug.StepStats`. ``statistics`` (:data:`STATISTICS`) is the step's
+estimator outputs, set after the estimators: a curvature that requires statistics has
+its operator built then (phase ``solve``).
 
 Example:
     >>> from somax_plug import ResourceProvider
@@ -58,6 +60,11 @@ SUB = "@sub"
 AFTER_UPDATE_INPUTS = frozenset({"update", "params_after"})
 """Inputs the step sets once the direction is known: the update ``u`` it applies and
 the parameters ``params + u``. A resource that reads one is computed after the solve."""
+STATISTICS = "statistics"
+"""The step input holding this step's estimator statistics (name -> value), set once
+the estimators have run. The planner makes a curvature that declares
+``Requires(statistics=...)`` read it (phase ``solve``): its operator is built after the
+estimators, from their outputs (curvature ``kfac`` with ``factors="kfac_ema"``)."""
 
 
 class Linearization(NamedTuple):

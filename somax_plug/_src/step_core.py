@@ -36,7 +36,7 @@ from somax_plug._src import tree
 from somax_plug._src.contracts import checking
 from somax_plug._src.kinds import LinearOperator, RowFactors, SolverInfo, StepStats
 from somax_plug._src.plan import Plan
-from somax_plug._src.resources import SUB, Resources
+from somax_plug._src.resources import STATISTICS, SUB, Resources
 
 INFO_KEYS = (
     "loss",
@@ -401,6 +401,9 @@ class StepCore:
         loss, grad, stats, est_states, pc_state = out
         res.set("loss", loss)
         res.set("grad", grad)
+        res.set(STATISTICS, stats)  # phase "solve": an operator built from the statistics
+        if res.subbatch_spec is not None:
+            res.subbatch().set(STATISTICS, stats)
         g = grad if rhs is None else rhs
         precond = None
         if pc is not None:

@@ -606,6 +606,98 @@ class KroneckerOperator(PytreeOperator):
         return self._apply(v, block, lambda d, x: x / (d + lam))
 
 
+class LeafKroneckerOperator(PytreeOperator):
+    """``C = blockdiag`` per parameter leaf, from estimator ``kfac_ema``'s running averages.
+
+    The statistic's layout (the preconditioner ``kfac``'s, see
+    :class:`KFACPreconditioner`): a leaf ``X`` viewed as an ``[s1, s2]`` matrix with
+    running factors ``L`` (``s1 x s1``) and ``R`` (``s2 x s2``) has the block ``L (x) R``,
+    ``C vec(X) = vec(L X R)``; a vector leaf with ``M`` has ``M``; every other leaf (or
+    one whose average is only a diagonal, ``kron`` false) has ``diag(d)``. A bias's
+    coupling to its kernel is not in the averages, so unlike :class:`KroneckerOperator`
+    (this step's factors) a bias is its own block. ``damped_mv`` / ``inverse_mv``: ``C +
+    lam I``, or with ``pi_damping`` a factored block ``(L + pi sqrt(lam) I) (x) (R +
+    sqrt(lam)/pi I)`` and its exact inverse.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> leaves = {"w": {"L": 2 * jnp.eye(2), "R": 3 * jnp.eye(1), "diag": jnp.zeros((2, 1)),
+        ...                 "kron": jnp.ones((), bool)}}
+        >>> LeafKroneckerOperator({"w": jnp.zeros((2, 1))}, leaves).mv({"w": jnp.ones((2, 1))})
+        {'w': Array([[6.],
+               [6.]], dtype=float32)}
+    """
+
+    tags = frozenset({SYMMETRIC, PSD, DIAG, KRONECKER})
+    _children = ("primal", "leaves")
+    _static = ("pi_damping",)
+
+    def __init__(self, primal: PyTree, leaves: dict, pi_damping: bool = False) -> None:
+        self.primal = primal
+        self.leaves = leaves
+        self.pi_damping = pi_damping
+
+    def _apply(self, v: PyTree, mat: Any, vec: Any, dia: Any) -> PyTree:
+        paths = param_paths(v)
+        xs, treedef = jax.tree_util.tree_flatten(v)
+        out = []
+        for p, x in zip(paths, xs, strict=True):
+            st = self.leaves[p]
+            xd = jnp.asarray(x, st["diag"].dtype)
+            y = dia(st, xd)
+            if "L" in st:
+                m = xd.reshape(st["L"].shape[0], st["R"].shape[0])
+                y = jnp.where(st["kron"], mat(st, m).reshape(xd.shape), y)
+            elif "M" in st:
+                y = jnp.where(st["kron"], vec(st, xd), y)
+            out.append(y.astype(x.dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def mv(self, v: PyTree) -> PyTree:
+        return self._apply(v, lambda st, m: st["L"] @ m @ st["R"],
+                           lambda st, x: st["M"] @ x, lambda st, x: st["diag"] * x)
+
+    def diag(self) -> PyTree:
+        return self._apply(
+            self.primal, lambda st, m: jnp.outer(jnp.diag(st["L"]), jnp.diag(st["R"])),
+            lambda st, x: jnp.diag(st["M"]), lambda st, x: st["diag"] * jnp.ones_like(x))
+
+    def _shifts(self, st: dict, lam: Array) -> tuple[Array, Array]:
+        dt = st["L"].dtype
+        pi = _pi(st["L"], st["R"], dt)
+        r = jnp.sqrt(jnp.maximum(jnp.asarray(lam, dt), 0))
+        return pi * r, r / pi
+
+    def damped_mv(self, v: PyTree, lam: Array) -> PyTree:
+        """``(C + lam I) v``, or with ``pi_damping`` the factored damping of each block."""
+        if not self.pi_damping:
+            return jax.tree_util.tree_map(
+                lambda cv, x: (cv + jnp.asarray(lam, cv.dtype) * x).astype(x.dtype),
+                self.mv(v), v)
+
+        def mat(st: dict, m: Array) -> Array:
+            ea, eg = self._shifts(st, lam)
+            return (st["L"] @ m + ea * m) @ st["R"] + eg * (st["L"] @ m + ea * m)
+
+        lam_ = lambda st: jnp.asarray(lam, st["diag"].dtype)  # noqa: E731
+        return self._apply(v, mat, lambda st, x: st["M"] @ x + lam_(st) * x,
+                           lambda st, x: (st["diag"] + lam_(st)) * x)
+
+    def inverse_mv(self, v: PyTree, lam: Array) -> PyTree:
+        """The exact inverse of :meth:`damped_mv` (Cholesky or eigendecompositions)."""
+        lam_ = lambda st: jnp.asarray(lam, st["diag"].dtype)  # noqa: E731
+
+        def mat(st: dict, m: Array) -> Array:
+            if self.pi_damping:
+                ea, eg = self._shifts(st, lam)
+                return spd_inverse(st["L"], ea) @ m @ spd_inverse(st["R"], eg)
+            (dl, ql), (dr, qr) = _eigh(st["L"]), _eigh(st["R"])
+            return ql @ ((ql.T @ m @ qr) / (dl[:, None] * dr[None, :] + lam_(st))) @ qr.T
+
+        return self._apply(v, mat, lambda st, x: spd_inverse(st["M"], lam_(st)) @ x,
+                           lambda st, x: x / (st["diag"] + lam_(st)))
+
+
 def _argsort(perm: tuple[int, ...]) -> list[int]:
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
@@ -664,6 +756,19 @@ def _factor_requires(o: dict) -> dict:
 
 COVERAGE = ("diagonal", "strict")
 
+EMA_STAT = "kfac_ema"
+"""The statistic of estimator ``kfac_ema``: ``{"leaves": {path: EMA leaf}, "count"}``."""
+
+
+def _ema_or_factors(o: dict) -> dict:
+    """What a reader of the factors requires: the factors, or with
+    ``factors="kfac_ema"`` the estimator's statistic."""
+    if o.get("factors") == EMA_STAT:
+        return {"statistics": {EMA_STAT}}
+    return _factor_requires(o)
+
+
+
 
 
 
@@ -673,6 +778,9 @@ class _Explained:
     @property
     def deferred_rule(self) -> str:
         """The per-layer rule (printed by ``plan.explain()`` before the first step)."""
+        if getattr(self, "factors", "own") == EMA_STAT:
+            return ("the per-leaf blocks of estimator kfac_ema's running averages (the "
+                    "estimator's rule decides what is factored)")
         return ("per dense layer of the layer map: [W; b] -> A (x) G; every other "
                 "parameter -> a diagonal block (listed here once the step is traced)"
                 + ("; coverage='strict': an error instead" if self.coverage == "strict" else ""))
@@ -709,10 +817,10 @@ def covered(factors: KroneckerFactors, coverage: str, owner: str) -> KroneckerFa
 
 @declare(
     "kfac",
-    summary="KFAC: block-diagonal A (x) G per dense layer (GGN, Fisher or empirical), "
-    "exact damped inverse",
+    summary="KFAC: block-diagonal A (x) G per dense layer (GGN, Fisher or empirical; this "
+    "step's factors or estimator kfac_ema's running averages), exact damped inverse",
     provides={SYMMETRIC, PSD, DIAG, KRONECKER},
-    requires=_factor_requires,
+    requires=_ema_or_factors,
 )
 @attrs.frozen
 class KFAC(Curvature, _Explained):
@@ -721,6 +829,14 @@ class KFAC(Curvature, _Explained):
     Factors from this step's batch (the resource ``kfac_factors_<source>_<approx>``);
     the preconditioner ``kfac`` keeps running averages of them. The operator is
     :class:`KroneckerOperator`, whose ``inverse_mv(v, lam)`` is exact.
+
+    With ``factors="kfac_ema"`` the blocks are estimator ``kfac_ema``'s running
+    averages instead (:class:`LeafKroneckerOperator`; the estimator's ``source``,
+    ``approx`` and cadence, this component's unused): the operator is built after the
+    estimators (resource phase ``solve``), and every reader of the statistic (a
+    preconditioner ``kfac`` with ``factors="kfac_ema"`` too) shares one EMA update per
+    tick. The planner refuses it, before tracing, without the estimator, or beside an
+    estimator or preconditioner that reads the operator (they run before it exists).
 
     Example:
         >>> KFAC(source="fisher", approx="reduce").approx
@@ -732,9 +848,14 @@ class KFAC(Curvature, _Explained):
     pi_damping: bool = option(False, doc="factored damping with Martens & Grosse's pi")
     coverage: str = option("diagonal", choices=COVERAGE,
                            doc="unfactored parameters: a diagonal block, or an error")
+    factors: str = option("own", choices=("own", EMA_STAT),
+                          doc="this step's factors, or estimator 'kfac_ema''s running averages")
     _choices: Choices = choices_field()
 
-    def build(self, res: Resources) -> KroneckerOperator:
+    def build(self, res: Resources) -> KroneckerOperator | LeafKroneckerOperator:
+        if self.factors == EMA_STAT:
+            return LeafKroneckerOperator(res.params, res["statistics"][EMA_STAT]["leaves"],
+                                         self.pi_damping)
         f = covered(res[factor_resource(self.source, self.approx)], self.coverage,
                     "curvature 'kfac'")
         self._record(f)
@@ -900,17 +1021,6 @@ def _targets(f: KroneckerFactors, shapes: dict) -> tuple[dict, tuple]:
     return new, tuple(misfit)
 
 
-EMA_STAT = "kfac_ema"
-"""The statistic of estimator ``kfac_ema``: ``{"leaves": {path: EMA leaf}, "count"}``."""
-
-
-def _preconditioner_requires(o: dict) -> dict:
-    """The factors, or with ``factors="kfac_ema"`` the estimator's statistic."""
-    if o.get("factors") == EMA_STAT:
-        return {"statistics": {EMA_STAT}}
-    return _factor_requires(o)
-
-
 def _ema_leaf(x: Array, max_dim: int) -> dict:
     """The running-average part of a leaf's state (``L``, ``R`` | ``M``, ``diag``, ``kron``)."""
     st = _leaf_state(x, max_dim)
@@ -1007,7 +1117,7 @@ class KFACEMA(Estimator, _Explained):
     summary="KFAC preconditioner: EMA of the Kronecker factors (its own or estimator "
     "kfac_ema's), damped inverse every k refreshes (KFAC-preconditioned CG, or the KFAC "
     "step with solver model_step or identity)",
-    requires=_preconditioner_requires,
+    requires=_ema_or_factors,
 )
 @attrs.frozen
 class KFACPreconditioner(Preconditioner, _Explained):
