@@ -12,11 +12,13 @@ with ``--plain``, the largest parameter difference of the plain GSPMD step
 
 ``ef_pcg`` (empirical Fisher + Jacobi-PCG) covers the sums over the batch that a
 component computes itself (``Loss.batch_sum``: the empirical Fisher's products and
-diagonal). Under ``reduce_chunks`` the layer map does not see the kernels through the
-chunk broadcast, so compositions that read it (``kfac``, ``ekfac``, ``ggn_cg_kfac``)
-are refused at ``compose`` (tests/test_sharding.py); the Kronecker factors' own
-``batch_sum`` is checked by ``tests/test_batch_sum.py`` and by the ``factors`` entry
-below.
+diagonal). ``kfac``, ``ekfac`` and ``ggn_cg_kfac`` cover the layer map and the tapped
+pass under ``reduce_chunks`` (the base model traced at one chunk, ``vmap``-ed over the
+chunks), the Kronecker factors and EKFAC's ``S`` (``Loss.batch_sum``), the factor
+EMAs and inverses; tests/test_sharding.py runs them with the default backend
+optimisation level (at level 0 the Gram matrix of the 17-column layer input rounded
+differently with one chunk per device). The factors' ``batch_sum`` alone is the
+``batch_sum`` entry below.
 
 Run by hand: ``XLA_FLAGS=--xla_force_host_platform_device_count=4
 python tests/canonical_check.py [--plain]``.

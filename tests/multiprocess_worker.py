@@ -23,8 +23,12 @@ PROCESS_ID]``. Roles:
 * ``resume_single``: the same cases and presets on one device (``ref-1dev.npz``), then restores
   the checkpoint in this one process (one device), continues, writes
   ``resume-single.npz``.
+* ``f32`` (a process of a group) and ``f32_single`` (one process, one device): the
+  float32 measurement (not in CI: ``python tests/test_multiprocess.py --float32``):
+  ``STEPS`` float32 steps of :data:`F32_CASES`, each with GSPMD's reductions and with
+  ``reduce_chunks=4``; writes ``f32-<pid>.npz`` / ``f32-1dev.npz``.
 
-Float64 throughout, so that the comparisons can be tight.
+Float64 throughout (but the ``f32`` roles), so that the comparisons can be tight.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ faulthandler.dump_traceback_later(float(os.environ.get("SOMAX_WORKER_TIMEOUT", "
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 ROLE, OUT = sys.argv[1], Path(sys.argv[2])
-GROUP = ROLE in ("train", "resume")
+GROUP = ROLE in ("train", "resume", "f32")
 
 import jax  # noqa: E402
 
@@ -200,6 +204,39 @@ def run_optax(mesh, data):
     return to_host(params)
 
 
+F32_CASES = ("sgn", "gauss_newton_lm", "sophia_h", "pcg_jacobi")
+"""The float32 measurement's compositions (``CASES``' entries), plain and chunked."""
+
+
+def float32_cases(mesh):
+    """``STEPS`` float32 steps of every :data:`F32_CASES` entry, with GSPMD's reductions
+    (``<name>``) and with ``reduce_chunks=4`` (``<name>_chunked``): parameters and
+    solver iteration counts."""
+    f32 = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating)
+        else x, tree)
+    data = [f32(b) for b in global_batches()]
+    out = {}
+    for name in F32_CASES:
+        for chunked in (False, True):
+            layout = mesh
+            if chunked:
+                layout = DataParallel(data_parallel_mesh(1) if mesh is None else mesh,
+                                      reduce_chunks=4)
+            method = compose(predict_fn=predict, loss=LOSS, mesh=layout, **CASES[name])
+            params = f32(init_params())
+            state = method.init(params)
+            iters = []
+            for i in range(STEPS):
+                params, state, info = method.step(params, state, feed(data[i], mesh),
+                                                  jax.random.key(i))
+                iters.append(int(to_host(info["solver_iterations"])))
+            key = name + ("_chunked" if chunked else "")
+            out.update(flat(key, to_host(params)))
+            out[f"{key}/iterations"] = np.asarray(iters)
+    return out
+
+
 def cpu_warning():
     """compose's warning about XLA's CPU collectives (reduce_chunks + a cadenced
     estimator): ``[warned with the flag set, warned without it]``.
@@ -292,6 +329,10 @@ def main():
     elif ROLE == "resume_single":
         np.savez(OUT / "ref-1dev.npz", **all_cases(mesh_for(1)), **all_presets(None))
         np.savez(OUT / "resume-single.npz", **restore_and_continue(None, ckpt))
+    elif ROLE == "f32":
+        np.savez(OUT / f"f32-{jax.process_index()}.npz", **float32_cases(data_parallel_mesh()))
+    elif ROLE == "f32_single":
+        np.savez(OUT / "f32-1dev.npz", **float32_cases(None))
     elif ROLE == "resume":
         mesh = data_parallel_mesh()
         np.savez(OUT / f"resume-{jax.process_index()}.npz", **restore_and_continue(mesh, ckpt))

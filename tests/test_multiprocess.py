@@ -357,3 +357,44 @@ def test_to_host_and_put_global_in_one_process():
     assert put_global(placed, jax.tree_util.tree_map(lambda _: replicated(mesh), tree))["w"] is (
         placed["w"]
     )  # already laid out: no copy
+
+
+# ------------------------------------------- float32 across processes (measured by hand)
+def measure_float32(out: Path) -> dict:
+    """Float32, 5 steps: 2 processes x 2 devices against 1 device, GSPMD and canonical.
+
+    Not a test (its compile time would double the group's): ``python
+    tests/test_multiprocess.py --float32`` prints, per composition, the largest
+    parameter difference against the 1-device run, with GSPMD's reductions and with
+    ``reduce_chunks=4``, whether the two processes agree bitwise and whether the
+    solver iteration counts equal the 1-device ones (docs/howto/multi-process.md).
+    """
+    procs = _Procs(out, time.monotonic() + BUDGET_S)
+    try:
+        group = procs.group("f32")
+        single = procs.start("f32-single", "f32_single", str(out))
+        for proc in (*group, single):
+            _ok(procs, proc)
+    finally:
+        procs.kill_all()
+    t0, t1, one = (np.load(out / f"f32-{n}.npz") for n in ("0", "1", "1dev"))
+    table = {}
+    for name in ("sgn", "gauss_newton_lm", "sophia_h", "pcg_jacobi"):
+        for case in (name, name + "_chunked"):
+            table[case] = {
+                "vs_1_device": _max_diff(t0, one, case),
+                "processes_bitwise": _max_diff(t0, t1, case) == 0.0,
+                "iterations_equal": bool(np.array_equal(t0[f"{case}/iterations"],
+                                                        one[f"{case}/iterations"])),
+                "iterations": t0[f"{case}/iterations"].tolist(),
+            }
+    return table
+
+
+if __name__ == "__main__" and "--float32" in sys.argv:
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(measure_float32(Path(tmp)), indent=1))
+

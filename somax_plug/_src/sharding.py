@@ -46,10 +46,12 @@ products and diagonal), go through the loss's ``batch_sum(fn, *xs)``
 (:func:`canonical_batch_sum` here: ``fn`` ``vmap``-ed over the ``K`` chunks, the
 chunk results added in the fixed order). Measured bitwise on 1, 2 and 4 devices
 (float32) for ``sgn``, ``gauss_newton_lm``, ``direct``, ``sophia_h``, Jacobi-PCG
-and empirical Fisher + Jacobi-PCG (``tests/canonical_check.py``); not for Hessian +
-``minres`` with one chunk per device. The layer map does not see kernels through the
-chunk broadcast, so ``compose`` refuses the components that read it (the Kronecker
-ones) under ``reduce_chunks`` (``docs/howto/multi-process.md``).
+and empirical Fisher + Jacobi-PCG, ``kfac``, ``ekfac`` and ``ggn_cg_kfac``
+(``tests/canonical_check.py``); not for Hessian + ``minres`` with one chunk per
+device. The layer map and the tapped pass read the base model through the
+canonical predict_fn's :class:`Chunking` (``somax_plug/_src/layers.py``): the same
+layers as the plain model, the tapped evaluation ``vmap``-ed over the same chunks
+(``docs/howto/multi-process.md``).
 Cost: ``K`` copies of each parameter-shaped cotangent (spread over the devices), and
 Gram and dense matrices built one row / column at a time.
 
