@@ -238,26 +238,43 @@ def _mlp_model(p, x):
     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
 
 
+def _conv_model(p, x):  # x [B, 4, 4, 3] NHWC, a 3x3 VALID conv to 5 channels
+    y = jax.lax.conv_general_dilated(x, p["w1"], (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(y + p["b1"]).reshape(x.shape[0], -1)[:, :5] @ p["w2"] + p["b2"]
+
+
 def _layer_case(which, seed=0):
     rng = np.random.default_rng(seed)
     d_in, hid, d_out, b = 3, 5, 4, 8
-    params = {"w1": rng.normal(size=(d_in, hid)), "b1": rng.normal(size=hid),
-              "w2": rng.normal(size=(hid, d_out)), "b2": rng.normal(size=d_out)}
-    params = {k: jnp.asarray(v) for k, v in params.items()}
-    shape = (b, 2, d_in) if which == "tokens" else (b, d_in)
+    params = {"w1": rng.normal(size=(3, 3, d_in, hid) if which == "conv" else (d_in, hid)),
+              "b1": rng.normal(size=hid), "w2": rng.normal(size=(hid, d_out)),
+              "b2": rng.normal(size=d_out)}
+    params = {k: jnp.asarray(v) / 3 for k, v in params.items()}
+    shape = {"tokens": (b, 2, d_in), "conv": (b, 4, 4, d_in)}.get(which, (b, d_in))
     x = jnp.asarray(rng.normal(size=shape))
     y = jnp.asarray(rng.integers(0, d_out, b))
-    return (_tokens_model if which == "tokens" else _mlp_model), params, x, y
+    models = {"tokens": _tokens_model, "conv": _conv_model, "mlp": _mlp_model}
+    return models[which], params, x, y
 
 
-@pytest.mark.parametrize("which", ["mlp", "tokens"])
+def _spd(n):
+    q = np.linalg.qr(np.random.default_rng(n).normal(size=(n, n)))[0]
+    return jnp.asarray(q @ np.diag(np.arange(1.0, n + 1)) @ q.T)
+
+
+@pytest.mark.parametrize("which", ["mlp", "tokens", "conv"])
 def test_canonical_layer_map_and_factors_equal_the_plain_model(which):
     """Under ``reduce_chunks=4`` the layer map is the plain model's (the same layers,
     axes and shapes), the tapped pass gives the same outputs, layer inputs, ``J^T u``
     and output gradients, and the Kronecker factors (both approximations), EKFAC's
-    ``S`` and the KFAC step equal the plain model's to 1e-12 (float64: the canonical
+    ``S`` (in a fixed basis) equal the plain model's to 1e-12 (float64: the canonical
     mode only reorders sums of ~10 terms). ``tokens`` puts the layer's batch axis at
-    position 1 (the chunks split and merge along it) with a shared axis."""
+    position 1 (the chunks split and merge along it) with a shared axis; ``conv`` a
+    conv layer (an HWIO kernel), whose transposed, chunk-batched conv the factors
+    ``vmap`` again inside the jitted step (this failed in JAX's conv batching rule
+    while the chunk broadcast kept a pinned parameter's mesh in its abstract value):
+    there a KFAC step equals the plain one too."""
     from somax_plug import Resources, make_model
     from somax_plug._src.sharding import canonical_model
     from somax_plug.builtin.kronecker import PROVIDERS as KRON
@@ -273,6 +290,7 @@ def test_canonical_layer_map_and_factors_equal_the_plain_model(which):
     lm = discover(predict, params, x)
     assert discover(canon.predict_fn, params, x) == lm
     assert lm.kernels == ("w1", "w2") and not lm.unmatched
+    assert lm["w1"].kind == ("conv" if which == "conv" else "dense")
     if which == "tokens":
         assert lm["w1"].batch_axes == (1,) and lm["w1"].shared_axes == (0,)
     u = jnp.asarray(np.random.default_rng(1).normal(size=(x.shape[0], 4)))
@@ -286,15 +304,23 @@ def test_canonical_layer_map_and_factors_equal_the_plain_model(which):
         for approx in ("expand", "reduce"):
             f = res[factor_resource("ggn", approx)]
             out[approx] = (f.A, f.G)
-            out[approx + "_S"] = [_ekfac_eig(a, g, ra, rg, approx, model.loss.batch_sum)[2]
-                                  for a, g, ra, rg in zip(f.A, f.G, f.a, f.g, strict=True)]
+            # S in a fixed basis (spd matrices with distinct eigenvalues): the factors'
+            # own bases are arbitrary in a degenerate eigenspace (KFAC-reduce of the
+            # conv: 8 rows for 28 columns), and 1e-17 apart they rotate it
+            out[approx + "_S"] = [
+                _ekfac_eig(_spd(a.shape[0]), _spd(g.shape[0]), ra, rg, approx,
+                           model.loss.batch_sum)[2]
+                for a, g, ra, rg in zip(f.A, f.G, f.a, f.g, strict=True)]
         return out
 
     got = jax.jit(lambda p, inputs: pieces(canon, p, inputs))(params, x)
     want = jax.jit(lambda p, inputs: pieces(plain, p, inputs))(params, x)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12,
                                                                    atol=1e-13), got, want)
-    kw = dict(predict_fn=predict, loss="softmax_cross_entropy", preset="kfac")
+    if which != "conv":
+        return
+    kw = dict(predict_fn=predict, loss="softmax_cross_entropy", curvature="kfac",
+              solver="kronecker_inverse", damping={"name": "constant", "lam": 0.1})
     m_c, m_p = compose(**kw, mesh=dp), compose(**kw)
     p_c = m_c.step(params, m_c.init(params), (x, y), jax.random.key(0))[0]
     p_p = m_p.step(params, m_p.init(params), (x, y), jax.random.key(0))[0]

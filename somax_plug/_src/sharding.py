@@ -708,7 +708,12 @@ def _chunk_broadcast_p() -> Any:
 
     prim = Primitive("somax_plug_chunk_broadcast")
     prim.def_impl(_broadcast_impl)
-    prim.def_abstract_eval(lambda x, *, k, chunked, rep: x.update(shape=(k, *x.shape)))
+    # the copies' abstract value carries no mesh: a parameter pinned by a sharding
+    # constraint has one in its aval, and a conv whose kernel carries it cannot be
+    # batched again once transposed (JAX's conv batching rule: NotImplementedError
+    # for a grouped conv with an out_sharding; the Kronecker factors vmap that VJP)
+    prim.def_abstract_eval(
+        lambda x, *, k, chunked, rep: x.update(shape=(k, *x.shape), sharding=None))
     mlir.register_lowering(prim, mlir.lower_fun(_broadcast_impl, multiple_results=False))
 
     def transpose(ct: Any, x: Any, *, k: int, chunked: NamedSharding, rep: NamedSharding) -> list:
