@@ -32,6 +32,7 @@ from somax_plug._src.sharding import (
     shard_batch,
     shard_large_2d,
 )
+from tests.reliability import Case, check_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-9  # float64; observed differences are ~1e-12 (reduction order, amplified by CG)
@@ -327,32 +328,81 @@ def test_canonical_layer_map_and_factors_equal_the_plain_model(which):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11), p_c, p_p)
 
 
-def test_canonical_layer_io_falls_back_on_unchunkable_inputs_and_refuses_two_batch_axes():
-    """Inputs that do not split into the chunks (3 examples, ``K = 4``) get the plain
-    tapped pass (as the canonical predict_fn does); a layer with two batch axes (an
-    outer product of the batch with itself) is refused with a message that names the
-    layer, its axes and what to do."""
+def _pairs_model(p, x):  # [B, B, d]: both leading axes of the layer input grow with B
+    return jnp.mean((x[:, None, :] * x[None, :, :]) @ p["w1"], axis=1)
+
+
+def _whole_batch_model(p, x):  # a layer that sees the whole batch as one row
+    return jnp.broadcast_to(x.reshape(1, -1) @ p["w1"], (x.shape[0], 2))
+
+
+def _canonical_layer_io(predict, params, x):
     from somax_plug import make_model
     from somax_plug._src.sharding import canonical_model
     from somax_plug.layers import discover, layer_io
 
-    predict, params, x, _ = _layer_case("mlp")
     canon = canonical_model(make_model(predict, "mse"),
                             DataParallel(data_parallel_mesh(1), reduce_chunks=4))
-    x3 = x[:3]
-    lm = discover(predict, params, x3)
-    io_c, io_p = layer_io(canon.predict_fn, params, x3, lm), layer_io(predict, params, x3, lm)
+    lm = discover(predict, params, x)
+    return layer_io(canon.predict_fn, params, x, lm), layer_io(predict, params, x, lm)
+
+
+def _same_io(got):
+    io_c, io_p = got
     np.testing.assert_array_equal(io_c.outputs, io_p.outputs)
     np.testing.assert_array_equal(io_c.inputs["w2"], io_p.inputs["w2"])
 
-    def pairs(p, x):  # [B, B, d]: both leading axes grow with the batch
-        return jnp.mean((x[:, None, :] * x[None, :, :]) @ p["w1"], axis=1)
 
-    two = canonical_model(make_model(pairs, "mse"),
-                          DataParallel(data_parallel_mesh(1), reduce_chunks=4))
+def _kfac_steps(predict, params, x, reduce_chunks=4):
+    y = jnp.asarray(np.random.default_rng(2).integers(0, 2, x.shape[0]))
+    mesh = DataParallel(data_parallel_mesh(1), reduce_chunks=reduce_chunks)
+    method = compose(predict_fn=predict, loss="softmax_cross_entropy", curvature="kfac",
+                     solver="kronecker_inverse", damping={"name": "constant", "lam": 0.1},
+                     mesh=mesh)
+    return method.step(params, method.init(params), (x, y), jax.random.key(0))[0]
+
+
+def _scaled_model(p, x):  # "s" is in no layer: a diagonal block, from the tapped VJP
+    return p["s"] * jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+
+def _like_plain(params, x):
+    def check(got):
+        want = _kfac_steps(_scaled_model, params, x, reduce_chunks=None)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11),
+                               got, want)
+    return check
+
+
+def test_canonical_layer_io_refuses_what_it_cannot_chunk():
+    """The tapped pass under ``reduce_chunks``, bad and edge inputs: a layer with two
+    batch axes is refused (at ``layer_io`` and inside a KFAC step) naming the layer,
+    its axes and what to do; a layer that sees the whole batch as one row is refused
+    by the step's input check (the chunked model cannot run); inputs that do not
+    split into the chunks (3 examples, ``K = 4``) get the plain tapped pass; a
+    parameter in no layer gets its diagonal block as without ``reduce_chunks``."""
+    from somax_plug.layers import discover
+
+    predict, params, x, _ = _layer_case("mlp")
     p1 = {"w1": params["w1"]}
-    lm2 = discover(pairs, p1, x)
-    assert lm2["w1"].batch_axes == (0, 1)
-    with pytest.raises(InputError, match=r"'w1' has 2 batch axes \(0, 1\)") as err:
-        layer_io(two.predict_fn, p1, x, lm2)
-    assert "reduce_chunks=None" in str(err.value)
+    assert discover(_pairs_model, p1, x)["w1"].batch_axes == (0, 1)
+    scaled = {"s": jnp.asarray(1.5), "w1": params["w1"], "w2": params["w2"][:, :2]}
+    cases = [
+        Case("layer_io: a layer with two batch axes",
+             lambda: _canonical_layer_io(_pairs_model, p1, x),
+             says=("'w1'", "2 batch axes (0, 1)", "one batch axis", "reduce_chunks=None")),
+        Case("kfac step: a layer with two batch axes",
+             lambda: _kfac_steps(_pairs_model, {"w1": params["w1"][:, :2]}, x),
+             says=("'w1'", "2 batch axes", "reduce_chunks=None")),
+        Case("kfac step: a layer that sees the whole batch as one row",
+             lambda: _kfac_steps(_whole_batch_model, {"w1": jnp.ones((24, 2))}, x),
+             says=("predict_fn", "fails", "[24, 2]")),
+        Case("layer_io: 3 examples, K = 4: the plain tapped pass",
+             lambda: _canonical_layer_io(predict, params, x[:3]), expect="ok",
+             check=_same_io),
+        Case("kfac step: a parameter in no layer (diagonal block)",
+             lambda: _kfac_steps(_scaled_model, scaled, x), expect="ok",
+             check=_like_plain(scaled, x)),
+    ]
+    counts = check_corpus("canonical layer map", cases)
+    assert counts["named"] == 3 and counts["ok"] == 2
