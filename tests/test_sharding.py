@@ -406,3 +406,15 @@ def test_canonical_layer_io_refuses_what_it_cannot_chunk():
     ]
     counts = check_corpus("canonical layer map", cases)
     assert counts["named"] == 3 and counts["ok"] == 2
+
+
+def test_bench_part_canonical_kfac_is_registered_with_its_schema():
+    from somax_plug._src import bench
+    from somax_plug._src.benchmarks import canonical_kfac
+
+    assert "canonical_kfac" in bench._part_names()
+    report = canonical_kfac.run(smoke=True)
+    assert set(report["seconds_per_step"]) == set(canonical_kfac.LAYOUTS)
+    assert all(t > 0 for t in report["seconds_per_step"].values())
+    assert report["reduce_chunks_overhead"] > 0
+

@@ -149,6 +149,7 @@ def _krylov(quick: bool, smoke: bool) -> dict[str, Any]:
 
 def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
     from somax_plug._src.benchmarks import (
+        canonical_kfac,
         distributed,
         flops,
         kfac,
@@ -171,6 +172,7 @@ def _parts() -> dict[str, Callable[[bool, bool], dict[str, Any]]]:
         "shampoo": lambda q, s: shampoo.run(quick=q, smoke=s),
         "kfac": lambda q, s: kfac.run(quick=q, smoke=s),
         "distributed": lambda q, s: distributed.run(quick=q, smoke=s),
+        "canonical_kfac": lambda q, s: canonical_kfac.run(quick=q, smoke=s),
     }
 
 
@@ -365,7 +367,7 @@ def _workload_list(text: str) -> list[str]:
 def _part_names() -> tuple[str, ...]:
     """The parts, in order (without importing them: ``--help`` stays instant)."""
     return ("planning", "peers", "matvec", "flops", "preset_flops", "paper_presets", "krylov",
-            "time_to_accuracy", "shampoo", "kfac")
+            "time_to_accuracy", "shampoo", "kfac", "canonical_kfac")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
