@@ -846,6 +846,28 @@ def _compose(**kw):
     return compose(predict_fn=_mlp((3, 2)), loss="mse", **kw)
 
 
+def _reshaped_conv_kernel(coverage):
+    """A conv kernel stored as a 2-D parameter and reshaped to HWIO in the model."""
+    def f(p, x):
+        h = jax.lax.conv_general_dilated(x, p["w"].reshape(3, 3, 1, 2), (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return h.reshape(h.shape[0], -1) @ p["d"]
+
+    params = {"w": 0.1 * jnp.ones((9, 2)), "d": 0.01 * jnp.ones((32, 3))}
+    method = compose(predict_fn=f, loss="softmax_cross_entropy",
+                     curvature={"name": "kfac", "coverage": coverage}, solver="kronecker_inverse")
+    batch = (jnp.ones((2, 4, 4, 1)), jnp.array([0, 1]))
+    out = method.step(params, method.init(params), batch, jax.random.key(0))
+    return method, out
+
+
+def _listed_as_diagonal(result):
+    method, (_, _, info) = result
+    assert np.isfinite(float(info["loss"]))
+    text = method.explain()
+    assert "w: diagonal block (conv kernel of rank 4 reshaped from a parameter" in text, text
+
+
 CASES = [
     Case("unknown source", lambda: _compose(curvature={"name": "kfac", "source": "hessian"},
                                             solver="kronecker_inverse"),
@@ -882,6 +904,10 @@ CASES = [
          says=("preconditioner 'kfac'", "'scale'")),
     Case("fisher source with a loss that cannot sample", _fisher_without_sampler,
          says=("fisher", "'ggn' or 'empirical'")),
+    Case("conv kernel reshaped from a 2-D parameter: a listed diagonal block",
+         lambda: _reshaped_conv_kernel("diagonal"), expect="ok", check=_listed_as_diagonal),
+    Case("conv kernel reshaped from a 2-D parameter, strict coverage",
+         lambda: _reshaped_conv_kernel("strict"), says=("'w'", "reshaped", "coverage='diagonal'")),
     Case("unfactored parameters are handled, not dropped",
          lambda: _scaled_step({"curvature": "kfac", "solver": "kronecker_inverse"}),
          expect="ok"),
@@ -918,5 +944,6 @@ def test_bench_part_is_registered_with_its_schema():
     from somax_plug._src.benchmarks import kfac as kfac_bench
 
     assert "kfac" in bench._part_names()
+    assert bench._part_names() == tuple(bench._parts()), "--only lists every part, in order"
     report = kfac_bench.run(smoke=True)
     assert set(report["ratios"]) == {"kfac / kfac-jax (k=1)", "kfac / kfac-jax (k=10)"}

@@ -367,7 +367,7 @@ def _workload_list(text: str) -> list[str]:
 def _part_names() -> tuple[str, ...]:
     """The parts, in order (without importing them: ``--help`` stays instant)."""
     return ("planning", "peers", "matvec", "flops", "preset_flops", "paper_presets", "krylov",
-            "time_to_accuracy", "shampoo", "kfac", "canonical_kfac")
+            "time_to_accuracy", "shampoo", "kfac", "distributed", "canonical_kfac")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

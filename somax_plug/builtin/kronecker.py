@@ -185,6 +185,9 @@ def _conv_block(la: Any) -> tuple[Block | None, str, bool]:
         return None, "grouped convolution", False
     lhs, rhs, out = (tuple(x) for x in dn)
     ks = la.kernel_shape
+    if len(ks) != len(rhs):
+        return None, (f"conv kernel of rank {len(rhs)} reshaped from a parameter of shape "
+                      f"{tuple(ks)} (its layout in the parameter is unknown)"), False
     o_ax, i_ax, k_sp = rhs[0], rhs[1], rhs[2:]
     din = ks[i_ax] * math.prod(ks[i] for i in k_sp)
     dout = ks[o_ax]
