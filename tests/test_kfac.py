@@ -491,20 +491,14 @@ def test_preconditioner_pi_damping_caches_the_factored_inverses():
 @given(n=st.integers(1, 300), shift=st.sampled_from([0.0, 1e-3, 0.5]), rank=st.floats(0.2, 1),
        seed=st.integers(0, 2**16))
 def test_spd_inverse_matches_a_dense_float64_inverse(n, shift, rank, seed):
-    """The inverse Cholesky factor and X^T X (and the block-recursive triangular inverse)
-    against ``np.linalg.inv``.
+    """The block-recursive SPD inverse (and the one-triangle ``x^T x``) against
+    ``np.linalg.inv``.
 
     Sizes across the recursions' base cases (64, 128); rank-deficient factors with a
     positive shift (the damped inverse of a singular factor); 1e-7 relative: float64,
     condition numbers up to about 1e6 here.
     """
-    from somax_plug.builtin.kronecker import (
-        gram,
-        gram_lower,
-        inverse_cholesky,
-        spd_inverse,
-        triangular_inverse,
-    )
+    from somax_plug.builtin.kronecker import gram, spd_block_inverse, spd_inverse
 
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(max(1, int(rank * n)), n))
@@ -515,13 +509,10 @@ def test_spd_inverse_matches_a_dense_float64_inverse(n, shift, rank, seed):
         ref = np.linalg.inv(m + shift * np.eye(n))
         out = np.asarray(jax.jit(spd_inverse)(jnp.asarray(m), shift))
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-7 * np.abs(ref).max())
-        low = np.linalg.cholesky(m + np.eye(n))
-        np.testing.assert_allclose(np.asarray(triangular_inverse(jnp.asarray(low))),
-                                   np.linalg.inv(low), atol=1e-10)
-        np.testing.assert_allclose(np.asarray(inverse_cholesky(jnp.asarray(m + np.eye(n)))),
-                                   np.linalg.inv(low), atol=1e-10)
-        np.testing.assert_allclose(np.asarray(gram_lower(jnp.asarray(low))), low.T @ low,
-                                   atol=1e-10 * n)
+        for base in (16, 64):  # deeper recursions than the default's
+            np.testing.assert_allclose(
+                np.asarray(spd_block_inverse(jnp.asarray(m + np.eye(n)), base)),
+                np.linalg.inv(m + np.eye(n)), atol=1e-10)
         np.testing.assert_allclose(np.asarray(gram(jnp.asarray(x))), x.T @ x,
                                    atol=1e-10 * n)
 

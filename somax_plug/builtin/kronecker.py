@@ -1244,132 +1244,75 @@ def _damped_inverse(d: Array, q: Array, shift: Array, eps: float) -> Array:
     return (q / jnp.maximum(d + shift, eps)[None, :]) @ q.T
 
 
-TRIANGULAR_BASE = 64
-"""Blocks at most this large are inverted by XLA's ``triangular_solve`` (see
-:func:`triangular_inverse`)."""
-PRODUCT_BASE = 128
-"""Blocks at most this large: ``X^T X`` as one matrix product (see :func:`gram_lower`)."""
+SCHUR_BASE = 128
+"""Blocks at most this large are inverted through LAPACK's Cholesky (see
+:func:`spd_block_inverse`)."""
 
 
-def triangular_inverse(low: Array, base: int = TRIANGULAR_BASE) -> Array:
-    """``L^-1`` of a lower-triangular ``L``, by 2x2 block recursion into matrix products.
+def spd_block_inverse(a: Array, base: int = SCHUR_BASE) -> Array:
+    """``a^-1`` of a symmetric positive definite ``a``, by 2x2 block recursion.
 
-    With ``L = [[L11, 0], [L21, L22]]``::
+    With ``a = [[a11, a21^T], [a21, a22]]``, ``i11 = a11^-1`` (the recursion), ``b = a21
+    i11`` and the Schur complement ``S = a22 - b a21^T`` (symmetric positive definite
+    when ``a`` is)::
 
-        L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]
+        a^-1 = [[i11 + b^T c, -c^T], [-c, S^-1]],   c = S^-1 b
 
-    down to blocks of ``base`` rows, inverted by ``triangular_solve``. Same FLOPs as a
-    triangular solve against the identity (``n^3 / 3``), but nearly all of them in
-    matrix products: on XLA's CPU backend (one thread, 785 x 785, float32) 7.3 ms against
-    19.6 ms for ``triangular_solve(L, I)``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> low = jnp.array([[2.0, 0.0], [1.0, 4.0]])
-        >>> triangular_inverse(low).tolist()
-        [[0.5, 0.0], [-0.125, 0.25]]
-    """
-    n = low.shape[0]
-    if n <= base:
-        return jax.lax.linalg.triangular_solve(
-            low, jnp.eye(n, dtype=low.dtype), left_side=True, lower=True)
-    h = n // 2
-    i11 = triangular_inverse(low[:h, :h], base)
-    i22 = triangular_inverse(low[h:, h:], base)
-    i21 = -(i22 @ (low[h:, :h] @ i11))
-    return jnp.block([[i11, jnp.zeros((h, n - h), low.dtype)], [i21, i22]])
-
-
-CHOLESKY_BASE = 128
-"""Blocks at most this large: LAPACK's Cholesky and ``triangular_solve`` (see
-:func:`inverse_cholesky`)."""
-
-
-def inverse_cholesky(a: Array, base: int = CHOLESKY_BASE) -> Array:
-    """``L^-1`` for the Cholesky factor ``L`` of a symmetric positive definite ``a``.
-
-    By 2x2 block recursion, never forming ``L`` beyond the base blocks: with ``a =
-    [[a11, a21^T], [a21, a22]]`` and ``X11 = L11^-1`` from the recursion on ``a11``::
-
-        L21 = a21 X11^T,   S = a22 - L21 L21^T   (the Schur complement, = L22 L22^T)
-        X22 = L22^-1 (the recursion on S),   X21 = -X22 L21 X11
-
-    down to blocks of ``base`` rows (``jnp.linalg.cholesky`` and ``triangular_solve``).
-    Everything above the base is matrix products: on XLA's CPU backend (one thread,
-    float32) 784 x 784 in 11-14 ms against 20 ms for LAPACK's Cholesky followed by
-    :func:`triangular_inverse`. A matrix that is not numerically positive definite
-    gives a non-finite result (as LAPACK's Cholesky does).
+    down to blocks of ``base`` rows, inverted as ``X^T X`` with ``X = L^-1`` (LAPACK's
+    Cholesky ``L``, ``triangular_solve``). Above the base everything is matrix products
+    (``4/3 n^3`` FLOPs in all, as Cholesky, triangular inverse and ``X^T X``). On XLA's
+    CPU backend (one thread, float32, 784 x 784): 10.5 ms, against 20 ms for LAPACK's
+    Cholesky of the whole matrix, a block-recursive triangular inverse and ``X^T X`` on
+    one triangle. A matrix that is not numerically positive definite gives a
+    non-finite result (LAPACK's Cholesky fails on a base block, and the NaNs reach
+    every block of the result, the diagonal included).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> inverse_cholesky(jnp.array([[4.0, 2.0], [2.0, 5.0]]), base=1).tolist()
-        [[0.5, 0.0], [-0.25, 0.5]]
+        >>> a = jnp.array([[4.0, 2.0], [2.0, 5.0]])
+        >>> bool(jnp.allclose(spd_block_inverse(a, base=1) @ a, jnp.eye(2), atol=1e-6))
+        True
     """
     n = a.shape[0]
     if n <= base:
-        low = jnp.linalg.cholesky(a)
-        return jax.lax.linalg.triangular_solve(
-            low, jnp.eye(n, dtype=a.dtype), left_side=True, lower=True)
-    h = n // 2
-    x11 = inverse_cholesky(a[:h, :h], base)
-    l21 = a[h:, :h] @ x11.T
-    x22 = inverse_cholesky(a[h:, h:] - l21 @ l21.T, base)
-    x21 = -(x22 @ (l21 @ x11))
-    return jnp.block([[x11, jnp.zeros((h, n - h), a.dtype)], [x21, x22]])
-
-
-def gram_lower(x: Array, base: int = PRODUCT_BASE) -> Array:
-    """``X^T X`` of a lower-triangular ``X``, skipping its zero upper triangle.
-
-    With ``X = [[X11, 0], [X21, X22]]``, ``X^T X = [[X11^T X11 + X21^T X21, X21^T X22],
-    [X22^T X21, X22^T X22]]``, the diagonal blocks by recursion: ``2 n^3 / 3`` FLOPs
-    instead of ``2 n^3``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> gram_lower(jnp.array([[1.0, 0.0], [2.0, 3.0]]), base=1).tolist()
-        [[5.0, 6.0], [6.0, 9.0]]
-    """
-    n = x.shape[0]
-    if n <= base:
+        x = jax.lax.linalg.triangular_solve(
+            jnp.linalg.cholesky(a), jnp.eye(n, dtype=a.dtype), left_side=True, lower=True)
         return x.T @ x
     h = n // 2
-    x21, x22 = x[h:, :h], x[h:, h:]
-    p11 = gram_lower(x[:h, :h], base) + x21.T @ x21
-    p21 = x22.T @ x21
-    return jnp.block([[p11, p21.T], [p21, gram_lower(x22, base)]])
+    i11 = spd_block_inverse(a[:h, :h], base)
+    b = a[h:, :h] @ i11
+    i22 = spd_block_inverse(a[h:, h:] - b @ a[:h, h:], base)
+    c = i22 @ b
+    top = i11 + b.T @ c
+    return jnp.block([[0.5 * (top + top.T), -c.T], [-c, i22]])
 
 
 def spd_inverse(m: Array, shift: Array, eps: float = 1e-12) -> Array:
-    """``(m + shift I)^-1`` of a symmetric PSD ``m`` from a Cholesky factorisation.
+    """``(m + shift I)^-1`` of a symmetric PSD ``m``, without an eigendecomposition.
 
-    ``m + shift I = L L^T``, ``(m + shift I)^-1 = L^-T L^-1 = X^T X`` with ``X = L^-1``
-    (:func:`inverse_cholesky`, :func:`gram_lower`). Measured on XLA's CPU backend
-    (one thread, 784 x 784, float32): about 20 ms with LAPACK's Cholesky and
-    :func:`triangular_inverse` for ``X``, 11-14 ms with :func:`inverse_cholesky`,
-    against 55-72 ms for ``jnp.linalg.eigh``, 27-36 ms for ``jnp.linalg.inv`` and
-    40 ms for ``cho_solve(cho_factor(m), I)`` (785 x 785). Where the
-    factorisation fails (``m + shift I`` not numerically positive definite: a singular
-    factor with ``shift = 0``) the result is not finite and the eigendecomposition's
-    ``Q diag(1 / max(d + shift, eps)) Q^T`` is used instead (a ``lax.cond``: paid only
-    then).
+    :func:`spd_block_inverse` of ``m + shift I``. Measured on XLA's CPU backend (one
+    thread, float32): 784 x 784 in 10.5 ms, against 55-72 ms for ``jnp.linalg.eigh``,
+    27-36 ms for ``jnp.linalg.inv`` and 40 ms for ``cho_solve(cho_factor(m), I)``
+    (785 x 785). Where the recursion fails (``m + shift I`` not numerically positive
+    definite: a singular factor with ``shift = 0``) the result is not finite (its
+    trace says so) and the eigendecomposition's ``Q diag(1 / max(d + shift, eps)) Q^T``
+    is used instead (a ``lax.cond``: paid only then).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> spd_inverse(jnp.array([[3.0, 1.0], [1.0, 3.0]]), 1.0).round(4).tolist()
+        >>> out = spd_inverse(jnp.array([[3.0, 1.0], [1.0, 3.0]]), 1.0)
+        >>> [[round(float(v), 4) for v in row] for row in out]
         [[0.2667, -0.0667], [-0.0667, 0.2667]]
     """
     m = 0.5 * (m + m.T)
     shift = jnp.asarray(shift, m.dtype)
-    n = m.shape[0]
-    x = inverse_cholesky(m + shift * jnp.eye(n, dtype=m.dtype))
-    inv = gram_lower(x)
+    inv = spd_block_inverse(m + shift * jnp.eye(m.shape[0], dtype=m.dtype))
 
     def by_eigh(_: Array) -> Array:
         d, q = _eigh(m)
         return _damped_inverse(d, q, shift, eps)
 
-    return jax.lax.cond(jnp.all(jnp.isfinite(inv)), lambda y: y, by_eigh, inv)
+    return jax.lax.cond(jnp.isfinite(jnp.trace(inv)), lambda y: y, by_eigh, inv)
 
 
 def _invert(leaves: dict, lam: Array | None, eps: float) -> dict:
