@@ -353,6 +353,38 @@ def test_conv_layers_are_factored_from_im2col_patches(spec):
     _close(np.diag(q.T @ ggn[np.ix_(order, order)] @ q), s.ravel(), "EKFAC diagonal (conv)")
 
 
+@FEW
+@given(spatial=st.integers(1, 2), window=st.integers(1, 3), stride=st.integers(1, 2),
+       padding=st.sampled_from(["SAME", "VALID", "explicit"]), dilation=st.integers(1, 2),
+       lhs_dilation=st.sampled_from([None, 2]), channels_last=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_patches_are_conv_general_dilated_patches_bitwise(
+        spatial, window, stride, padding, dilation, lhs_dilation, channels_last, seed):
+    """The strided-slice im2col equals ``jax.lax.conv_general_dilated_patches`` exactly,
+    in every layout, padding, stride and dilation (an input dilation takes that
+    function itself)."""
+    from somax_plug.builtin.kronecker import _patches
+
+    lhs = ((0, spatial + 1, *range(1, spatial + 1)) if channels_last
+           else (0, 1, *range(2, spatial + 2)))
+    rhs = (spatial + 1, spatial, *range(spatial))
+    shape = (3, *[6] * spatial, 4) if channels_last else (3, 4, *[6] * spatial)
+    a = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+    pads = ((1, 2),) * spatial if padding == "explicit" else padding
+    lhs_d = None if lhs_dilation is None else (lhs_dilation,) * spatial
+    conv = (("filter_shape", (window,) * spatial), ("window_strides", (stride,) * spatial),
+            ("padding", pads), ("lhs_dilation", lhs_d), ("rhs_dilation", (dilation,) * spatial),
+            ("dimension_numbers", (lhs, rhs, lhs)))
+    want = jax.lax.conv_general_dilated_patches(
+        a, (window,) * spatial, (stride,) * spatial, pads, lhs_dilation=lhs_d,
+        rhs_dilation=(dilation,) * spatial,
+        dimension_numbers=jax.lax.ConvDimensionNumbers(lhs, rhs, lhs),
+        precision=jax.lax.Precision.HIGHEST)
+    got = _patches(a, conv)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_preconditioner_factors_an_hwio_conv_kernel_in_its_own_layout():
     model, params, batch = _cnn(("NHWC", "HWIO", "NHWC"))
     res = _res(model, params, batch)
