@@ -68,6 +68,8 @@ def _loss_quantities(loss, outputs, targets, u):
         "hu": loss.output_hessian_mv(outputs, targets, u),
         "h_ref": _dense_output_hessian(loss, outputs, targets),
         "sqrt": loss.output_hessian_sqrt(outputs, targets),
+        "lt_u": loss.output_hessian_sqrt_t_mv(outputs, targets, flatten_per_example(u)),
+        "l_u": loss.output_hessian_sqrt_mv(outputs, targets, flatten_per_example(u)),
     }
 
 
@@ -95,6 +97,12 @@ def test_builtin_loss_derivatives_match_autodiff(case, reduction):
     np.testing.assert_allclose(
         _blockdiag(np.einsum("bij,bkj->bik", sq, sq)), q["h_ref"], rtol=1e-9, atol=1e-12
     )
+    # the closed-form products with L_b^T and L_b (no [B, K, K] array) are contractions
+    uf = np.asarray(flatten_per_example(u))
+    np.testing.assert_allclose(q["lt_u"], np.einsum("bkr,bk->br", sq, uf), rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(q["l_u"], np.einsum("bkr,br->bk", sq, uf), rtol=1e-10,
+                               atol=1e-12)
 
 
 @jax.jit
@@ -270,3 +278,21 @@ def test_model_compares_predict_fn_by_identity_and_accumulates_bf16_in_float32()
     batch64 = jax.tree.map(lambda a: a.astype(jnp.float64), batch)
     assert m1.loss_value(params.astype(jnp.float64), batch64).dtype == jnp.float64
     assert m1.scale(batch) == 1 / 8 and m1.batch_size(batch) == 8
+
+
+def test_softmax_sqrt_products_with_ignored_positions_match_the_factor():
+    """Sequence logits ``[B, T, C]`` with padding (``ignore_label``): the closed-form
+    ``L^T u`` and ``L r`` equal contractions with the block-diagonal ``[B, TC, TC]``
+    factor, zero rows included (float64)."""
+    ce = SoftmaxCrossEntropy(ignore_label=-1)
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        z = jnp.asarray(rng.normal(size=(3, 4, 5)))
+        y = jnp.asarray([[0, 1, -1, 4], [2, -1, -1, 3], [1, 1, 0, 0]])
+        u = jnp.asarray(rng.normal(size=(3, 20)))
+        sq = np.asarray(ce.output_hessian_sqrt(z, y))
+        lt = np.asarray(ce.output_hessian_sqrt_t_mv(z, y, u))
+        lr = np.asarray(ce.output_hessian_sqrt_mv(z, y, u))
+    np.testing.assert_allclose(lt, np.einsum("bkr,bk->br", sq, np.asarray(u)), atol=1e-14)
+    np.testing.assert_allclose(lr, np.einsum("bkr,br->bk", sq, np.asarray(u)), atol=1e-14)
+    assert np.all(lt.reshape(3, 4, 5)[0, 2] == 0) and np.all(lr.reshape(3, 4, 5)[1, 1] == 0)

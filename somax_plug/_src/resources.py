@@ -86,10 +86,15 @@ class OutputHessian(NamedTuple):
     ``mv(u)`` is H_out u for an output-shaped ``u``. ``sqrt`` is a per-example
     factor ``L`` of shape ``[B, K, K]`` (K the flattened output size per example)
     with ``H_out = blockdiag(L_b L_b^T)``, or None when not available.
+    ``sqrt_t_mv(u)`` and ``sqrt_mv(r)`` are ``L_b^T u_b`` and ``L_b r_b`` on ``[B, K]``
+    arrays without building ``sqrt`` (the loss's closed forms); None: a GGN contracts
+    ``sqrt`` itself.
     """
 
     mv: Callable[[Any], Any]
     sqrt: Any
+    sqrt_t_mv: Callable[[Any], Any] | None = None
+    sqrt_mv: Callable[[Any], Any] | None = None
 
 
 class HVP(NamedTuple):

@@ -148,28 +148,39 @@ class GGNOperator(_RowSpaceOperator):
             raise NotImplementedError("this output Hessian has no square root")
         return self._out_hess.sqrt
 
+    def _sqrt_products(self) -> tuple[Any, Any, Any]:
+        """``(u -> L^T u, r -> L r, dtype)`` on ``[B, K]``: the loss's closed forms when
+        the output Hessian has them (no ``[B, K, K]`` array), else contractions with
+        ``sqrt``."""
+        oh = self._out_hess
+        if oh.sqrt_t_mv is not None and oh.sqrt_mv is not None:
+            dt = compute_dtype(flatten_per_example(self._lin.outputs).dtype)
+            return oh.sqrt_t_mv, oh.sqrt_mv, dt
+        sq = self._sqrt()
+        return (lambda u: jnp.einsum("bkr,bk->br", sq, u.astype(sq.dtype)),
+                lambda r: jnp.einsum("bkr,br->bk", sq, r.astype(sq.dtype)), sq.dtype)
+
     def mv(self, v: PyTree) -> PyTree:
         u = self._lin.jvp(v)
         if self._exact_mv:
             w = self._out_hess.mv(u)
         else:
-            sq = self._sqrt()
-            uf = flatten_per_example(u, sq.dtype)
-            wf = jnp.einsum("bkr,bjr,bj->bk", sq, sq, uf)
+            lt, l_, dt = self._sqrt_products()
+            wf = l_(lt(flatten_per_example(u, dt)))
             w = unflatten_per_example(wf, self._lin.outputs)
         return self._lin.vjp(w)
 
     def row_factors(self) -> RowFactors:
-        sq = self._sqrt()
-        b, k = sq.shape[0], sq.shape[1]
+        lt, l_, dt = self._sqrt_products()
         outputs = self._lin.outputs
+        b = batch_size_of(outputs)
+        k = flatten_per_example(outputs).shape[1]
 
         def matvec(v: PyTree) -> Array:
-            uf = flatten_per_example(self._lin.jvp(v), sq.dtype)
-            return jnp.einsum("bkr,bk->br", sq, uf).reshape(b * k)
+            return lt(flatten_per_example(self._lin.jvp(v), dt)).reshape(b * k)
 
         def rmatvec(r: Array) -> PyTree:
-            wf = jnp.einsum("bkr,br->bk", sq, r.reshape(b, k).astype(sq.dtype))
+            wf = l_(r.reshape(b, k).astype(dt))
             return self._lin.vjp(unflatten_per_example(wf, outputs))
 
         return RowFactors(matvec=matvec, rmatvec=rmatvec, num_rows=b * k)

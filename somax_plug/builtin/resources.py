@@ -126,7 +126,9 @@ def _grad(res: Resources) -> PyTree:
 def _output_hessian(res: Resources) -> OutputHessian:
     loss, outputs, targets = res.model.loss, res["outputs"], res.targets
     mv = Partial(loss.output_hessian_mv, outputs, targets)
-    return OutputHessian(mv=mv, sqrt=loss.output_hessian_sqrt(outputs, targets))
+    return OutputHessian(mv=mv, sqrt=loss.output_hessian_sqrt(outputs, targets),
+                         sqrt_t_mv=Partial(loss.output_hessian_sqrt_t_mv, outputs, targets),
+                         sqrt_mv=Partial(loss.output_hessian_sqrt_mv, outputs, targets))
 
 
 def _hvp(res: Resources) -> HVP:
