@@ -519,15 +519,18 @@ class SoftmaxCrossEntropy(Loss):
         """``L^T u = sqrt(s m) (sqrt(p) * u - sqrt(p) (p . u))`` per position, O(C)."""
         p, sq, scale = self._sqrt_parts(outputs, targets)
         u = u.reshape(p.shape).astype(p.dtype)
-        out = scale * (sq * u - sq * jnp.sum(p * u, axis=-1, keepdims=True))
-        return out.reshape(p.shape[0], -1)
+        # the class sums as batched dots and no a * b - c * d: with a sum and a
+        # difference of products, the rows rounded differently with the batch split
+        # over 2 devices (canonical mode, tests/test_sharding.py)
+        pu = jnp.einsum("btc,btc->bt", p, u)[..., None]
+        return (scale * sq * (u - pu)).reshape(p.shape[0], -1)
 
     def output_hessian_sqrt_mv(self, outputs: Array, targets: Array, r: Array) -> Array:
         """``L r = sqrt(s m) (sqrt(p) * r - p (sqrt(p) . r))`` per position, O(C)."""
         p, sq, scale = self._sqrt_parts(outputs, targets)
         r = r.reshape(p.shape).astype(p.dtype)
-        out = scale * (sq * r - p * jnp.sum(sq * r, axis=-1, keepdims=True))
-        return out.reshape(p.shape[0], -1)
+        sr = jnp.einsum("btc,btc->bt", sq, r)[..., None]
+        return (scale * (sq * r - p * sr)).reshape(p.shape[0], -1)
 
     def sample_targets(self, key: Array, outputs: Array, num_samples: int) -> Array:
         logits = outputs.astype(compute_dtype(outputs.dtype))
