@@ -492,15 +492,11 @@ class SoftmaxCrossEntropy(Loss):
         return (s * self._label_mass(outputs, targets) * hu).astype(outputs.dtype)
 
     def output_hessian_sqrt(self, outputs: Array, targets: Array) -> Array:
-        cdt = compute_dtype(outputs.dtype)
-        b, n_cls = outputs.shape[0], outputs.shape[-1]
-        p = jax.nn.softmax(outputs.astype(cdt), axis=-1).reshape(b, -1, n_cls)  # [B, T, C]
-        m = self._label_mass(outputs, targets).reshape(b, -1, 1)
-        sq = jnp.sqrt(p)
+        p, sq, scale = self._sqrt_parts(outputs, targets)  # [B, T, C]
+        (b, t, n_cls), cdt = p.shape, p.dtype
         eye = jnp.eye(n_cls, dtype=cdt)
         blocks = sq[..., :, None] * eye - p[..., :, None] * sq[..., None, :]  # [B, T, C, C]
-        blocks = blocks * jnp.sqrt(self.position_scale(outputs, targets) * m)[..., None]
-        t = p.shape[1]
+        blocks = blocks * scale[..., None]
         if t == 1:
             return blocks[:, 0]
         full = jnp.einsum("btcd,ts->btcsd", blocks, jnp.eye(t, dtype=cdt))
